@@ -1,0 +1,113 @@
+"""Forward process, the release, and the two training losses (DESIGN 1, 1a).
+
+All ``t`` here are the paper's 1-based times; ``alphas_cumprod`` comes from
+``ScheduleConfig.alphas_cumprod()`` (index 0 holds alpha_bar_0 = 1).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+# eps_hat = denoiser(x_t, t, labels); t is the paper's 1-based time (LongTensor [N]).
+Denoiser = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def _bcast(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    return values.to(device=like.device, dtype=like.dtype).view(-1, *([1] * (like.dim() - 1)))
+
+
+def q_sample(x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor, alphas_cumprod: torch.Tensor) -> torch.Tensor:
+    """x_t = sqrt(alpha_bar_t) x_0 + sqrt(1 - alpha_bar_t) eps."""
+    ab = alphas_cumprod[t.cpu()]
+    return _bcast(ab.sqrt(), x0) * x0 + _bcast((1 - ab).sqrt(), x0) * noise
+
+
+def release_noise(seeds: list[int], shape: tuple[int, ...]) -> torch.Tensor:
+    """eps_c for each image, drawn from its persistent per-image seed (one image, one noise)."""
+    out = torch.empty((len(seeds), *shape), dtype=torch.float32)
+    for i, seed in enumerate(seeds):
+        gen = torch.Generator().manual_seed(int(seed))
+        out[i] = torch.randn(shape, generator=gen, dtype=torch.float32)
+    return out
+
+
+def release(x0: torch.Tensor, seeds: list[int], cut: int, alphas_cumprod: torch.Tensor) -> torch.Tensor:
+    """x_cut = sqrt(alpha_bar_cut) x_0 + sqrt(1 - alpha_bar_cut) eps_c, eps_c from the per-image seeds."""
+    noise = release_noise(seeds, tuple(x0.shape[1:]))
+    t = torch.full((x0.shape[0],), cut, dtype=torch.long)
+    return q_sample(x0.float(), t, noise, alphas_cumprod).float()
+
+
+def sample_client_times(n: int, cut: int, generator: torch.Generator | None = None) -> torch.Tensor:
+    """t ~ U{1, ..., cut}: the client trains only the low-noise steps."""
+    if cut < 1:
+        raise ValueError("a client with cut 0 (global model) owns no timesteps and trains no model")
+    return torch.randint(1, cut + 1, (n,), generator=generator)
+
+
+def sample_server_times(cuts: torch.Tensor, num_train_timesteps: int, generator: torch.Generator | None = None) -> torch.Tensor:
+    """t ~ U{cut + 1, ..., T} per sample (each release carries its own client's cut)."""
+    if bool((cuts >= num_train_timesteps).any()):
+        raise ValueError("a release at cut T leaves the server no timesteps to train")
+    span = (num_train_timesteps - cuts).to(torch.float64)
+    u = torch.rand(cuts.shape, generator=generator, dtype=torch.float64)
+    return (cuts + 1 + torch.floor(u * span).long()).clamp(max=num_train_timesteps)
+
+
+def client_loss(
+    denoiser: Denoiser,
+    x0: torch.Tensor,
+    labels: torch.Tensor,
+    cut: int,
+    alphas_cumprod: torch.Tensor,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Plain DDPM eps-prediction on the client's own x_0, t in [1, cut]."""
+    t = sample_client_times(x0.shape[0], cut, generator)
+    noise = torch.randn(x0.shape, generator=generator, dtype=x0.dtype).to(x0.device)
+    x_t = q_sample(x0, t, noise, alphas_cumprod)
+    return torch.nn.functional.mse_loss(denoiser(x_t, t.to(x0.device), labels), noise)
+
+
+def ambient_renoise(
+    x_cut: torch.Tensor,
+    cuts: torch.Tensor,
+    t: torch.Tensor,
+    noise: torch.Tensor,
+    alphas_cumprod: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Re-noise a release from its cut to t > cut: returns (x_t, c) of DESIGN 1a.
+
+    x_t = a x_cut + b eps',  a = sqrt(ab_t / ab_cut),  b = sqrt(1 - ab_t / ab_cut),
+    c = b / sqrt(1 - ab_t).  x_t then has exactly the forward marginal q(x_t | x_0).
+    """
+    if bool((t <= cuts).any()):
+        raise ValueError("the server re-noises only to t > cut")
+    ratio = alphas_cumprod[t.cpu()] / alphas_cumprod[cuts.cpu()]
+    a, b = ratio.sqrt(), (1 - ratio).sqrt()
+    c = b / (1 - alphas_cumprod[t.cpu()]).sqrt()
+    x_t = _bcast(a, x_cut) * x_cut + _bcast(b, x_cut) * noise
+    return x_t, _bcast(c, x_cut)
+
+
+def ambient_server_loss(
+    denoiser: Denoiser,
+    x_cut: torch.Tensor,
+    labels: torch.Tensor,
+    cuts: torch.Tensor,
+    alphas_cumprod: torch.Tensor,
+    generator: torch.Generator | None = None,
+    t: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """|| c eps_hat_s(x_t, t, y) - eps' ||^2 with t ~ U(cut, T] unless given.
+
+    Its minimiser is the standard eps-predictor E[eps | x_t] whatever each release's cut.
+    """
+    num_train_timesteps = alphas_cumprod.shape[0] - 1
+    if t is None:
+        t = sample_server_times(cuts, num_train_timesteps, generator)
+    noise = torch.randn(x_cut.shape, generator=generator, dtype=x_cut.dtype).to(x_cut.device)
+    x_t, c = ambient_renoise(x_cut, cuts, t, noise, alphas_cumprod)
+    return torch.nn.functional.mse_loss(c * denoiser(x_t, t.to(x_cut.device), labels), noise)

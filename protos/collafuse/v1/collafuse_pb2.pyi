@@ -1,0 +1,216 @@
+from collafuse.v1 import tensor_pb2 as _tensor_pb2
+from google.protobuf.internal import containers as _containers
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class ImageSpec(_message.Message):
+    __slots__ = ("channels", "height", "width")
+    CHANNELS_FIELD_NUMBER: _ClassVar[int]
+    HEIGHT_FIELD_NUMBER: _ClassVar[int]
+    WIDTH_FIELD_NUMBER: _ClassVar[int]
+    channels: int
+    height: int
+    width: int
+    def __init__(self, channels: _Optional[int] = ..., height: _Optional[int] = ..., width: _Optional[int] = ...) -> None: ...
+
+class ScheduleSpec(_message.Message):
+    __slots__ = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "config_json")
+    NUM_TRAIN_TIMESTEPS_FIELD_NUMBER: _ClassVar[int]
+    BETA_START_FIELD_NUMBER: _ClassVar[int]
+    BETA_END_FIELD_NUMBER: _ClassVar[int]
+    BETA_SCHEDULE_FIELD_NUMBER: _ClassVar[int]
+    CONFIG_JSON_FIELD_NUMBER: _ClassVar[int]
+    num_train_timesteps: int
+    beta_start: float
+    beta_end: float
+    beta_schedule: str
+    config_json: str
+    def __init__(self, num_train_timesteps: _Optional[int] = ..., beta_start: _Optional[float] = ..., beta_end: _Optional[float] = ..., beta_schedule: _Optional[str] = ..., config_json: _Optional[str] = ...) -> None: ...
+
+class RegisterRequest(_message.Message):
+    __slots__ = ("client_id", "cut", "protocol", "class_names", "expected_fingerprint", "image_spec")
+    CLIENT_ID_FIELD_NUMBER: _ClassVar[int]
+    CUT_FIELD_NUMBER: _ClassVar[int]
+    PROTOCOL_FIELD_NUMBER: _ClassVar[int]
+    CLASS_NAMES_FIELD_NUMBER: _ClassVar[int]
+    EXPECTED_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
+    IMAGE_SPEC_FIELD_NUMBER: _ClassVar[int]
+    client_id: str
+    cut: int
+    protocol: str
+    class_names: _containers.RepeatedScalarFieldContainer[str]
+    expected_fingerprint: str
+    image_spec: ImageSpec
+    def __init__(self, client_id: _Optional[str] = ..., cut: _Optional[int] = ..., protocol: _Optional[str] = ..., class_names: _Optional[_Iterable[str]] = ..., expected_fingerprint: _Optional[str] = ..., image_spec: _Optional[_Union[ImageSpec, _Mapping]] = ...) -> None: ...
+
+class RegisterReply(_message.Message):
+    __slots__ = ("server_id", "image_spec", "schedule", "class_names", "fingerprint", "releases_stored")
+    SERVER_ID_FIELD_NUMBER: _ClassVar[int]
+    IMAGE_SPEC_FIELD_NUMBER: _ClassVar[int]
+    SCHEDULE_FIELD_NUMBER: _ClassVar[int]
+    CLASS_NAMES_FIELD_NUMBER: _ClassVar[int]
+    FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
+    RELEASES_STORED_FIELD_NUMBER: _ClassVar[int]
+    server_id: str
+    image_spec: ImageSpec
+    schedule: ScheduleSpec
+    class_names: _containers.RepeatedScalarFieldContainer[str]
+    fingerprint: str
+    releases_stored: int
+    def __init__(self, server_id: _Optional[str] = ..., image_spec: _Optional[_Union[ImageSpec, _Mapping]] = ..., schedule: _Optional[_Union[ScheduleSpec, _Mapping]] = ..., class_names: _Optional[_Iterable[str]] = ..., fingerprint: _Optional[str] = ..., releases_stored: _Optional[int] = ...) -> None: ...
+
+class HeartbeatRequest(_message.Message):
+    __slots__ = ("client_id",)
+    CLIENT_ID_FIELD_NUMBER: _ClassVar[int]
+    client_id: str
+    def __init__(self, client_id: _Optional[str] = ...) -> None: ...
+
+class HeartbeatReply(_message.Message):
+    __slots__ = ("server_time", "trainer")
+    SERVER_TIME_FIELD_NUMBER: _ClassVar[int]
+    TRAINER_FIELD_NUMBER: _ClassVar[int]
+    server_time: float
+    trainer: TrainerState
+    def __init__(self, server_time: _Optional[float] = ..., trainer: _Optional[_Union[TrainerState, _Mapping]] = ...) -> None: ...
+
+class TrainerState(_message.Message):
+    __slots__ = ("phase", "step", "max_steps", "last_loss", "releases", "clients_with_releases")
+    PHASE_FIELD_NUMBER: _ClassVar[int]
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    MAX_STEPS_FIELD_NUMBER: _ClassVar[int]
+    LAST_LOSS_FIELD_NUMBER: _ClassVar[int]
+    RELEASES_FIELD_NUMBER: _ClassVar[int]
+    CLIENTS_WITH_RELEASES_FIELD_NUMBER: _ClassVar[int]
+    phase: str
+    step: int
+    max_steps: int
+    last_loss: float
+    releases: int
+    clients_with_releases: int
+    def __init__(self, phase: _Optional[str] = ..., step: _Optional[int] = ..., max_steps: _Optional[int] = ..., last_loss: _Optional[float] = ..., releases: _Optional[int] = ..., clients_with_releases: _Optional[int] = ...) -> None: ...
+
+class ReleaseItem(_message.Message):
+    __slots__ = ("image_key", "label", "x_cut")
+    IMAGE_KEY_FIELD_NUMBER: _ClassVar[int]
+    LABEL_FIELD_NUMBER: _ClassVar[int]
+    X_CUT_FIELD_NUMBER: _ClassVar[int]
+    image_key: str
+    label: int
+    x_cut: _tensor_pb2.Tensor
+    def __init__(self, image_key: _Optional[str] = ..., label: _Optional[int] = ..., x_cut: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ...) -> None: ...
+
+class ReleaseChunk(_message.Message):
+    __slots__ = ("client_id", "cut", "items")
+    CLIENT_ID_FIELD_NUMBER: _ClassVar[int]
+    CUT_FIELD_NUMBER: _ClassVar[int]
+    ITEMS_FIELD_NUMBER: _ClassVar[int]
+    client_id: str
+    cut: int
+    items: _containers.RepeatedCompositeFieldContainer[ReleaseItem]
+    def __init__(self, client_id: _Optional[str] = ..., cut: _Optional[int] = ..., items: _Optional[_Iterable[_Union[ReleaseItem, _Mapping]]] = ...) -> None: ...
+
+class ReleaseAck(_message.Message):
+    __slots__ = ("stored", "duplicates", "total_for_client")
+    STORED_FIELD_NUMBER: _ClassVar[int]
+    DUPLICATES_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_FOR_CLIENT_FIELD_NUMBER: _ClassVar[int]
+    stored: int
+    duplicates: int
+    total_for_client: int
+    def __init__(self, stored: _Optional[int] = ..., duplicates: _Optional[int] = ..., total_for_client: _Optional[int] = ...) -> None: ...
+
+class ForgetRequest(_message.Message):
+    __slots__ = ("client_id",)
+    CLIENT_ID_FIELD_NUMBER: _ClassVar[int]
+    client_id: str
+    def __init__(self, client_id: _Optional[str] = ...) -> None: ...
+
+class ForgetReply(_message.Message):
+    __slots__ = ("removed",)
+    REMOVED_FIELD_NUMBER: _ClassVar[int]
+    removed: int
+    def __init__(self, removed: _Optional[int] = ...) -> None: ...
+
+class StatusRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ClientStatus(_message.Message):
+    __slots__ = ("client_id", "cut", "protocol", "releases", "last_seen")
+    CLIENT_ID_FIELD_NUMBER: _ClassVar[int]
+    CUT_FIELD_NUMBER: _ClassVar[int]
+    PROTOCOL_FIELD_NUMBER: _ClassVar[int]
+    RELEASES_FIELD_NUMBER: _ClassVar[int]
+    LAST_SEEN_FIELD_NUMBER: _ClassVar[int]
+    client_id: str
+    cut: int
+    protocol: str
+    releases: int
+    last_seen: float
+    def __init__(self, client_id: _Optional[str] = ..., cut: _Optional[int] = ..., protocol: _Optional[str] = ..., releases: _Optional[int] = ..., last_seen: _Optional[float] = ...) -> None: ...
+
+class StatusReply(_message.Message):
+    __slots__ = ("server_id", "fingerprint", "trainer", "clients", "device", "bytes_received", "bytes_sent")
+    SERVER_ID_FIELD_NUMBER: _ClassVar[int]
+    FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
+    TRAINER_FIELD_NUMBER: _ClassVar[int]
+    CLIENTS_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_FIELD_NUMBER: _ClassVar[int]
+    BYTES_RECEIVED_FIELD_NUMBER: _ClassVar[int]
+    BYTES_SENT_FIELD_NUMBER: _ClassVar[int]
+    server_id: str
+    fingerprint: str
+    trainer: TrainerState
+    clients: _containers.RepeatedCompositeFieldContainer[ClientStatus]
+    device: str
+    bytes_received: int
+    bytes_sent: int
+    def __init__(self, server_id: _Optional[str] = ..., fingerprint: _Optional[str] = ..., trainer: _Optional[_Union[TrainerState, _Mapping]] = ..., clients: _Optional[_Iterable[_Union[ClientStatus, _Mapping]]] = ..., device: _Optional[str] = ..., bytes_received: _Optional[int] = ..., bytes_sent: _Optional[int] = ...) -> None: ...
+
+class SampleRequest(_message.Message):
+    __slots__ = ("client_id", "labels", "seed", "num_inference_steps", "scheduler", "guidance_scale", "cut")
+    CLIENT_ID_FIELD_NUMBER: _ClassVar[int]
+    LABELS_FIELD_NUMBER: _ClassVar[int]
+    SEED_FIELD_NUMBER: _ClassVar[int]
+    NUM_INFERENCE_STEPS_FIELD_NUMBER: _ClassVar[int]
+    SCHEDULER_FIELD_NUMBER: _ClassVar[int]
+    GUIDANCE_SCALE_FIELD_NUMBER: _ClassVar[int]
+    CUT_FIELD_NUMBER: _ClassVar[int]
+    client_id: str
+    labels: _containers.RepeatedScalarFieldContainer[int]
+    seed: int
+    num_inference_steps: int
+    scheduler: str
+    guidance_scale: float
+    cut: int
+    def __init__(self, client_id: _Optional[str] = ..., labels: _Optional[_Iterable[int]] = ..., seed: _Optional[int] = ..., num_inference_steps: _Optional[int] = ..., scheduler: _Optional[str] = ..., guidance_scale: _Optional[float] = ..., cut: _Optional[int] = ...) -> None: ...
+
+class SampleProgress(_message.Message):
+    __slots__ = ("steps_done", "steps_total")
+    STEPS_DONE_FIELD_NUMBER: _ClassVar[int]
+    STEPS_TOTAL_FIELD_NUMBER: _ClassVar[int]
+    steps_done: int
+    steps_total: int
+    def __init__(self, steps_done: _Optional[int] = ..., steps_total: _Optional[int] = ...) -> None: ...
+
+class SampleChunk(_message.Message):
+    __slots__ = ("offset", "x", "server_steps")
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
+    X_FIELD_NUMBER: _ClassVar[int]
+    SERVER_STEPS_FIELD_NUMBER: _ClassVar[int]
+    offset: int
+    x: _tensor_pb2.Tensor
+    server_steps: int
+    def __init__(self, offset: _Optional[int] = ..., x: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., server_steps: _Optional[int] = ...) -> None: ...
+
+class SampleEvent(_message.Message):
+    __slots__ = ("progress", "chunk")
+    PROGRESS_FIELD_NUMBER: _ClassVar[int]
+    CHUNK_FIELD_NUMBER: _ClassVar[int]
+    progress: SampleProgress
+    chunk: SampleChunk
+    def __init__(self, progress: _Optional[_Union[SampleProgress, _Mapping]] = ..., chunk: _Optional[_Union[SampleChunk, _Mapping]] = ...) -> None: ...
