@@ -1,0 +1,314 @@
+"""``collafuse-sim``: one server and N client processes on loopback, each with its own shard.
+
+The same topology as ``docker compose up``, without Docker: real subprocesses
+talking gRPC over 127.0.0.1 on a free port. Outputs under ``--out``:
+
+    data/client-<k>/       each client's shard (class sub-folders)
+    server/                the server's store (releases, checkpoints, metrics)
+    clients/client-<k>/    each client's workdir (ledger, model, samples, metrics)
+    logs/*.log             every process's log
+    grids/client-<k>.png   server hand-off row above the client-finished row
+    loss_curves.png        server and client training losses
+    metrics.json           per client and pooled: losses, steps, wall times, bytes
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field
+from tqdm import tqdm
+
+from collafuse.common.config import DIGIT_CLASSES
+from collafuse.common.data import DataError, PartitionScheme, export_digits, write_shards
+from collafuse.common.images import save_curves
+from collafuse.common.runtime import run_cli, setup_logging
+from collafuse.common.settings import CollafuseSettings, ConfigError, add_settings_arguments, settings_from_args
+from collafuse.deploy.healthcheck import check as health_check
+
+log = logging.getLogger("collafuse.sim")
+
+
+class SimSettings(CollafuseSettings):
+    clients: int = Field(3, ge=1, le=64, description="number of client processes")
+    cut: int = Field(200, ge=0, description="cut point zeta of every client (0 = GM, T = ICM)")
+    steps: int = Field(1500, ge=0, description="server training steps")
+    client_steps: int = Field(800, ge=0, description="local training steps of each client")
+    dataset: str = Field("digits", description="'digits' (bundled) or a folder with one sub-folder per class")
+    partition: PartitionScheme = Field("classes", description="iid, classes (class groups) or dirichlet")
+    alpha: float = Field(0.5, gt=0, description="Dirichlet concentration for --partition dirichlet")
+    protocol: Literal["ambient"] = Field("ambient", description="training protocol")
+    out: Path = Field(Path("runs/sim"), description="output folder")
+    seed: int = Field(0, description="seed of partitioning, training and sampling")
+    image_size: int = Field(16, ge=4, description="served image side")
+    num_train_timesteps: int = Field(1000, ge=2, description="T")
+    server_preset: str = Field("small", description="server UNet preset")
+    client_preset: str = Field("tiny", description="client UNet preset")
+    batch_size: int = Field(64, ge=1, description="minibatch of server and clients")
+    samples_per_class: int = Field(4, ge=0, description="images each client generates per class it holds")
+    inference_steps: int = Field(100, ge=0, description="sampling chain length (0: all T)")
+    threads: int = Field(1, ge=0, description="torch threads per process")
+    timeout: float = Field(3600.0, gt=0, description="most seconds the whole run may take")
+    fresh: bool = Field(True, description="delete a previous run's server store and client workdirs first")
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def prepare_shards(settings: SimSettings) -> tuple[list[Path], list[str]]:
+    """Per-client shards of the dataset, and the class names (label order) the server serves."""
+    data_root = settings.out / "data"
+    if settings.dataset == "digits":
+        source = export_digits(data_root / "all", settings.image_size)
+        classes = list(DIGIT_CLASSES)
+    else:
+        source = Path(settings.dataset)
+        if not source.is_dir():
+            raise DataError(f"--dataset {source} is neither 'digits' nor a folder of class sub-folders")
+        classes = sorted(p.name for p in source.iterdir() if p.is_dir() and not p.name.startswith("."))
+        if not classes:
+            raise DataError(f"--dataset {source} has no class sub-folders (expected {source}/<class>/*.png)")
+    shard_root = data_root / "shards"
+    if shard_root.exists():
+        shutil.rmtree(shard_root)
+    shards = write_shards(source, shard_root, settings.clients, settings.partition, settings.seed, settings.alpha)
+    return shards, classes
+
+
+class Process:
+    """One child process with its log file."""
+
+    def __init__(self, name: str, argv: list[str], log_path: Path, env: dict[str, str]) -> None:
+        self.name = name
+        self.log_path = log_path
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        self._log = log_path.open("w")
+        self.popen = subprocess.Popen(argv, stdout=self._log, stderr=subprocess.STDOUT, env=env)
+
+    def tail(self, lines: int = 15) -> str:
+        text = self.log_path.read_text(errors="replace").splitlines()
+        return "\n".join(f"    {ln}" for ln in text[-lines:])
+
+    def stop(self, timeout: float = 60.0) -> None:
+        if self.popen.poll() is None:
+            self.popen.send_signal(signal.SIGTERM)
+            try:
+                self.popen.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.popen.kill()
+                self.popen.wait()
+        self._log.close()
+
+
+class SimError(RuntimeError):
+    """A process of the simulation failed; the message carries its log tail."""
+
+
+def _env(threads: int) -> dict[str, str]:
+    env = dict(os.environ)
+    env["HF_HUB_OFFLINE"] = "1"
+    if threads:
+        env["OMP_NUM_THREADS"] = str(threads)
+    return env
+
+
+def server_argv(settings: SimSettings, port: int, classes: list[str]) -> list[str]:
+    return [
+        sys.executable, "-m", "collafuse.server",
+        "--host", "127.0.0.1", "--port", str(port),
+        "--store", str(settings.out / "server"),
+        "--image-size", str(settings.image_size),
+        "--classes", *classes,
+        "--num-train-timesteps", str(settings.num_train_timesteps),
+        "--model-preset", settings.server_preset,
+        "--batch-size", str(settings.batch_size),
+        "--max-steps", str(settings.steps),
+        "--min-clients", str(settings.clients),
+        "--seed", str(settings.seed),
+        "--threads", str(settings.threads),
+    ]
+
+
+def client_argv(settings: SimSettings, k: int, shard: Path, port: int) -> list[str]:
+    icm = settings.cut >= settings.num_train_timesteps
+    return [
+        sys.executable, "-m", "collafuse.client", "run",
+        "--data", str(shard),
+        "--server", f"127.0.0.1:{port}",
+        "--client-id", f"client-{k}",
+        "--workdir", str(settings.out / "clients" / f"client-{k}"),
+        "--cut", str(settings.cut),
+        "--protocol", settings.protocol,
+        "--model-preset", settings.client_preset,
+        "--train-steps", str(settings.client_steps),
+        "--batch-size", str(settings.batch_size),
+        "--samples-per-class", str(settings.samples_per_class),
+        "--inference-steps", str(settings.inference_steps),
+        "--seed", str(settings.seed + k),
+        "--threads", str(settings.threads),
+        # An independent client model needs nothing from the server's training.
+        "--wait-for-server" if not icm else "--no-wait-for-server",
+    ]
+
+
+def _server_status(port: int) -> dict[str, Any] | None:
+    import grpc
+
+    from collafuse.v1 import collafuse_pb2, collafuse_pb2_grpc
+
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            reply = collafuse_pb2_grpc.CollaFuseStub(channel).Status(collafuse_pb2.StatusRequest(), timeout=5)
+    except grpc.RpcError:
+        return None
+    trainer = reply.trainer
+    return {"phase": trainer.phase, "step": trainer.step, "max_steps": trainer.max_steps, "loss": trainer.last_loss}
+
+
+def _wait_healthy(server: Process, port: int, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if server.popen.poll() is not None:
+            raise SimError(f"the server exited with code {server.popen.returncode}:\n{server.tail()}")
+        if health_check(f"127.0.0.1:{port}", timeout=2.0):
+            return
+        time.sleep(0.5)
+    raise SimError(f"the server did not become healthy within {timeout:.0f}s:\n{server.tail()}")
+
+
+def _watch(server: Process, clients: list[Process], port: int, settings: SimSettings) -> None:
+    """Progress bar over the server's training; fail fast when a process dies."""
+    deadline = time.monotonic() + settings.timeout
+    bar = tqdm(total=max(settings.steps, 1), desc="server training", unit="step", dynamic_ncols=True)
+    try:
+        while True:
+            running = [c for c in clients if c.popen.poll() is None]
+            failed = [c for c in clients if c.popen.poll() not in (None, 0)]
+            if failed:
+                raise SimError("\n".join(f"{c.name} exited with code {c.popen.returncode}:\n{c.tail()}" for c in failed))
+            if server.popen.poll() is not None:
+                raise SimError(f"the server exited early with code {server.popen.returncode}:\n{server.tail()}")
+            status = _server_status(port)
+            if status:
+                bar.n = min(status["step"], bar.total)
+                bar.set_postfix(phase=status["phase"], loss=f"{status['loss']:.4f}", clients_left=len(running))
+                bar.refresh()
+            if not running:
+                return
+            if time.monotonic() > deadline:
+                raise SimError(f"the run exceeded --timeout {settings.timeout:.0f}s")
+            time.sleep(1.0)
+    finally:
+        bar.close()
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def collect(settings: SimSettings, wall: float, shards: list[Path]) -> dict[str, Any]:
+    """metrics.json, grids and loss curves from the processes' outputs."""
+    server_metrics = _read_json(settings.out / "server" / "metrics.json")
+    clients: dict[str, Any] = {}
+    curves: dict[str, list[tuple[float, float]]] = {}
+    if server_metrics.get("losses"):
+        curves["server"] = [tuple(p) for p in server_metrics["losses"]]  # type: ignore[misc]
+    grids = settings.out / "grids"
+    grids.mkdir(parents=True, exist_ok=True)
+    for k in range(settings.clients):
+        name = f"client-{k}"
+        workdir = settings.out / "clients" / name
+        metrics = _read_json(workdir / "metrics.json")
+        clients[name] = metrics
+        if metrics.get("losses"):
+            curves[name] = [tuple(p) for p in metrics["losses"]]  # type: ignore[misc]
+        grid = workdir / "samples" / "grid.png"
+        if grid.is_file():
+            shutil.copyfile(grid, grids / f"{name}.png")
+    save_curves(settings.out / "loss_curves.png", curves, f"training loss (cut {settings.cut})")
+
+    def total(key: str) -> int:
+        return int(sum(int(m.get(key, 0) or 0) for m in clients.values()))
+
+    pooled = {
+        "clients": settings.clients,
+        "images": total("num_images"),
+        "bytes_sent": total("bytes_sent"),
+        "bytes_received": total("bytes_received"),
+        "client_train_steps": total("train_steps"),
+        "server_train_steps": server_metrics.get("step", 0),
+        "wall_seconds": wall,
+    }
+    summary = {
+        "settings": json.loads(settings.model_dump_json()),
+        "shards": {f"client-{k}": str(p) for k, p in enumerate(shards)},
+        "server": server_metrics,
+        "clients": clients,
+        "pooled": pooled,
+    }
+    (settings.out / "metrics.json").write_text(json.dumps(summary, indent=2, default=str))
+    return summary
+
+
+def run(settings: SimSettings) -> dict[str, Any]:
+    if settings.cut > settings.num_train_timesteps:
+        raise ConfigError(f"--cut {settings.cut} exceeds T = {settings.num_train_timesteps}")
+    if settings.fresh:
+        for sub in ("server", "clients", "logs", "grids"):
+            shutil.rmtree(settings.out / sub, ignore_errors=True)
+    settings.out.mkdir(parents=True, exist_ok=True)
+    started = time.monotonic()
+    shards, classes = prepare_shards(settings)
+    port = free_port()
+    env = _env(settings.threads)
+    logs = settings.out / "logs"
+    if settings.cut == 0:
+        log.warning("cut 0 is the global-model baseline: every client releases its raw images to the server")
+    log.info("starting the server on 127.0.0.1:%d and %d clients (cut %d)", port, settings.clients, settings.cut)
+    server = Process("server", server_argv(settings, port, classes), logs / "server.log", env)
+    clients: list[Process] = []
+    try:
+        _wait_healthy(server, port, timeout=120)
+        for k, shard in enumerate(shards):
+            clients.append(Process(f"client-{k}", client_argv(settings, k, shard, port), logs / f"client-{k}.log", env))
+        _watch(server, clients, port, settings)
+    finally:
+        for proc in clients:
+            proc.stop()
+        server.stop()
+    summary = collect(settings, time.monotonic() - started, shards)
+    log.info("done in %.0fs: %s", summary["pooled"]["wall_seconds"], settings.out / "metrics.json")
+    for k in range(settings.clients):
+        log.info("samples of client-%d: %s", k, settings.out / "grids" / f"client-{k}.png")
+    return summary
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="collafuse-sim", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_settings_arguments(parser, SimSettings)
+    args = parser.parse_args(argv)
+    setup_logging("INFO", "sim")
+
+    def body() -> int:
+        run(settings_from_args(SimSettings, args))
+        return 0
+
+    return run_cli(body, (ConfigError, DataError, SimError))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
