@@ -102,7 +102,8 @@ def save_model(model: UNet2DModel, folder: Path, meta: dict[str, Any]) -> None:
 def load_model(folder: Path, device: str | torch.device = "cpu") -> tuple[UNet2DModel, dict[str, Any]]:
     if not (folder / "config.json").is_file():
         raise FileNotFoundError(f"no model in {folder}: expected config.json and weights from save_pretrained")
-    model = UNet2DModel.from_pretrained(folder).to(device)
+    # low_cpu_mem_usage needs `accelerate`; without it diffusers warns on every load.
+    model = UNet2DModel.from_pretrained(folder, low_cpu_mem_usage=False).to(device)
     model.eval()
     meta_path = folder / META_FILE
     meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}

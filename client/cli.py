@@ -1,0 +1,109 @@
+"""``collafuse-client``: the client lifecycle and its single steps as sub-commands.
+
+    collafuse-client --data ./local --server HOST:PORT            # run: join, release, train, wait, generate
+    collafuse-client release --data ./local --server HOST:PORT    # one step
+
+Settings come from flags > ``COLLAFUSE_*`` env vars > ``--config`` file > defaults.
+Expected problems (bad data, bad settings, unreachable server, a server refusal, a
+ledger refusal) print one plain line and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+
+from collafuse.client.errors import ClientError
+from collafuse.client.lifecycle import ClientLifecycle
+from collafuse.common.config import ClientSettings
+from collafuse.common.data import DataError
+from collafuse.common.rpc import ServerUnreachable
+from collafuse.common.runtime import run_cli, setup_logging, setup_torch
+from collafuse.common.settings import ConfigError, add_settings_arguments, settings_from_args
+
+EXPECTED_ERRORS: tuple[type[BaseException], ...] = (DataError, ConfigError, ServerUnreachable, ClientError)
+
+COMMANDS: dict[str, str] = {
+    "run": "the full lifecycle: register, release, train locally, wait for the server, generate (default)",
+    "register": "join the server and check its image spec, schedule and classes against this client",
+    "release": "upload x_cut of every image not yet released (recorded in the ledger)",
+    "train": "train the local model on t in [1, cut] (resumes; offline once registered)",
+    "generate": "server half of the sampling chain over gRPC, client half locally; writes samples/",
+    "forget": "ask the server to drop every release of this client",
+    "status": "the server's trainer and clients, with this client's ledger summary (JSON on stdout)",
+    "ledger": "this client's release ledger summary (JSON on stdout; offline)",
+    "reset": "allow releasing again after a forget or at another cut (needs --yes)",
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="collafuse-client",
+        description="CollaFuse client: private images stay here; only x_cut (noised at the cut) is released.",
+        epilog="Without a sub-command, `run` is assumed.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, help_text in COMMANDS.items():
+        command = sub.add_parser(name, help=help_text, description=help_text)
+        add_settings_arguments(command, ClientSettings)
+        if name == "reset":
+            command.add_argument("--yes", action="store_true", help="confirm the reset")
+    return parser
+
+
+def _with_default_command(argv: Sequence[str]) -> list[str]:
+    args = list(argv)
+    if not args or (args[0] not in COMMANDS and args[0] not in ("-h", "--help")):
+        args.insert(0, "run")
+    return args
+
+
+def _emit(data: object) -> None:
+    # The result of status / ledger is the command's output proper (JSON for people and scripts).
+    sys.stdout.write(json.dumps(data, indent=2, sort_keys=True, default=str) + "\n")
+    sys.stdout.flush()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(_with_default_command(sys.argv[1:] if argv is None else argv))
+    # Logging first, so a settings error is reported like every other expected error.
+    setup_logging("INFO", "client")
+
+    def body() -> int:
+        settings = settings_from_args(ClientSettings, args)
+        setup_logging(settings.log_level, "client")
+        setup_torch(settings.threads)
+        command = args.command
+        if command == "reset" and not args.yes:
+            raise ClientError(
+                "reset lets this client release images again after a forget or at another cut, which "
+                "discloses more about them; pass --yes to confirm"
+            )
+        with ClientLifecycle(settings) as client:
+            if command == "run":
+                client.run()
+            elif command == "register":
+                client.register()
+            elif command == "release":
+                client.release()
+            elif command == "train":
+                client.train()
+            elif command == "generate":
+                client.generate()
+            elif command == "forget":
+                client.forget()
+            elif command == "status":
+                _emit(client.status())
+            elif command == "ledger":
+                _emit({"client_id": client.client_id, **client.ledger.summary()})
+            elif command == "reset":
+                client.reset()
+        return 0
+
+    return run_cli(body, EXPECTED_ERRORS)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,29 @@
+"""Errors the client expects and reports as one plain line (the CLI exits 2 on them)."""
+
+from __future__ import annotations
+
+import grpc
+
+
+class ClientError(RuntimeError):
+    """Something the user can act on: a server refusal, a protocol surprise, a missing local model."""
+
+    def __init__(self, message: str, code: grpc.StatusCode | None = None) -> None:
+        super().__init__(message)
+        self.code = code
+
+    @classmethod
+    def from_rpc(cls, what: str, exc: grpc.RpcError) -> ClientError:
+        """The server's own message, prefixed with the call it answered (e.g. 'server rejected Register: ...')."""
+        code = exc.code() if hasattr(exc, "code") else None
+        details = exc.details() if hasattr(exc, "details") else str(exc)
+        name = code.name if code is not None else "UNKNOWN"
+        return cls(f"server rejected {what} ({name}): {details or 'no details given'}", code)
+
+
+class LedgerRefusal(ClientError):
+    """The release ledger refuses an action that would disclose more than the user agreed to."""
+
+
+class FingerprintMismatch(ClientError):
+    """The server's image spec / schedule / classes differ from what this client joined with."""

@@ -1,0 +1,186 @@
+"""Collaborative sampling, client side (DESIGN 1c): the server runs t > cut, the client finishes.
+
+The request carries the labels, seed, chain length and scheduler; the server streams
+back x_hat_cut. The client runs ``common.sampling.client_half`` with its EMA model,
+the same seed and the same image indices (0..N-1), so the result equals
+``common.sampling.split_sample`` run in one process with the same weights.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import shutil
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from collafuse.client.connection import ServerConnection, ServerInfo
+from collafuse.client.errors import ClientError
+from collafuse.client.trainer import model_dir, progress_disabled
+from collafuse.common.config import ClientSettings
+from collafuse.common.data import save_png
+from collafuse.common.images import save_grid
+from collafuse.common.models import as_denoiser, load_model
+from collafuse.common.sampling import client_half, count_model_evaluations
+from collafuse.v1 import collafuse_pb2
+from tqdm.auto import tqdm
+
+log = logging.getLogger(__name__)
+
+SAMPLES_DIR = "samples"
+HANDOFF_FILE = "handoff.npy"
+SAMPLES_FILE = "samples.npy"
+LABELS_FILE = "labels.npy"
+GRID_FILE = "grid.png"
+
+
+@dataclass
+class GenerateResult:
+    out_dir: Path
+    labels: list[int]
+    class_names: list[str]
+    server_steps: int
+    client_steps: int
+    client_evaluations_per_image: int
+    server_seconds: float
+    client_seconds: float
+    x_cut: torch.Tensor
+    x0: torch.Tensor
+
+    @property
+    def seconds_per_image(self) -> float:
+        return (self.server_seconds + self.client_seconds) / max(1, len(self.labels))
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "out_dir": str(self.out_dir),
+            "images": len(self.labels),
+            "labels": self.labels,
+            "server_steps_per_image": self.server_steps,
+            "client_steps_per_image": self.client_steps,
+            "client_model_evaluations_per_image": self.client_evaluations_per_image,
+            "server_seconds": self.server_seconds,
+            "client_seconds": self.client_seconds,
+            "seconds_per_image": self.seconds_per_image,
+        }
+
+
+def sample_labels(present: Iterable[int], samples_per_class: int) -> list[int]:
+    """``samples_per_class`` images of each class the client holds, grouped by class in label order."""
+    return [label for label in sorted({int(p) for p in present}) for _ in range(samples_per_class)]
+
+
+def _file_safe(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", name) or "_"
+
+
+def load_client_model(workdir: Path, fingerprint: str, cut: int, device: torch.device | str = "cpu") -> torch.nn.Module:
+    """The EMA model trained for this server setup and cut; a clear error where there is none."""
+    folder = model_dir(workdir)
+    try:
+        model, meta = load_model(folder, device)
+    except FileNotFoundError as exc:
+        raise ClientError(f"no local model in {folder}: run `collafuse-client train` (or the full `run`) first") from exc
+    if meta.get("fingerprint") != fingerprint or int(meta.get("cut", -1)) != cut:
+        raise ClientError(
+            f"the local model in {folder} was trained for cut {meta.get('cut')} and server fingerprint "
+            f"{str(meta.get('fingerprint'))[:12]}…, not cut {cut} / {fingerprint[:12]}…; run `collafuse-client train` again"
+        )
+    return model
+
+
+def generate_samples(
+    connection: ServerConnection,
+    *,
+    client_id: str,
+    workdir: Path,
+    server: ServerInfo,
+    labels_present: Iterable[int],
+    settings: ClientSettings,
+    cut: int,
+    device: torch.device | str = "cpu",
+    show_progress: bool | None = None,
+) -> GenerateResult | None:
+    """Ask the server for x_hat_cut, finish with the local model, and write ``<workdir>/samples``."""
+    # Unlabeled images carry the null label; samples are drawn only for named classes.
+    present = sorted({int(y) for y in labels_present if 0 <= int(y) < len(server.class_names)})
+    labels = sample_labels(present, settings.samples_per_class)
+    if not labels:
+        log.info("nothing to generate (samples_per_class %d, labelled classes present %s)", settings.samples_per_class, present)
+        return None
+    if settings.seed < 0:
+        raise ClientError(f"--seed {settings.seed}: sampling seeds must be non-negative")
+    schedule = server.schedule
+    kind = settings.scheduler
+    expected_server, client_steps = count_model_evaluations(schedule, kind, settings.inference_steps, cut)
+    # Load before asking the server: a missing model should not cost the server a chain.
+    model = load_client_model(workdir, server.fingerprint, cut, device) if client_steps else None
+
+    request = collafuse_pb2.SampleRequest(
+        client_id=client_id, labels=labels, seed=settings.seed, num_inference_steps=settings.inference_steps,
+        scheduler=kind, guidance_scale=settings.guidance_scale, cut=cut,
+    )
+    log.info("asking the server for %d image(s): %d server step(s), then %d local step(s) each",
+             len(labels), expected_server, client_steps)
+    with tqdm(desc="server sampling", unit="step", disable=progress_disabled(show_progress), leave=False) as bar:
+        def on_progress(done: int, total: int) -> None:
+            bar.total = total
+            bar.n = done
+            bar.refresh()
+
+        result = connection.sample(request, server.image_shape, on_progress)
+    if result.server_steps != expected_server:
+        log.warning("server reports %d step(s) per image, expected %d for this chain", result.server_steps, expected_server)
+
+    label_tensor = torch.tensor(labels, dtype=torch.long, device=device)
+    started = time.perf_counter()
+    if model is None:
+        x0 = result.x_cut.clone()
+    else:
+        with tqdm(total=client_steps, desc="local sampling", unit="step", disable=progress_disabled(show_progress),
+                  leave=False) as bar:
+            x0 = client_half(
+                as_denoiser(model, settings.guidance_scale), schedule, result.x_cut.to(device), label_tensor,
+                settings.seed, cut, settings.inference_steps, kind, progress=lambda d, t: bar.update(1),
+            ).cpu()
+    client_seconds = time.perf_counter() - started
+    guidance_factor = 1 if settings.guidance_scale == 1.0 else 2
+
+    out = _write_outputs(Path(workdir) / SAMPLES_DIR, result.x_cut, x0, labels, server.class_names, cut)
+    generated = GenerateResult(
+        out_dir=out, labels=labels, class_names=[server.class_names[y] for y in labels],
+        server_steps=result.server_steps, client_steps=client_steps,
+        client_evaluations_per_image=client_steps * guidance_factor,
+        server_seconds=result.seconds, client_seconds=client_seconds, x_cut=result.x_cut, x0=x0,
+    )
+    log.info("wrote %d sample(s) to %s (%.3fs per image: server %.1fs, client %.1fs)",
+             len(labels), out, generated.seconds_per_image, result.seconds, client_seconds)
+    return generated
+
+
+def _write_outputs(
+    out: Path, x_cut: torch.Tensor, x0: torch.Tensor, labels: list[int], class_names: list[str], cut: int
+) -> Path:
+    """PNGs, arrays and the grid, written aside and swapped in so ``samples/`` is always one complete set."""
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    names = [class_names[y] for y in labels]
+    for i, (image, name) in enumerate(zip(x0, names)):
+        save_png(image.clamp(-1, 1), tmp / f"{i:04d}_{_file_safe(name)}.png")
+    np.save(tmp / HANDOFF_FILE, x_cut.numpy().astype(np.float32))
+    np.save(tmp / SAMPLES_FILE, x0.numpy().astype(np.float32))
+    np.save(tmp / LABELS_FILE, np.asarray(labels, dtype=np.int64))
+    save_grid(tmp / GRID_FILE, [x_cut, x0], row_titles=[f"server t={cut}", "client t=0"], col_titles=names)
+    old = out.with_name(out.name + ".old")
+    shutil.rmtree(old, ignore_errors=True)
+    if out.exists():
+        out.rename(old)
+    tmp.rename(out)
+    shutil.rmtree(old, ignore_errors=True)
+    return out

@@ -1,0 +1,84 @@
+"""The client's measurements: ``<workdir>/metrics.json`` and ``<workdir>/loss.png``.
+
+Each entry describes the latest run of its phase (the latest Register, Release, ...),
+so running single sub-commands one after another builds up the same file a full
+``run`` writes. Writes are atomic (temp file + rename): a crash leaves the previous file.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from collafuse.common.images import save_curves
+
+log = logging.getLogger(__name__)
+
+METRICS_FILE = "metrics.json"
+LOSS_PLOT = "loss.png"
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with tmp.open("w") as fh:
+        json.dump(data, fh, indent=2, sort_keys=True, default=str)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    """The stored mapping, or {} when there is none or it cannot be parsed (logged, not fatal)."""
+    if not path.is_file():
+        return {}
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        log.warning("ignoring unreadable %s (%s); it will be rewritten", path, exc)
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+class RunReport:
+    """Accumulates one workdir's metrics and writes them as JSON."""
+
+    def __init__(self, workdir: Path) -> None:
+        self.workdir = Path(workdir)
+        self.path = self.workdir / METRICS_FILE
+        self.data: dict[str, Any] = read_json(self.path)
+        self.data.setdefault("wall_seconds", {})
+        self.data.setdefault("rpc", {})
+
+    @contextmanager
+    def phase(self, name: str) -> Iterator[None]:
+        """Time a phase; the file is rewritten afterwards even when the phase fails."""
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.data["wall_seconds"][name] = round(time.perf_counter() - started, 4)
+            self.save()
+
+    def update(self, **fields: Any) -> None:
+        self.data.update(fields)
+
+    def record_traffic(self, traffic: dict[str, dict[str, float]]) -> None:
+        """Per-RPC calls, attempts and bytes of this process (replacing earlier runs of the same RPC)."""
+        self.data["rpc"].update(traffic)
+        self.data["bytes_sent"] = int(sum(t["bytes_sent"] for t in self.data["rpc"].values()))
+        self.data["bytes_received"] = int(sum(t["bytes_received"] for t in self.data["rpc"].values()))
+
+    def save(self) -> None:
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(self.path, self.data)
+
+    def plot_losses(self, losses: Sequence[tuple[int, float]], title: str) -> Path | None:
+        if not losses:
+            return None
+        return save_curves(self.workdir / LOSS_PLOT, {"client loss (t <= cut)": list(losses)}, title)

@@ -1,0 +1,5 @@
+"""``python -m collafuse.server`` runs the server CLI."""
+
+from collafuse.server.cli import main
+
+raise SystemExit(main())

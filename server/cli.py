@@ -1,0 +1,67 @@
+"""``collafuse-server``: serve the shared denoiser until SIGINT/SIGTERM, then stop gracefully."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import threading
+from collections.abc import Sequence
+from types import FrameType
+
+from collafuse.common.config import ServerSettings
+from collafuse.common.runtime import run_cli, setup_logging, setup_torch
+from collafuse.common.settings import ConfigError, add_settings_arguments, settings_from_args
+from collafuse.server.errors import StartupError
+
+log = logging.getLogger("collafuse.server")
+
+GRACE_S = 5.0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="collafuse-server",
+        description="CollaFuse server: hosts the shared high-noise denoiser, stores clients' x_cut releases, "
+        "trains in the background and runs the server half of collaborative sampling over gRPC.",
+    )
+    add_settings_arguments(parser, ServerSettings)
+    return parser
+
+
+def serve(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    settings = settings_from_args(ServerSettings, args)
+    setup_logging(settings.log_level, "server")
+    setup_torch(settings.threads)
+    # Imported here so that --help and configuration errors answer without loading torch models.
+    from collafuse.server.app import build_server
+
+    stop = threading.Event()
+
+    def on_signal(signum: int, _frame: FrameType | None) -> None:
+        log.info("received %s", signal.Signals(signum).name)
+        stop.set()
+
+    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+    server = build_server(settings)
+    try:
+        log.info("CollaFuse server listening on %s:%d (device %s)", settings.host, server.port, server.device)
+        log.info("store %s, %d classes, images %dx%dx%d", settings.store, len(settings.classes),
+                 settings.image_size, settings.image_size, settings.channels)
+        while not stop.wait(1.0):
+            pass
+    finally:
+        server.stop(GRACE_S)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    setup_logging("INFO", "server")
+    return run_cli(lambda: serve(argv), expected=(ConfigError, StartupError))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,171 @@
+"""The whole client lifecycle against a small in-process fake server (the real server has its own e2e tests)."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import numpy as np
+import pytest
+import torch
+from client_fake_server import FakeServer, FakeState, make_image_folder
+from collafuse.client.errors import ClientError, FingerprintMismatch, LedgerRefusal
+from collafuse.client.lifecycle import ClientLifecycle, run_lifecycle
+from collafuse.common.config import ClientSettings
+from collafuse.common.models import as_denoiser, load_model
+from collafuse.common.sampling import split_sample
+
+torch.set_num_threads(1)
+
+
+@pytest.fixture(autouse=True)
+def _offline(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+
+
+def _settings(tmp_path, target, **overrides) -> ClientSettings:  # type: ignore[no-untyped-def]
+    values = {
+        "data": tmp_path / "data", "server": target, "workdir": tmp_path / "work", "cut": 20, "train_steps": 3,
+        "batch_size": 4, "inference_steps": 10, "samples_per_class": 2, "retries": 2, "rpc_timeout": 10, "seed": 5,
+        "device": "cpu",
+    }
+    values.update(overrides)
+    return ClientSettings(**values)
+
+
+def test_full_lifecycle_writes_outputs_and_matches_the_in_process_split_sampler(tmp_path):
+    make_image_folder(tmp_path / "data", classes=("0", "2"), per_class=4)
+    with FakeServer() as fake:
+        settings = _settings(tmp_path, fake.target)
+        metrics = run_lifecycle(settings, poll_interval=0.01)
+        work = settings.workdir
+        for name in ("ledger.sqlite", "metrics.json", "loss.png", "server.json", "model/config.json",
+                     "model/collafuse.json", "model/train_state.safetensors", "samples/grid.png",
+                     "samples/handoff.npy", "samples/samples.npy", "samples/labels.npy",
+                     "samples/0000_0.png", "samples/0003_2.png"):
+            assert (work / name).is_file(), name
+        stored = json.loads((work / "metrics.json").read_text())
+        assert stored["client_id"] == metrics["client_id"] and stored["cut"] == 20 and stored["num_images"] == 8
+        assert len(stored["local_losses"]) == 3 and stored["local_train_steps"] == 3
+        assert stored["model_evaluations_per_image"] == {"server": 6, "client": 4}
+        assert set(stored["wall_seconds"]) >= {"register", "load_data", "release", "train", "wait_for_server", "generate", "total"}
+        assert {"Register", "Release", "Heartbeat", "Sample"} <= set(stored["rpc"])
+        assert stored["bytes_sent"] > 0 and stored["bytes_received"] > 0
+        assert stored["release"]["sent"] == 8 and len(fake.servicer.store) == 8
+
+        # Same seed, same weights, one process: the gRPC split equals common.sampling.split_sample.
+        labels = np.load(work / "samples/labels.npy")
+        assert labels.tolist() == [0, 0, 2, 2]
+        [request] = fake.servicer.sample_requests
+        assert list(request.labels) == [0, 0, 2, 2] and request.seed == 5 and request.cut == 20
+        client_model, meta = load_model(work / "model")
+        assert meta["step"] == 3 and meta["cut"] == 20
+        x_cut, x0 = split_sample(
+            as_denoiser(fake.servicer.model), as_denoiser(client_model), fake.servicer.state.schedule,
+            torch.from_numpy(labels), 5, 20, 10, "ddpm", (1, 8, 8),
+        )
+        got_cut, got_x0 = np.load(work / "samples/handoff.npy"), np.load(work / "samples/samples.npy")
+        assert np.abs(got_cut - x_cut.numpy()).max() / np.abs(x_cut.numpy()).max() <= 1e-5
+        assert np.abs(got_x0 - x0.numpy()).max() / np.abs(x0.numpy()).max() <= 1e-5
+
+        # A second run re-releases nothing, and training resumes up to a new target.
+        again = run_lifecycle(settings.model_copy(update={"train_steps": 5}), poll_interval=0.01)
+        assert again["release"]["sent"] == 0 and again["release"]["already_released"] == 8
+        assert again["local_train_steps"] == 5 and again["local_train_steps_this_run"] == 2
+        assert len(again["local_losses"]) == 5
+        assert fake.servicer.release_calls == 1
+
+
+def test_global_model_and_independent_client_paths(tmp_path, caplog):
+    make_image_folder(tmp_path / "data", classes=("1",), per_class=3)
+    with FakeServer() as fake:
+        with caplog.at_level(logging.INFO):
+            gm = run_lifecycle(_settings(tmp_path, fake.target, cut=0, workdir=tmp_path / "gm"), poll_interval=0.01)
+        assert "RAW IMAGES" in caplog.text and "no local model" in caplog.text
+        assert gm["model_evaluations_per_image"] == {"server": 10, "client": 0}
+        assert not (tmp_path / "gm/model").exists()
+        np.testing.assert_array_equal(np.load(tmp_path / "gm/samples/samples.npy"), np.load(tmp_path / "gm/samples/handoff.npy"))
+
+        released = len(fake.servicer.store)
+        icm = run_lifecycle(_settings(tmp_path, fake.target, cut=50, workdir=tmp_path / "icm"), poll_interval=0.01)
+        assert len(fake.servicer.store) == released  # nothing left the ICM client
+        assert icm["model_evaluations_per_image"] == {"server": 0, "client": 10}
+        assert "Heartbeat" not in icm["rpc"]  # no need to wait for the server's training
+
+
+def test_refusals_and_mismatches_are_clear_and_keep_the_ledger(tmp_path):
+    make_image_folder(tmp_path / "data", classes=("0",), per_class=2)
+    with FakeServer() as fake:
+        settings = _settings(tmp_path, fake.target)
+        with ClientLifecycle(settings) as client:
+            client.release()
+        with ClientLifecycle(settings.model_copy(update={"cut": 30})) as client:
+            with pytest.raises(LedgerRefusal, match="already released at cut 20"):
+                client.release()
+            assert client.ledger.summary()["releases"] == 2
+        with ClientLifecycle(settings) as client:
+            client.forget()
+            with pytest.raises(LedgerRefusal, match="forget"):
+                client.release()
+            client.ledger.set_fingerprint("0" * 64, fake.target)
+            with pytest.raises(FingerprintMismatch, match="fresh --workdir"):
+                client.register()
+            client.reset()
+            client.register()
+            assert client.release().sent == 2
+
+
+def test_wait_for_server_times_out_with_advice(tmp_path):
+    make_image_folder(tmp_path / "data", classes=("0",), per_class=2)
+    with FakeServer(FakeState(phases=["training"])) as fake:
+        settings = _settings(tmp_path, fake.target, wait_timeout=0.05)
+        with (
+            ClientLifecycle(settings, poll_interval=0.01) as client,
+            pytest.raises(ClientError, match="did not finish within.*--no-wait-for-server"),
+        ):
+            client.wait_for_server()
+    with FakeServer(FakeState(phases=["waiting", "training", "done"])) as fake:
+        settings = _settings(tmp_path, fake.target, workdir=tmp_path / "w2")
+        with ClientLifecycle(settings, poll_interval=0.01) as client:
+            assert client.wait_for_server().phase == "done"
+            assert client.connection.traffic["Heartbeat"].calls == 3
+
+
+def test_generate_without_a_local_model_says_what_to_do(tmp_path):
+    make_image_folder(tmp_path / "data", classes=("0",), per_class=2)
+    with FakeServer() as fake, ClientLifecycle(_settings(tmp_path, fake.target)) as client:
+        with pytest.raises(ClientError, match="no local model.*collafuse-client train"):
+            client.generate()
+        assert fake.servicer.sample_requests == []  # checked before the server spends a chain
+
+
+def test_an_error_during_training_keeps_a_complete_resumable_model(tmp_path, monkeypatch):
+    from collafuse.client import trainer
+
+    make_image_folder(tmp_path / "data", classes=("0",), per_class=2)
+    with FakeServer() as fake:
+        settings = _settings(tmp_path, fake.target, train_steps=2)
+        with ClientLifecycle(settings) as client:
+            client.train()
+        calls = []
+        real_loss = trainer.client_loss
+
+        def failing_loss(*args, **kwargs):  # type: ignore[no-untyped-def]
+            calls.append(1)
+            if len(calls) == 2:
+                raise RuntimeError("simulated crash in the middle of training")
+            return real_loss(*args, **kwargs)
+
+        monkeypatch.setattr(trainer, "client_loss", failing_loss)
+        with (
+            ClientLifecycle(settings.model_copy(update={"train_steps": 6})) as client,
+            pytest.raises(RuntimeError, match="simulated crash"),
+        ):
+            client.train()
+        _, meta = load_model(settings.workdir / "model")
+        assert meta["step"] == 3  # the step finished before the crash was kept
+        assert not (settings.workdir / "model.tmp").exists() and not (settings.workdir / "model.old").exists()
+        monkeypatch.setattr(trainer, "client_loss", real_loss)
+        with ClientLifecycle(settings.model_copy(update={"train_steps": 6})) as client:
+            result = client.train()
+        assert (result.start_step, result.step, len(result.losses)) == (3, 6, 6)
