@@ -233,7 +233,8 @@ class ClientLifecycle:
         data = self.load_data()
         with self.report.phase("release"):
             keys = self.ledger.image_keys(data.root, data.dataset.paths)
-            released_here = len({r.image_key for r in self.ledger.releases() if r.server == s.server})
+            # Releases are tracked per server identity (stable across restarts and address changes).
+            released_here = len({r.image_key for r in self.ledger.releases() if r.server == info.server_id})
             # A server holding fewer of our releases than the ledger recorded lost (part of) its store, or
             # is a new one: resending is safe, the ledger's seeds make every payload byte-identical.
             resend = info.releases_stored < released_here and s.cut < info.schedule.num_train_timesteps
@@ -243,7 +244,7 @@ class ClientLifecycle:
             report = release_images(
                 self.connection, self.ledger, client_id=self.client_id, images=data.dataset.images,
                 labels=data.labels.tolist(), keys=keys, paths=data.dataset.paths, cut=s.cut, protocol=s.protocol,
-                schedule=info.schedule, server=s.server, resend=resend,
+                schedule=info.schedule, server=info.server_id, resend=resend,
             )
             self.report.update(release=report.to_json())
         return report
@@ -345,7 +346,7 @@ class ClientLifecycle:
         """Ask the server to drop every release of this client; the ledger then refuses re-releases."""
         with self.report.phase("forget"):
             removed = int(self.connection.forget(self.client_id).removed)
-            self.ledger.record_forget(self.settings.server, removed)
+            self.ledger.record_forget(self.server_info().server_id, removed)
         log.info("the server at %s removed %d release(s) of %s; releasing these images again now needs "
                  "`collafuse-client reset --yes`", self.settings.server, removed, self.client_id)
         return removed

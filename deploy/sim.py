@@ -59,6 +59,7 @@ class SimSettings(CollafuseSettings):
     samples_per_class: int = Field(4, ge=0, description="images each client generates per class it holds")
     inference_steps: int = Field(100, ge=0, description="sampling chain length (0: all T)")
     threads: int = Field(1, ge=0, description="torch threads per process")
+    transcript: bool = Field(False, description="record every payload the server receives in server/transcript.jsonl")
     timeout: float = Field(3600.0, gt=0, description="most seconds the whole run may take")
     fresh: bool = Field(True, description="delete a previous run's server store and client workdirs first")
 
@@ -140,6 +141,7 @@ def server_argv(settings: SimSettings, port: int, classes: list[str]) -> list[st
         "--min-clients", str(settings.clients),
         "--seed", str(settings.seed),
         "--threads", str(settings.threads),
+        *(["--transcript", str(settings.out / "server" / "transcript.jsonl")] if settings.transcript else []),
     ]
 
 
@@ -203,7 +205,7 @@ def _watch(server: Process, clients: list[Process], port: int, settings: SimSett
             if server.popen.poll() is not None:
                 raise SimError(f"the server exited early with code {server.popen.returncode}:\n{server.tail()}")
             status = _server_status(port)
-            if status:
+            if status and (status["step"] != bar.n or not running):
                 bar.n = min(status["step"], bar.total)
                 bar.set_postfix(phase=status["phase"], loss=f"{status['loss']:.4f}", clients_left=len(running))
                 bar.refresh()
@@ -234,8 +236,8 @@ def collect(settings: SimSettings, wall: float, shards: list[Path]) -> dict[str,
         workdir = settings.out / "clients" / name
         metrics = _read_json(workdir / "metrics.json")
         clients[name] = metrics
-        if metrics.get("losses"):
-            curves[name] = [tuple(p) for p in metrics["losses"]]  # type: ignore[misc]
+        if metrics.get("local_losses"):
+            curves[name] = [tuple(p) for p in metrics["local_losses"]]  # type: ignore[misc]
         grid = workdir / "samples" / "grid.png"
         if grid.is_file():
             shutil.copyfile(grid, grids / f"{name}.png")
@@ -249,7 +251,7 @@ def collect(settings: SimSettings, wall: float, shards: list[Path]) -> dict[str,
         "images": total("num_images"),
         "bytes_sent": total("bytes_sent"),
         "bytes_received": total("bytes_received"),
-        "client_train_steps": total("train_steps"),
+        "client_train_steps": total("local_train_steps"),
         "server_train_steps": server_metrics.get("step", 0),
         "wall_seconds": wall,
     }
@@ -262,6 +264,15 @@ def collect(settings: SimSettings, wall: float, shards: list[Path]) -> dict[str,
     }
     (settings.out / "metrics.json").write_text(json.dumps(summary, indent=2, default=str))
     return summary
+
+
+def _terminate_on_sigterm() -> None:
+    """SIGTERM unwinds like Ctrl-C, so the ``finally`` below stops every child process."""
+
+    def handler(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, handler)
 
 
 def run(settings: SimSettings) -> dict[str, Any]:
@@ -302,6 +313,7 @@ def main(argv: list[str] | None = None) -> int:
     add_settings_arguments(parser, SimSettings)
     args = parser.parse_args(argv)
     setup_logging("INFO", "sim")
+    _terminate_on_sigterm()
 
     def body() -> int:
         run(settings_from_args(SimSettings, args))
