@@ -51,12 +51,12 @@ class ImageDataset:
         return torch.tensor([index[c] for c in self.class_names], dtype=torch.long)
 
 
-def load_image(path: Path, channels: int, size: int) -> np.ndarray:
-    """One image as float32 (C, size, size) in [-1, 1]."""
+def load_image(path: Path, channels: int, size: int | None) -> np.ndarray:
+    """One image as float32 (C, size, size) in [-1, 1]; ``size=None`` keeps the image's own size."""
     try:
         with Image.open(path) as img:
             img = img.convert("L" if channels == 1 else "RGB")
-            if img.size != (size, size):
+            if size is not None and img.size != (size, size):
                 img = img.resize((size, size), Image.Resampling.BICUBIC)
             array = np.asarray(img, dtype=np.float32)
     except (UnidentifiedImageError, OSError) as exc:
@@ -87,8 +87,11 @@ def _discover(root: Path) -> list[tuple[Path, str]]:
     return [(p, labels.get(p.name, UNLABELED)) for p in files]
 
 
-def load_image_folder(root: Path, channels: int, size: int) -> ImageDataset:
-    """Load every image under ``root`` converted to (channels, size, size)."""
+def scan_image_folder(root: Path) -> list[tuple[Path, str]]:
+    """(path, class name) of every image under ``root``, checked like ``load_image_folder`` but no pixels read.
+
+    Lets a client name its classes (e.g. to register) before it knows the image spec to load at.
+    """
     root = Path(root)
     if not root.exists():
         raise DataError(f"data folder {root} does not exist: pass --data with a folder of images (one sub-folder per class)")
@@ -98,9 +101,20 @@ def load_image_folder(root: Path, channels: int, size: int) -> ImageDataset:
     if not found:
         raise DataError(
             f"data folder {root} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))}); "
-            "put them in one sub-folder per class, e.g. {root}/3/img001.png"
+            f"put them in one sub-folder per class, e.g. {root}/3/img001.png"
         )
-    images = np.stack([load_image(p, channels, size) for p, _ in found])
+    return found
+
+
+def load_image_folder(root: Path, channels: int, size: int | None) -> ImageDataset:
+    """Load every image under ``root`` converted to (channels, size, size); ``size=None`` keeps their own size."""
+    root = Path(root)
+    found = scan_image_folder(root)
+    arrays = [load_image(p, channels, size) for p, _ in found]
+    shapes = sorted({a.shape[1:] for a in arrays})
+    if len(shapes) > 1:
+        raise DataError(f"images under {root} have different sizes {shapes[:4]}; pass a size to resize them on load")
+    images = np.stack(arrays)
     return ImageDataset(
         images=torch.from_numpy(images),
         class_names=[c for _, c in found],

@@ -1,0 +1,131 @@
+"""CLIP ViT-B/32 image embeddings from local weights, for the Fréchet CLIP Distance (FCD) of the paper.
+
+No wheel ships CLIP weights and nothing is downloaded at run time, so the user points
+at weights on disk:
+
+- a Hugging Face CLIP folder (``config.json`` + ``model.safetensors``/``pytorch_model.bin``,
+  e.g. a local copy of ``openai/clip-vit-base-patch32``), loaded with ``transformers``'
+  ``CLIPVisionModelWithProjection`` (``local_files_only=True``);
+- an open_clip checkpoint file (e.g. ``open_clip_pytorch_model.bin`` of ``ViT-B-32``),
+  loaded with ``open_clip`` (which itself needs torchvision).
+
+Features are the projected image embeddings (512-d for ViT-B/32), not L2-normalised, as in
+the FCD reference implementation (``model.encode_image``). Preprocessing follows CLIP's:
+0..255 pixels (rounded), grey to RGB, bicubic resize of the short side to 224 with
+antialiasing, centre crop 224, normalisation by CLIP's channel mean and std.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+from pathlib import Path
+
+import torch
+from collafuse.common.metrics.errors import MetricsError
+from collafuse.common.metrics.inception import to_rgb_pixels
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+CLIP_SIZE = 224
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+WEIGHTS_ENV = "COLLAFUSE_CLIP_WEIGHTS"
+
+HOW_TO_PASS = (
+    "CLIP features need local ViT-B/32 weights and nothing is downloaded at run time: pass --clip-weights DIR, "
+    "a Hugging Face CLIP folder with config.json and model.safetensors (e.g. a copy of openai/clip-vit-base-patch32; "
+    "needs `pip install transformers`), or --clip-weights FILE, an open_clip ViT-B-32 checkpoint such as "
+    f"open_clip_pytorch_model.bin (needs `pip install open_clip_torch`, which needs torchvision); or set {WEIGHTS_ENV}"
+)
+
+
+def _importable(name: str) -> bool:
+    return importlib.util.find_spec(name) is not None
+
+
+def clip_preprocess(images: torch.Tensor) -> torch.Tensor:
+    """Images in [-1, 1] (N, 1|3, H, W) -> CLIP's normalised (N, 3, 224, 224) input."""
+    pixels = to_rgb_pixels(images) / 255.0
+    height, width = pixels.shape[-2:]
+    scale = CLIP_SIZE / min(height, width)
+    new_size = (max(CLIP_SIZE, round(height * scale)), max(CLIP_SIZE, round(width * scale)))
+    if (height, width) != new_size:
+        pixels = nn.functional.interpolate(pixels, size=new_size, mode="bicubic", align_corners=False, antialias=True)
+    top = (new_size[0] - CLIP_SIZE) // 2
+    left = (new_size[1] - CLIP_SIZE) // 2
+    pixels = pixels[..., top : top + CLIP_SIZE, left : left + CLIP_SIZE].clamp(0.0, 1.0)
+    mean = torch.tensor(CLIP_MEAN, device=pixels.device).view(1, 3, 1, 1)
+    std = torch.tensor(CLIP_STD, device=pixels.device).view(1, 3, 1, 1)
+    return (pixels - mean) / std
+
+
+class ClipFeatures(nn.Module):
+    """Images in [-1, 1] -> (N, d) CLIP image embeddings from local weights."""
+
+    def __init__(self, weights: Path | str | None = None, device: str | torch.device = "cpu", model_name: str = "ViT-B-32") -> None:
+        super().__init__()
+        chosen = weights if weights is not None else os.environ.get(WEIGHTS_ENV) or None
+        if chosen is None:
+            raise MetricsError(f"no CLIP weights were given. {HOW_TO_PASS}")
+        path = Path(chosen).expanduser()
+        if not path.exists():
+            raise MetricsError(f"CLIP weights {path} do not exist. {HOW_TO_PASS}")
+        self.device = torch.device(device)
+        if path.is_dir():
+            self.backend = "transformers"
+            self.model, self.num_features = _load_transformers(path)
+        else:
+            self.backend = "open_clip"
+            self.model, self.num_features = _load_open_clip(path, model_name)
+        self.model.eval()
+        self.to(self.device)
+        stat = path.stat()
+        # Cache key: the weights' identity (path, size, mtime) and the backend.
+        self.name = f"clip[{self.backend},{model_name},{path.resolve()},{stat.st_size},{stat.st_mtime_ns}]"
+        log.info("CLIP features from %s via %s (%d-d)", path, self.backend, self.num_features)
+
+    @torch.inference_mode()
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        pixels = clip_preprocess(images.to(self.device))
+        if self.backend == "transformers":
+            embeds = self.model(pixel_values=pixels).image_embeds
+        else:
+            embeds = self.model.encode_image(pixels)  # type: ignore[operator]  # open_clip's CLIP
+        return embeds.float()
+
+
+def _load_transformers(path: Path) -> tuple[nn.Module, int]:
+    if not (path / "config.json").is_file():
+        raise MetricsError(f"CLIP weights folder {path} has no config.json. {HOW_TO_PASS}")
+    if not _importable("transformers"):
+        raise MetricsError(f"CLIP weights folder {path} needs the transformers package: `pip install transformers`. {HOW_TO_PASS}")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from transformers import CLIPVisionModelWithProjection
+
+    try:
+        model = CLIPVisionModelWithProjection.from_pretrained(str(path), local_files_only=True)
+    except (OSError, ValueError, KeyError) as exc:
+        raise MetricsError(f"cannot load CLIP weights from {path} with transformers: {exc}. {HOW_TO_PASS}") from exc
+    return model, int(model.config.projection_dim)
+
+
+def _load_open_clip(path: Path, model_name: str) -> tuple[nn.Module, int]:
+    if not _importable("open_clip"):
+        raise MetricsError(
+            f"CLIP checkpoint file {path} needs the open_clip package: `pip install open_clip_torch` (needs torchvision); "
+            f"or pass a Hugging Face CLIP folder instead. {HOW_TO_PASS}"
+        )
+    import open_clip
+
+    try:
+        model = open_clip.create_model(model_name, pretrained=str(path), device="cpu")
+    except (OSError, RuntimeError, ValueError, KeyError) as exc:
+        raise MetricsError(f"cannot load open_clip {model_name} weights from {path}: {exc}. {HOW_TO_PASS}") from exc
+    dim = getattr(getattr(model, "visual", None), "output_dim", None)
+    if dim is None:
+        with torch.inference_mode():
+            dim = model.encode_image(torch.zeros(1, 3, CLIP_SIZE, CLIP_SIZE)).shape[-1]
+    return model, int(dim)
