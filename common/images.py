@@ -16,11 +16,12 @@ def to_uint8(images: torch.Tensor) -> np.ndarray:
     return ((array + 1.0) * 127.5 + 0.5).astype(np.uint8).transpose(0, 2, 3, 1)
 
 
-def grid(rows: Sequence[torch.Tensor], scale: int = 4, pad: int = 2, row_titles: Sequence[str] | None = None, col_titles: Sequence[str] | None = None) -> Image.Image:
+def grid(rows: Sequence[torch.Tensor], scale: int | None = None, pad: int = 2, row_titles: Sequence[str] | None = None, col_titles: Sequence[str] | None = None) -> Image.Image:
     """Rows of images (each (N, C, H, W)) tiled into one picture, upscaled for viewing."""
     tiles = [to_uint8(r) for r in rows]
     n = max(t.shape[0] for t in tiles)
     h, w, c = tiles[0].shape[1:]
+    scale = scale or max(1, 64 // h)  # tiles of about 64 px, whatever the image size
     th, tw = h * scale, w * scale
     left = 70 if row_titles else 0
     top = 14 if col_titles else 0

@@ -1,0 +1,366 @@
+"""The paper's cut-point study (figures 3-5) on the bundled digits, through the real system.
+
+Every arm is a ``collafuse-sim`` run (one server and N client processes over loopback gRPC)
+with the same step budget for every model; the arms differ only in the cut point:
+
+    zeta = 0 (GM), 100, 200, 500, 1000 (ICM)
+
+in two regimes:
+
+    noniid  3 clients, class groups (like the paper's attribute groups)
+    scarce 10 clients, IID, under 200 images each (where the paper finds ICM weak)
+
+Per arm it reports, pooled and per client: FID and KID of the generated images against the
+clients' real images (with the finite-sample floor, the FID of two real sets of the same
+sizes, beside them), conditional accuracy by a classifier trained on the real digits, the
+paper's information disclosure (FID of server-side images against the real ones: the
+server's hand-off x_hat_zeta, and the server continuing alone from it to t = 0), and client
+compute per generated image (model evaluations and seconds, against ICM), with the total
+training compute of the arm.
+
+    python benchmarks/cut_study.py --quick      # ~20 min on 2 cores, one seed, small budgets
+    python benchmarks/cut_study.py              # full: 2 seeds, 1,500 steps, >= 1,000 images per arm
+
+Outputs: benchmarks/results/cut_study-<date>[-quick].json, ...-fid.png (FID and disclosure
+against zeta) and ...-samples.png (server row and client row per zeta).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import logging
+import platform
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from collafuse.common.data import load_image_folder
+from collafuse.common.images import grid
+from collafuse.common.metrics.classifier import conditional_accuracy, train_on_real
+from collafuse.common.metrics.evaluate import compare, source_features
+from collafuse.common.metrics.features import FeatureCache
+from collafuse.common.metrics.inception import InceptionFeatures
+from collafuse.common.models import as_denoiser, load_model
+from collafuse.common.runtime import setup_logging
+from collafuse.common.sampling import client_half
+from collafuse.common.schedule import ScheduleConfig
+from collafuse.deploy.sim import SimSettings, run
+
+log = logging.getLogger("collafuse.cut_study")
+ROOT = Path(__file__).resolve().parents[1]
+CUTS = [0, 100, 200, 500, 1000]
+
+
+@dataclass(frozen=True)
+class Mode:
+    """Budgets of one study mode (the same for every arm of it)."""
+
+    name: str
+    steps: int  # every model: the server's and each client's
+    batch_size: int
+    inference_steps: int
+    seeds: tuple[int, ...]
+    # images generated per class a client holds, per regime
+    samples_per_class: dict[str, int]
+    # real images in the FID reference set (0: all 1,797)
+    reference: int
+
+
+QUICK = Mode("quick", steps=250, batch_size=32, inference_steps=50, seeds=(0,),
+             samples_per_class={"noniid": 10, "scarce": 1}, reference=400)
+FULL = Mode("full", steps=1500, batch_size=64, inference_steps=100, seeds=(0, 1),
+            samples_per_class={"noniid": 100, "scarce": 10}, reference=0)
+REGIMES: dict[str, dict[str, Any]] = {
+    "noniid": {"clients": 3, "partition": "classes"},
+    "scarce": {"clients": 10, "partition": "iid"},
+}
+
+
+def arm_settings(mode: Mode, regime: str, cut: int, seed: int, work: Path) -> SimSettings:
+    return SimSettings(
+        clients=REGIMES[regime]["clients"], partition=REGIMES[regime]["partition"], cut=cut,
+        steps=mode.steps, client_steps=mode.steps, batch_size=mode.batch_size,
+        inference_steps=mode.inference_steps, samples_per_class=mode.samples_per_class[regime],
+        seed=seed, out=work / regime / f"cut{cut}" / f"seed{seed}", threads=1, timeout=4 * 3600,
+    )
+
+
+@dataclass
+class ArmOutputs:
+    """What one arm produced, gathered from the sim's folders."""
+
+    labels: list[np.ndarray]  # per client
+    handoff: list[torch.Tensor]
+    samples: list[torch.Tensor]
+    client_metrics: list[dict[str, Any]]
+    server_metrics: dict[str, Any]
+    wall_seconds: float
+
+
+def gather(settings: SimSettings) -> ArmOutputs:
+    summary = json.loads((settings.out / "metrics.json").read_text())
+    labels, handoff, samples, metrics = [], [], [], []
+    for k in range(settings.clients):
+        folder = settings.out / "clients" / f"client-{k}" / "samples"
+        labels.append(np.load(folder / "labels.npy"))
+        handoff.append(torch.from_numpy(np.load(folder / "handoff.npy")))
+        samples.append(torch.from_numpy(np.load(folder / "samples.npy")))
+        metrics.append(summary["clients"][f"client-{k}"])
+    return ArmOutputs(labels, handoff, samples, metrics, summary.get("server") or {}, summary["pooled"]["wall_seconds"])
+
+
+def server_alone(settings: SimSettings, handoff: torch.Tensor, labels: np.ndarray, seed: int) -> torch.Tensor:
+    """The server continuing alone from its hand-off to t = 0 with its own model (the paper's disclosure)."""
+    ema = settings.out / "server" / "checkpoints" / "latest" / "ema"
+    model, _ = load_model(ema)
+    return client_half(as_denoiser(model), ScheduleConfig(num_train_timesteps=settings.num_train_timesteps),
+                       handoff, torch.from_numpy(labels).long(), seed, settings.cut, settings.inference_steps)
+
+
+class Evaluator:
+    """Inception features of the real reference set (cached), the classifier, FID/KID with floors."""
+
+    def __init__(self, mode: Mode, work: Path) -> None:
+        from collafuse.common.data import digits_arrays
+
+        images, labels = digits_arrays(8)
+        self.real_images = torch.from_numpy(images).float()
+        self.real_labels = labels.astype(str)
+        rng = np.random.default_rng(1234)
+        order = rng.permutation(len(labels))
+        self.reference = np.sort(order[: mode.reference] if mode.reference else order)
+        self.extractor = InceptionFeatures(device="cuda" if torch.cuda.is_available() else "cpu")
+        self.cache = FeatureCache()
+        self.real_features = self.features(self.real_images[self.reference])
+        real_folder = work / "real"
+        from collafuse.common.data import export_digits
+
+        export_digits(real_folder, 8)
+        self.classifier, self.heldout = train_on_real(load_image_folder(real_folder, 1, 8))
+
+    def features(self, images: torch.Tensor) -> np.ndarray:
+        return source_features(self.extractor, images, self.cache, progress=True).features
+
+    def fid(self, fake: np.ndarray, real: np.ndarray | None = None) -> dict[str, float]:
+        real = self.real_features if real is None else real
+        result = compare(real, fake, kid_subsets=50, kid_subset_size=min(len(real), len(fake), 1000))
+        return {"fid": result.fid, "kid": result.kid_mean, "kid_std": result.kid_std, "n_real": result.n_real, "n_fake": result.n_fake}
+
+    def floor(self, n_fake: int, real_mask: np.ndarray | None = None) -> float | None:
+        """FID of two disjoint real subsets with the sizes of the comparison (n_fake vs the rest)."""
+        pool = self.real_features if real_mask is None else self.real_features[real_mask]
+        if len(pool) < n_fake + 2 or n_fake < 2:
+            return None
+        rng = np.random.default_rng(0)
+        order = rng.permutation(len(pool))
+        return compare(pool[order[n_fake:]], pool[order[:n_fake]], kid_subsets=10, kid_subset_size=min(n_fake, len(pool) - n_fake)).fid
+
+    def client_mask(self, shard: Path) -> np.ndarray:
+        """Which reference images belong to a client's shard (files are named by digit index)."""
+        owned = {int(p.stem) for p in shard.rglob("*.png")}
+        return np.array([int(i) in owned for i in self.reference])
+
+    def evaluate(self, settings: SimSettings, outputs: ArmOutputs, seed: int) -> dict[str, Any]:
+        fake = torch.cat(outputs.samples)
+        labels = np.concatenate(outputs.labels)
+        fake_features = self.features(fake)
+        pooled = self.fid(fake_features)
+        pooled["floor_fid"] = self.floor(len(fake))
+        accuracy = conditional_accuracy(self.classifier, fake.numpy(), [str(int(v)) for v in labels], self.heldout)
+        pooled["accuracy"] = accuracy.accuracy
+        result: dict[str, Any] = {"pooled": pooled, "clients": {}}
+        offset = 0
+        for k, (samples, metrics) in enumerate(zip(outputs.samples, outputs.client_metrics)):
+            mask = self.client_mask(settings.out / "data" / "shards" / f"client-{k}")
+            part = fake_features[offset : offset + len(samples)]
+            offset += len(samples)
+            entry: dict[str, Any] = {"n_fake": len(samples), "n_real": int(mask.sum())}
+            if mask.sum() >= 2 and len(samples) >= 2:
+                entry.update(self.fid(part, self.real_features[mask]))
+                entry["floor_fid"] = self.floor(len(samples), mask)
+            gen = metrics.get("generate") or {}
+            entry["client_model_evaluations_per_image"] = (metrics.get("model_evaluations_per_image") or {}).get("client")
+            entry["client_seconds_per_image"] = (gen.get("client_seconds") or 0.0) / max(gen.get("images") or 1, 1)
+            entry["local_train_seconds"] = metrics.get("local_train_seconds")
+            result["clients"][f"client-{k}"] = entry
+        # Disclosure: what the server can make of the hand-off on its own.
+        if settings.cut not in (0, settings.num_train_timesteps):
+            alone = torch.cat([server_alone(settings, h, lab, settings.seed + k)
+                               for k, (h, lab) in enumerate(zip(outputs.handoff, outputs.labels))])
+            result["disclosure"] = {
+                "server_alone_fid": self.fid(self.features(alone))["fid"],
+                "handoff_fid": self.fid(self.features(torch.cat(outputs.handoff).clamp(-1, 1)))["fid"],
+            }
+        elif settings.cut == 0:
+            # GM: the server produced the final images itself, so it "discloses" exactly them.
+            result["disclosure"] = {"server_alone_fid": pooled["fid"], "handoff_fid": pooled["fid"]}
+        else:
+            result["disclosure"] = {"server_alone_fid": None, "handoff_fid": None}
+        evaluations = [m.get("model_evaluations_per_image") or {} for m in outputs.client_metrics]
+        batch = settings.batch_size
+        client_trained = settings.cut > 0
+        server_trained = settings.cut < settings.num_train_timesteps
+        result["compute"] = {
+            "server_model_evaluations_per_image": evaluations[0].get("server"),
+            "client_model_evaluations_per_image": evaluations[0].get("client"),
+            "client_seconds_per_image": float(np.mean([c["client_seconds_per_image"] for c in result["clients"].values()])),
+            # Training compute in image-steps (one forward+backward of one image).
+            "training_image_steps": batch * (settings.steps * server_trained + settings.client_steps * settings.clients * client_trained),
+            "models_trained": int(server_trained) + settings.clients * int(client_trained),
+            "server_train_seconds": outputs.server_metrics.get("wall_time_s"),
+            "client_train_seconds": float(sum(m.get("local_train_seconds") or 0.0 for m in outputs.client_metrics)),
+            "wall_seconds": outputs.wall_seconds,
+        }
+        return result
+
+
+def summarise(results: dict[str, dict[str, list[dict[str, Any]]]]) -> dict[str, Any]:
+    """Mean and spread over seeds for the headline numbers, and the paper's claims checked."""
+    summary: dict[str, Any] = {}
+    for regime, by_cut in results.items():
+        rows = {}
+        for cut, runs in by_cut.items():
+            def stat(get):  # type: ignore[no-untyped-def]
+                values = [v for v in (get(r) for r in runs) if v is not None]
+                return {"mean": float(np.mean(values)), "std": float(np.std(values)), "n": len(values)} if values else None
+
+            rows[cut] = {
+                "fid": stat(lambda r: r["pooled"]["fid"]),
+                "kid": stat(lambda r: r["pooled"]["kid"]),
+                "floor_fid": stat(lambda r: r["pooled"]["floor_fid"]),
+                "accuracy": stat(lambda r: r["pooled"]["accuracy"]),
+                "server_alone_fid": stat(lambda r: r["disclosure"]["server_alone_fid"]),
+                "client_evaluations_per_image": stat(lambda r: r["compute"]["client_model_evaluations_per_image"]),
+                "client_seconds_per_image": stat(lambda r: r["compute"]["client_seconds_per_image"]),
+                "training_image_steps": stat(lambda r: r["compute"]["training_image_steps"]),
+            }
+        icm = rows.get("1000", {}).get("client_seconds_per_image")
+        for row in rows.values():
+            sec = row["client_seconds_per_image"]
+            row["client_seconds_vs_icm"] = sec["mean"] / icm["mean"] if sec and icm and icm["mean"] else None
+        fid = {c: r["fid"]["mean"] for c, r in rows.items() if r["fid"]}
+        claims = {}
+        if {"0", "1000"} <= set(fid):
+            claims["cuts_le_200_beat_icm"] = {c: fid[c] < fid["1000"] for c in ("100", "200") if c in fid}
+            claims["within_10pct_of_gm"] = {c: fid[c] <= 1.1 * fid["0"] for c in ("100", "200") if c in fid}
+        summary[regime] = {"by_cut": rows, "claims": claims}
+    return summary
+
+
+def plot(summary: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4), dpi=100)
+    for regime, data in summary.items():
+        cuts = sorted(int(c) for c in data["by_cut"])
+        for ax, key, label in ((axes[0], "fid", "generated (client-finished)"), (axes[1], "server_alone_fid", "server alone from hand-off")):
+            points = [(c, data["by_cut"][str(c)][key]) for c in cuts if data["by_cut"][str(c)][key]]
+            if points:
+                xs = [c for c, _ in points]
+                ax.errorbar(xs, [s["mean"] for _, s in points], yerr=[s["std"] for _, s in points], marker="o", capsize=3, label=f"{regime}: {label}")
+        floors = [data["by_cut"][str(c)]["floor_fid"] for c in cuts if data["by_cut"][str(c)]["floor_fid"]]
+        if floors:
+            axes[0].axhline(float(np.mean([f["mean"] for f in floors])), linestyle=":", color="grey")
+    axes[0].set_title("sample quality: FID vs cut (dotted: real-vs-real floor)")
+    axes[1].set_title("disclosure: FID of server-side images vs cut (lower = more disclosed)")
+    for ax in axes:
+        ax.set_xlabel("cut point zeta (0 = GM, 1000 = ICM)")
+        ax.set_ylabel("FID")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def samples_figure(rows: list[tuple[str, torch.Tensor]], path: Path) -> None:
+    """Per cut: the server hand-off row above the client-finished row (first client, first 10 images)."""
+    grid([r for _, r in rows], row_titles=[t for t, _ in rows]).save(path)
+
+
+def machine() -> dict[str, Any]:
+    return {
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "cpus": torch.get_num_threads(),
+        "logical_cpus": __import__("os").cpu_count(),
+        "torch": torch.__version__,
+        "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="one seed and small budgets (~20 min on 2 cores)")
+    parser.add_argument("--cuts", type=int, nargs="+", default=CUTS)
+    parser.add_argument("--regimes", nargs="+", default=list(REGIMES), choices=list(REGIMES))
+    parser.add_argument("--seeds", type=int, nargs="+", default=None, help="override the mode's seeds")
+    parser.add_argument("--work", type=Path, default=ROOT / "runs" / "cut_study")
+    parser.add_argument("--results", type=Path, default=ROOT / "benchmarks" / "results")
+    args = parser.parse_args(argv)
+    setup_logging("INFO", "cut-study")
+    mode = QUICK if args.quick else FULL
+    seeds = tuple(args.seeds) if args.seeds else mode.seeds
+    started = time.monotonic()
+    work = args.work / mode.name
+    evaluator = Evaluator(mode, work)
+    results: dict[str, dict[str, list[dict[str, Any]]]] = {}
+    figure_rows: list[tuple[str, torch.Tensor]] = []
+    arms = [(r, c, s) for r in args.regimes for c in args.cuts for s in seeds]
+    for regime, cut, seed in tqdm(arms, desc="cut study arms", unit="arm"):
+        settings = arm_settings(mode, regime, cut, seed, work)
+        log.info("arm %s cut %d seed %d -> %s", regime, cut, seed, settings.out)
+        run(settings)
+        outputs = gather(settings)
+        result = evaluator.evaluate(settings, outputs, seed)
+        result.update(regime=regime, cut=cut, seed=seed)
+        results.setdefault(regime, {}).setdefault(str(cut), []).append(result)
+        log.info("arm %s cut %d seed %d: FID %.1f (floor %.1f), accuracy %.2f", regime, cut, seed,
+                 result["pooled"]["fid"], result["pooled"]["floor_fid"] or float("nan"), result["pooled"]["accuracy"])
+        if regime == args.regimes[0] and seed == seeds[0]:
+            figure_rows += [(f"z={cut} server", outputs.handoff[0][:10].clamp(-1, 1)), (f"z={cut} client", outputs.samples[0][:10])]
+    summary = summarise(results)
+    stamp = dt.date.today().isoformat() + ("-quick" if args.quick else "")
+    args.results.mkdir(parents=True, exist_ok=True)
+    out = args.results / f"cut_study-{stamp}.json"
+    payload = {
+        "date": dt.datetime.now().isoformat(timespec="seconds"),
+        "machine": machine(),
+        "mode": {**mode.__dict__, "seeds": list(seeds)},
+        "regimes": {r: REGIMES[r] for r in args.regimes},
+        "cuts": args.cuts,
+        "reference_real_images": len(evaluator.reference),
+        "classifier_real_heldout_accuracy": evaluator.heldout,
+        "wall_seconds": time.monotonic() - started,
+        "summary": summary,
+        "runs": results,
+    }
+    out.write_text(json.dumps(payload, indent=2, default=str))
+    plot(summary, args.results / f"cut_study-{stamp}-fid.png")
+    samples_figure(figure_rows, args.results / f"cut_study-{stamp}-samples.png")
+    for regime, data in summary.items():
+        print(f"\n{regime}: cut  FID (floor)  accuracy  server-alone FID  client s/img vs ICM")
+        for cut, row in sorted(data["by_cut"].items(), key=lambda kv: int(kv[0])):
+            def fmt(s, f="{:.1f}"):  # type: ignore[no-untyped-def]
+                return (f.format(s["mean"]) + (f"±{s['std']:.1f}" if s["n"] > 1 else "")) if s else "-"
+            ratio = row["client_seconds_vs_icm"]
+            ratio_text = f"{ratio:.2f}" if ratio is not None else "-"
+            print(f"  {cut:>5}  {fmt(row['fid'])} ({fmt(row['floor_fid'])})  {fmt(row['accuracy'], '{:.2f}')}  "
+                  f"{fmt(row['server_alone_fid'])}  {ratio_text}")
+        print(f"  claims: {data['claims']}")
+    print(f"\nwrote {out} in {payload['wall_seconds'] / 60:.1f} min")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
