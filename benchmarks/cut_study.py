@@ -92,6 +92,14 @@ def arm_settings(mode: Mode, regime: str, cut: int, seed: int, work: Path) -> Si
     )
 
 
+def finished(settings: SimSettings) -> bool:
+    """Whether the arm's folder holds a completed run made with exactly these settings."""
+    done = settings.out / "metrics.json"
+    if not done.is_file():
+        return False
+    return bool(json.loads(done.read_text()).get("settings") == json.loads(settings.model_dump_json()))
+
+
 @dataclass
 class ArmOutputs:
     """What one arm produced, gathered from the sim's folders."""
@@ -227,7 +235,7 @@ def summarise(results: dict[str, dict[str, list[dict[str, Any]]]]) -> dict[str, 
     for regime, by_cut in results.items():
         rows = {}
         for cut, runs in by_cut.items():
-            def stat(get):  # type: ignore[no-untyped-def]
+            def stat(get, runs=runs):  # type: ignore[no-untyped-def]
                 values = [v for v in (get(r) for r in runs) if v is not None]
                 return {"mean": float(np.mean(values)), "std": float(np.std(values)), "n": len(values)} if values else None
 
@@ -307,6 +315,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", type=int, nargs="+", default=None, help="override the mode's seeds")
     parser.add_argument("--work", type=Path, default=ROOT / "runs" / "cut_study")
     parser.add_argument("--results", type=Path, default=ROOT / "benchmarks" / "results")
+    parser.add_argument("--resume", action=argparse.BooleanOptionalAction, default=True,
+                        help="reuse an arm whose run folder already holds a finished run with the same settings")
     args = parser.parse_args(argv)
     setup_logging("INFO", "cut-study")
     mode = QUICK if args.quick else FULL
@@ -320,7 +330,10 @@ def main(argv: list[str] | None = None) -> int:
     for regime, cut, seed in tqdm(arms, desc="cut study arms", unit="arm"):
         settings = arm_settings(mode, regime, cut, seed, work)
         log.info("arm %s cut %d seed %d -> %s", regime, cut, seed, settings.out)
-        run(settings)
+        if args.resume and finished(settings):
+            log.info("reusing the finished run in %s", settings.out)
+        else:
+            run(settings)
         outputs = gather(settings)
         result = evaluator.evaluate(settings, outputs, seed)
         result.update(regime=regime, cut=cut, seed=seed)

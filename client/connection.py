@@ -19,13 +19,14 @@ from typing import Any, Self, TypeVar
 
 import grpc
 import torch
+from google.protobuf.message import Message
+
 from collafuse.client.errors import ClientError
 from collafuse.common.codec import TensorError, decode
 from collafuse.common.rpc import RetryPolicy, call_with_retry, open_channel
 from collafuse.common.sampling import ProgressFn
 from collafuse.common.schedule import ScheduleConfig
 from collafuse.v1 import collafuse_pb2, collafuse_pb2_grpc
-from google.protobuf.message import Message
 
 log = logging.getLogger(__name__)
 R = TypeVar("R")

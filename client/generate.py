@@ -19,16 +19,18 @@ from typing import Any
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
+
 from collafuse.client.connection import ServerConnection, ServerInfo
 from collafuse.client.errors import ClientError
 from collafuse.client.trainer import model_dir, progress_disabled
 from collafuse.common.config import ClientSettings
 from collafuse.common.data import save_png
+from collafuse.common.files import replace_folder
 from collafuse.common.images import save_grid
 from collafuse.common.models import as_denoiser, load_model
 from collafuse.common.sampling import client_half, count_model_evaluations
 from collafuse.v1 import collafuse_pb2
-from tqdm.auto import tqdm
 
 log = logging.getLogger(__name__)
 
@@ -177,10 +179,5 @@ def _write_outputs(
     np.save(tmp / SAMPLES_FILE, x0.numpy().astype(np.float32))
     np.save(tmp / LABELS_FILE, np.asarray(labels, dtype=np.int64))
     save_grid(tmp / GRID_FILE, [x_cut, x0], row_titles=[f"server t={cut}", "client t=0"], col_titles=names)
-    old = out.with_name(out.name + ".old")
-    shutil.rmtree(old, ignore_errors=True)
-    if out.exists():
-        out.rename(old)
-    tmp.rename(out)
-    shutil.rmtree(old, ignore_errors=True)
+    replace_folder(tmp, out, out.with_name(out.name + ".old"))
     return out

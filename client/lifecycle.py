@@ -23,23 +23,25 @@ from typing import Any, Self
 
 import grpc
 import torch
+from google.protobuf.json_format import MessageToDict
+from tqdm.auto import tqdm
+
 from collafuse.client.connection import ServerConnection, ServerInfo
 from collafuse.client.errors import ClientError, FingerprintMismatch
 from collafuse.client.generate import GenerateResult, generate_samples
 from collafuse.client.ledger import Ledger
 from collafuse.client.release import ReleaseReport, release_images
-from collafuse.client.report import RunReport, read_json, write_json_atomic
+from collafuse.client.report import RunReport, read_json
 from collafuse.client.trainer import TrainResult, progress_disabled, train_local
 from collafuse.common.config import ClientSettings
 from collafuse.common.data import UNLABELED, DataError, ImageDataset, load_image_folder, scan_image_folder
+from collafuse.common.files import write_json_atomic
 from collafuse.common.rpc import RetryPolicy
 from collafuse.common.runtime import resolve_device
 from collafuse.common.sampling import count_model_evaluations
 from collafuse.common.schedule import validate_cut
 from collafuse.common.settings import ConfigError
 from collafuse.v1 import collafuse_pb2
-from google.protobuf.json_format import MessageToDict
-from tqdm.auto import tqdm
 
 log = logging.getLogger(__name__)
 

@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
 import torch
+
 from collafuse.client.connection import ServerConnection
 from collafuse.client.errors import ClientError
 from collafuse.client.ledger import AckedItem, Ledger

@@ -10,7 +10,6 @@ resumes where the last checkpoint left off and an error never leaves a half-writ
 
 from __future__ import annotations
 
-import copy
 import logging
 import shutil
 import time
@@ -19,8 +18,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from diffusers.models import UNet2DModel
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
 from collafuse.common.config import ClientSettings
 from collafuse.common.diffusion import client_loss
+from collafuse.common.files import replace_folder, restore_folder
 from collafuse.common.models import (
     as_denoiser,
     build_unet,
@@ -32,9 +36,7 @@ from collafuse.common.models import (
 )
 from collafuse.common.sampling import derive_seed
 from collafuse.common.schedule import ScheduleConfig
-from diffusers import UNet2DModel
-from safetensors.torch import load_file, save_file
-from tqdm.auto import tqdm
+from collafuse.common.training import Ema
 
 log = logging.getLogger(__name__)
 
@@ -74,15 +76,13 @@ def model_dir(workdir: Path) -> Path:
 def _recover(folder: Path) -> None:
     """Finish a replacement a crash interrupted (``model`` moved aside, ``model.tmp`` not yet in place)."""
     old = folder.with_name(folder.name + ".old")
-    if not folder.exists() and old.exists():
-        log.warning("restoring %s from %s (an earlier save was interrupted)", folder, old)
-        old.rename(folder)
+    if restore_folder(folder, old):
+        log.warning("restored %s from %s (an earlier save was interrupted)", folder, old)
 
 
 def _save(folder: Path, ema: UNet2DModel, raw: UNet2DModel, opt: torch.optim.Optimizer, meta: dict[str, Any]) -> None:
     """Write to a sibling folder, then swap it in: ``folder`` always holds one complete model."""
     tmp = folder.with_name(folder.name + ".tmp")
-    old = folder.with_name(folder.name + ".old")
     shutil.rmtree(tmp, ignore_errors=True)
     save_model(ema, tmp, meta)
     tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in raw.state_dict().items()}
@@ -91,11 +91,7 @@ def _save(folder: Path, ema: UNet2DModel, raw: UNet2DModel, opt: torch.optim.Opt
             value = value if isinstance(value, torch.Tensor) else torch.tensor(value)
             tensors[f"opt.{index}.{name}"] = value.detach().cpu().contiguous()
     save_file(tensors, str(tmp / STATE_FILE))
-    shutil.rmtree(old, ignore_errors=True)
-    if folder.exists():
-        folder.rename(old)
-    tmp.rename(folder)
-    shutil.rmtree(old, ignore_errors=True)
+    replace_folder(tmp, folder, folder.with_name(folder.name + ".old"))
 
 
 def _load_state(folder: Path, raw: UNet2DModel, opt: torch.optim.Optimizer) -> bool:
@@ -150,16 +146,16 @@ def train_local(
     }
     raw = build_unet(settings.model_preset, image_shape, num_classes).to(device)
     opt = torch.optim.AdamW(raw.parameters(), lr=settings.lr)
-    ema: UNet2DModel | None = None
+    ema: Ema[UNet2DModel] | None = None
     start, losses, resumed = 0, [], False
     if (folder / "config.json").is_file():
         saved, meta = load_model(folder, device)
         problems = _compatible(meta, identity)
         if not problems:
-            ema, start = saved, int(meta.get("step", 0))
+            ema, start = Ema(saved, settings.ema_decay), int(meta.get("step", 0))
             losses = [(int(s), float(v)) for s, v in meta.get("losses", [])]
             if not _load_state(folder, raw, opt):
-                raw.load_state_dict(ema.state_dict())
+                raw.load_state_dict(saved.state_dict())
             resumed = True
             log.info("resuming local training at step %d from %s", start, folder)
         else:
@@ -170,16 +166,14 @@ def train_local(
             log.warning("the model in %s does not fit this run (%s); training afresh, old model kept in %s",
                         folder, "; ".join(problems), backup)
     if ema is None:
-        ema = copy.deepcopy(raw)
-    ema.requires_grad_(False)
-    ema.eval()
+        ema = Ema(raw, settings.ema_decay)
 
     target = settings.train_steps
     result = TrainResult(True, start, start, target, losses, 0.0, count_parameters(raw), resumed, folder)
     if start >= target:
         log.info("local model already trained for %d step(s) (target %d); nothing to do", start, target)
         if not (folder / "config.json").is_file():
-            _save(folder, ema, raw, opt, {**identity, "step": start, "losses": losses})
+            _save(folder, ema.model, raw, opt, {**identity, "step": start, "losses": losses})
         return result
 
     images = images.to(device=device, dtype=torch.float32)
@@ -212,10 +206,7 @@ def train_local(
             loss.backward()
             opt.step()
             # EMA with the usual warm-up, so short runs are not dominated by the initial weights.
-            decay = min(settings.ema_decay, (1 + step) / (10 + step))
-            with torch.no_grad():
-                for e, p in zip(ema.parameters(), raw.parameters()):
-                    e.lerp_(p, 1.0 - decay)
+            ema.update(raw, step)
             value = float(loss.detach())
             losses.append((step + 1, value))
             bar.update(1)
@@ -224,14 +215,14 @@ def train_local(
             if (step + 1 - start) % log_every == 0 or step + 1 == target:
                 log.info("local step %d/%d loss %.4f", step + 1, target, value)
             if (step + 1) % checkpoint_every == 0 and step + 1 < target:
-                _save(folder, ema, raw, opt, checkpoint_meta(step + 1))
+                _save(folder, ema.model, raw, opt, checkpoint_meta(step + 1))
             result.step = step + 1
     finally:
         bar.close()
         result.seconds = time.perf_counter() - started
         if result.step > start:
             # Also on Ctrl-C: keep what was trained so far (the swap is atomic).
-            _save(folder, ema, raw, opt, checkpoint_meta(result.step))
+            _save(folder, ema.model, raw, opt, checkpoint_meta(result.step))
     result.losses = losses
     log.info("local training done: %d step(s) in %.1fs, model in %s", result.steps_run, result.seconds, folder)
     return result

@@ -57,10 +57,11 @@ def decode(
     count = int(np.prod(dims, dtype=np.int64)) if dims else 1
     if count > MAX_ELEMENTS:
         raise TensorError(f"{what}: {count} elements exceed the limit of {MAX_ELEMENTS}")
-    if shape is not None:
-        if len(dims) != len(shape) or any(want is not None and want != got for want, got in zip(shape, dims)):
-            expected = ["*" if s is None else s for s in shape]
-            raise TensorError(f"{what}: shape {dims} does not match the expected {expected}")
+    if shape is not None and (
+        len(dims) != len(shape) or any(want is not None and want != got for want, got in zip(shape, dims))
+    ):
+        expected = ["*" if s is None else s for s in shape]
+        raise TensorError(f"{what}: shape {dims} does not match the expected {expected}")
     dtype = _DTYPES[message.dtype]
     if len(message.data) != count * dtype.itemsize:
         raise TensorError(

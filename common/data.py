@@ -54,8 +54,8 @@ class ImageDataset:
 def load_image(path: Path, channels: int, size: int | None) -> np.ndarray:
     """One image as float32 (C, size, size) in [-1, 1]; ``size=None`` keeps the image's own size."""
     try:
-        with Image.open(path) as img:
-            img = img.convert("L" if channels == 1 else "RGB")
+        with Image.open(path) as opened:
+            img = opened.convert("L" if channels == 1 else "RGB")
             if size is not None and img.size != (size, size):
                 img = img.resize((size, size), Image.Resampling.BICUBIC)
             array = np.asarray(img, dtype=np.float32)

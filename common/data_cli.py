@@ -33,6 +33,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from PIL import Image, UnidentifiedImageError
+from tqdm import tqdm
+
 from collafuse.common.data import (
     DataError,
     export_digits,
@@ -43,8 +46,6 @@ from collafuse.common.data import (
     write_shards,
 )
 from collafuse.common.runtime import run_cli, setup_logging
-from PIL import Image, UnidentifiedImageError
-from tqdm import tqdm
 
 log = logging.getLogger("collafuse.data")
 

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from diffusers import UNet2DModel
+from diffusers.models import UNet2DModel  # not `diffusers`: its TYPE_CHECKING imports bind a dummy
 
 from collafuse.common.diffusion import Denoiser
 
@@ -57,7 +57,7 @@ def build_unet(preset: str, image_shape: tuple[int, int, int], num_classes: int)
 
 
 def null_label(model: UNet2DModel) -> int:
-    return int(model.config.num_class_embeds) - 1
+    return int(model.config["num_class_embeds"]) - 1
 
 
 def as_denoiser(model: UNet2DModel, guidance_scale: float = 1.0) -> Denoiser:

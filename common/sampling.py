@@ -13,7 +13,8 @@ import hashlib
 from collections.abc import Callable, Sequence
 
 import torch
-from diffusers import DDIMScheduler, DDPMScheduler
+from diffusers.schedulers.scheduling_ddim import DDIMScheduler  # not `diffusers`: see common/models.py
+from diffusers.schedulers.scheduling_ddpm import DDPMScheduler
 from diffusers.utils.torch_utils import randn_tensor
 
 from collafuse.common.diffusion import Denoiser
@@ -81,7 +82,9 @@ def run_steps(
             noise = randn_tensor(x.shape, generator=gens, dtype=x.dtype).to(x.device)
             x = scheduler.step(eps, ts, x, eta=0.0, variance_noise=noise).prev_sample
         else:
-            x = scheduler.step(eps, ts, x, generator=gens).prev_sample
+            # diffusers annotates step() too narrowly: ``generator`` as one Generator (it goes to randn_tensor,
+            # which takes one per image) and the result as "output or tuple" whatever return_dict says.
+            x = scheduler.step(eps, ts, x, generator=gens).prev_sample  # type: ignore[arg-type,union-attr]
         if progress is not None:
             progress(done, len(timesteps))
     return x

@@ -13,7 +13,8 @@ import json
 from typing import Literal
 
 import torch
-from diffusers import DDIMScheduler, DDPMScheduler
+from diffusers.schedulers.scheduling_ddim import DDIMScheduler  # not `diffusers`: see common/models.py
+from diffusers.schedulers.scheduling_ddpm import DDPMScheduler
 from pydantic import BaseModel, ConfigDict, Field
 
 SchedulerKind = Literal["ddpm", "ddim"]

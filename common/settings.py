@@ -21,7 +21,7 @@ from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 S = TypeVar("S", bound="CollafuseSettings")
-_FILE_VALUES: contextvars.ContextVar[dict[str, Any]] = contextvars.ContextVar("collafuse_file_values", default={})
+_FILE_VALUES: contextvars.ContextVar[dict[str, Any]] = contextvars.ContextVar("collafuse_file_values")
 
 
 class ConfigError(ValueError):
@@ -30,11 +30,11 @@ class ConfigError(ValueError):
 
 class _FileSource(PydanticBaseSettingsSource):
     def get_field_value(self, field: FieldInfo, field_name: str) -> tuple[Any, str, bool]:
-        values = _FILE_VALUES.get()
+        values = _FILE_VALUES.get({})
         return values.get(field_name), field_name, False
 
     def __call__(self) -> dict[str, Any]:
-        return dict(_FILE_VALUES.get())
+        return dict(_FILE_VALUES.get({}))
 
 
 class CollafuseSettings(BaseSettings):
@@ -107,7 +107,7 @@ def _is_list(annotation: Any) -> bool:
 
 def add_settings_arguments(parser: argparse.ArgumentParser, cls: type[BaseModel], skip: set[str] | None = None) -> None:
     """One ``--flag-name`` per field; unset flags stay out of the namespace (argparse.SUPPRESS)."""
-    group = parser.add_argument_group(f"settings (env COLLAFUSE_<NAME>, or keys of --config)")
+    group = parser.add_argument_group("settings (env COLLAFUSE_<NAME>, or keys of --config)")
     for name, field in cls.model_fields.items():
         if skip and name in skip:
             continue

@@ -34,7 +34,12 @@ from collafuse.common.config import DIGIT_CLASSES
 from collafuse.common.data import DataError, PartitionScheme, export_digits, write_shards
 from collafuse.common.images import save_curves
 from collafuse.common.runtime import run_cli, setup_logging
-from collafuse.common.settings import CollafuseSettings, ConfigError, add_settings_arguments, settings_from_args
+from collafuse.common.settings import (
+    CollafuseSettings,
+    ConfigError,
+    add_settings_arguments,
+    settings_from_args,
+)
 from collafuse.deploy.healthcheck import check as health_check
 
 log = logging.getLogger("collafuse.sim")

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import errno
 import fcntl
-import json
 import logging
 import os
 import socket
@@ -16,7 +15,11 @@ from typing import IO
 
 import grpc
 import torch
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
 from collafuse.common.config import ServerSettings
+from collafuse.common.files import write_json_atomic
 from collafuse.common.rpc import TokenAuthInterceptor, server_options
 from collafuse.common.runtime import resolve_device
 from collafuse.common.schedule import fingerprint as schedule_fingerprint
@@ -27,8 +30,6 @@ from collafuse.server.store import ReleaseStore
 from collafuse.server.trainer import Trainer
 from collafuse.server.transcript import TranscriptInterceptor
 from collafuse.v1 import collafuse_pb2, collafuse_pb2_grpc
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
 
 log = logging.getLogger(__name__)
 
@@ -230,6 +231,4 @@ def _write_server_file(server: CollaFuseServer, device: torch.device) -> None:
         "device": str(device),
         "started_at": time.time(),
     }
-    tmp = server.server_file.with_name(f".{SERVER_FILE}.tmp")
-    tmp.write_text(json.dumps(payload, indent=2))
-    os.replace(tmp, server.server_file)
+    write_json_atomic(server.server_file, payload, sort_keys=False)

@@ -13,10 +13,11 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
+from diffusers.models import UNet2DModel
+
 from collafuse.common.models import as_denoiser
 from collafuse.common.sampling import ProgressFn, count_model_evaluations, server_half
 from collafuse.common.schedule import ScheduleConfig, SchedulerKind
-from diffusers import UNet2DModel
 
 log = logging.getLogger(__name__)
 

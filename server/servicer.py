@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterator
 from typing import NoReturn, cast
 
 import grpc
+
 from collafuse.common.codec import TensorError, decode, encode
 from collafuse.common.config import ServerSettings
 from collafuse.common.rpc import CHUNK_BYTES

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
 from collafuse.server.errors import FingerprintMismatch, StoreError
 
 log = logging.getLogger(__name__)

@@ -9,25 +9,26 @@ atomically into ``<store>/checkpoints/latest`` and training resumes from there.
 from __future__ import annotations
 
 import copy
-import json
 import logging
-import os
 import shutil
 import threading
 import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 import torch
+from diffusers.models import UNet2DModel
+
 from collafuse.common.config import ServerSettings
 from collafuse.common.diffusion import ambient_server_loss
+from collafuse.common.files import replace_folder, restore_folder, write_json_atomic
 from collafuse.common.models import as_denoiser, build_unet, drop_labels, load_model, null_label, save_model
 from collafuse.common.runtime import resolve_device
+from collafuse.common.training import Ema
 from collafuse.server.errors import FingerprintMismatch, StartupError
 from collafuse.server.store import ReleaseSet, ReleaseStore
-from diffusers import UNet2DModel
 
 log = logging.getLogger(__name__)
 
@@ -46,23 +47,6 @@ class TrainerState:
     last_loss: float | None
     releases: int
     clients_with_releases: int
-
-
-class Ema:
-    """EMA of a model's weights with diffusers' warm-up (decay <= (1 + n) / (10 + n)), so short runs move."""
-
-    def __init__(self, model: UNet2DModel, decay: float) -> None:
-        self.model: UNet2DModel = copy.deepcopy(model)
-        _module(self.model).requires_grad_(False).train(False)
-        self.decay = decay
-
-    @torch.no_grad()
-    def update(self, model: torch.nn.Module, step: int) -> None:
-        decay = min(self.decay, (1 + step) / (10 + step))
-        ema = _module(self.model)
-        torch._foreach_lerp_(list(ema.parameters()), [p.detach() for p in model.parameters()], 1.0 - decay)
-        for ema_buf, buf in zip(ema.buffers(), model.buffers()):
-            ema_buf.copy_(buf)
 
 
 class Trainer:
@@ -169,7 +153,7 @@ class Trainer:
         with self._lock:
             if self._snapshot is None or self._snapshot[0] != self._step:
                 frozen = copy.deepcopy(self.ema.model)
-                _module(frozen).eval()
+                frozen.eval()
                 self._snapshot = (self._step, frozen)
             return self._snapshot
 
@@ -303,17 +287,9 @@ class Trainer:
             },
             tmp / TRAINER_FILE,
         )
-        _fsync_tree(tmp)
-        latest, previous = self.checkpoint_dir / LATEST, self.checkpoint_dir / PREVIOUS
-        # os.replace cannot overwrite a non-empty folder: move latest aside first. At every instant
-        # either latest or previous is a complete checkpoint (_recover puts previous back).
-        if previous.exists():
-            shutil.rmtree(previous)
-        if latest.exists():
-            os.replace(latest, previous)
-        os.replace(tmp, latest)
-        _fsync_dir(self.checkpoint_dir)
-        shutil.rmtree(previous, ignore_errors=True)
+        # At every instant either latest or previous is a complete checkpoint (_recover puts previous back).
+        latest = self.checkpoint_dir / LATEST
+        replace_folder(tmp, latest, self.checkpoint_dir / PREVIOUS, durable=True)
         self._checkpoint_step = self._step
         self._write_metrics()
         log.info("trainer: checkpoint at step %d -> %s", self._step, latest)
@@ -333,9 +309,7 @@ class Trainer:
             "fingerprint": self.fingerprint,
             "updated_at": time.time(),
         }
-        tmp = self.metrics_path.with_name(f".{METRICS_FILE}.tmp")
-        tmp.write_text(json.dumps(payload))
-        os.replace(tmp, self.metrics_path)
+        write_json_atomic(self.metrics_path, payload, indent=None, sort_keys=False)
 
     def _recover(self) -> Path | None:
         """The checkpoint to resume from, repairing an interrupted swap; drops stale tmp-* folders."""
@@ -343,10 +317,9 @@ class Trainer:
             return None
         for stale in self.checkpoint_dir.glob("tmp-*"):
             shutil.rmtree(stale, ignore_errors=True)
-        latest, previous = self.checkpoint_dir / LATEST, self.checkpoint_dir / PREVIOUS
-        if not latest.exists() and previous.exists():
+        latest = self.checkpoint_dir / LATEST
+        if restore_folder(latest, self.checkpoint_dir / PREVIOUS):
             log.warning("trainer: the last checkpoint swap was interrupted; resuming from the previous checkpoint")
-            os.replace(previous, latest)
         return latest if latest.exists() else None
 
     def _resume(self) -> None:
@@ -381,25 +354,3 @@ class Trainer:
         self._last_loss = self._losses[-1][1] if self._losses else None
         self._wall_time = float(state.get("wall_time", 0.0))
         log.info("trainer: resumed from %s at step %d", latest, self._step)
-
-
-def _module(model: UNet2DModel) -> torch.nn.Module:
-    """diffusers models are torch modules; say so for the type checker."""
-    return cast(torch.nn.Module, model)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_tree(root: Path) -> None:
-    """Flush every file and folder under root so a rename publishes complete data."""
-    for folder, _, files in os.walk(root):
-        for name in files:
-            with open(os.path.join(folder, name), "rb+") as fh:
-                os.fsync(fh.fileno())
-        _fsync_dir(Path(folder))

@@ -15,6 +15,7 @@ from typing import Self
 
 import grpc
 import torch
+
 from collafuse.common.codec import decode, encode
 from collafuse.common.models import as_denoiser, build_unet
 from collafuse.common.rpc import server_options
@@ -164,6 +165,7 @@ class FakeServer:
 def make_image_folder(root, classes=("0", "2"), per_class=4, size=8, seed=0):  # type: ignore[no-untyped-def]
     """A small class-folder dataset of random grey PNGs; returns the root."""
     import numpy as np
+
     from collafuse.common.data import save_png
 
     rng = np.random.default_rng(seed)

@@ -9,6 +9,7 @@ from typing import Any
 
 import grpc
 import torch
+
 from collafuse.common.codec import encode
 from collafuse.common.config import ServerSettings
 from collafuse.common.rpc import open_channel

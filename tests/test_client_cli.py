@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import logging
 import os
 import subprocess
 import sys
@@ -12,6 +11,7 @@ import time
 import pytest
 import torch
 from client_fake_server import FakeServer, closed_port, make_image_folder
+
 from collafuse.client.cli import main
 from collafuse.client.ledger import Ledger
 
@@ -19,14 +19,8 @@ torch.set_num_threads(1)
 
 
 @pytest.fixture(autouse=True)
-def _restore_logging(monkeypatch):
-    # main() reconfigures the root logger onto the captured stderr; give later tests theirs back.
+def _cli(monkeypatch, restore_logging):  # type: ignore[no-untyped-def]
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    root = logging.getLogger()
-    handlers, level = root.handlers[:], root.level
-    yield
-    root.handlers[:] = handlers
-    root.setLevel(level)
 
 
 def _run(capsys, *argv: str) -> tuple[int, str, str]:

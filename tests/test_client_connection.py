@@ -9,6 +9,7 @@ import grpc
 import pytest
 import torch
 from client_fake_server import FakeServer, FakeState, closed_port
+
 from collafuse.client.connection import ServerConnection
 from collafuse.client.errors import ClientError
 from collafuse.common.codec import encode

@@ -5,6 +5,7 @@ from __future__ import annotations
 import sqlite3
 
 import pytest
+
 from collafuse.client.errors import LedgerRefusal
 from collafuse.client.ledger import LEDGER_FILE, AckedItem, Ledger
 

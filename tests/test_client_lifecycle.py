@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 from client_fake_server import FakeServer, FakeState, make_image_folder
+
 from collafuse.client.errors import ClientError, FingerprintMismatch, LedgerRefusal
 from collafuse.client.lifecycle import ClientLifecycle, run_lifecycle
 from collafuse.common.config import ClientSettings

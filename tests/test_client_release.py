@@ -8,13 +8,14 @@ import logging
 import pytest
 import torch
 from client_fake_server import FakeServer, FakeState
+from diffusers import DDPMScheduler
+
 from collafuse.client.connection import ServerConnection
 from collafuse.client.ledger import Ledger
 from collafuse.client.release import build_chunks, release_images
 from collafuse.common.codec import encode
 from collafuse.common.rpc import RetryPolicy
 from collafuse.common.schedule import ScheduleConfig
-from diffusers import DDPMScheduler
 
 torch.set_num_threads(1)
 T = 50

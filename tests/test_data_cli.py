@@ -8,9 +8,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from PIL import Image
+
 from collafuse.common.data import DataError, load_image_folder, scan_image_folder
 from collafuse.common.data_cli import main, read_celeba_attributes, read_cifar10
-from PIL import Image
 
 CIFAR_NAMES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 # The 40 attribute columns of CelebA's list_attr_celeba.txt, in file order.

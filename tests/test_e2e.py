@@ -160,7 +160,7 @@ def test_sampling_over_grpc_matches_in_process_split_sampler(collaborative: SimS
 
 
 def _run_client(*argv: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "collafuse.client", *argv], capture_output=True, text=True, timeout=300)
+    return subprocess.run([sys.executable, "-m", "collafuse.client", *argv], capture_output=True, text=True, timeout=300, check=False)
 
 
 def test_restart_and_retried_release_store_each_image_once(collaborative: SimSettings) -> None:

@@ -8,7 +8,14 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from collafuse.common.data import DataError, digits_arrays, export_digits, load_image_folder, partition, write_shards
+from collafuse.common.data import (
+    DataError,
+    digits_arrays,
+    export_digits,
+    load_image_folder,
+    partition,
+    write_shards,
+)
 
 
 def _write(path: Path, size: tuple[int, int] = (25, 25), mode: str = "RGB", value: int = 200) -> None:

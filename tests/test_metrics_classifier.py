@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+
 from collafuse.common.data import ImageDataset, digits_arrays, load_image_folder, save_png
 from collafuse.common.metrics.classifier import conditional_accuracy, requested_labels, train_on_real
 from collafuse.common.metrics.cli import main

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+
 from collafuse.common.data import digits_arrays, save_png
 from collafuse.common.metrics.cli import main
 from collafuse.common.metrics.clip import ClipFeatures, clip_preprocess

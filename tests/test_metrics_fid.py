@@ -15,13 +15,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from torchmetrics.image.fid import FrechetInceptionDistance
+
 from collafuse.common.data import digits_arrays, save_png
 from collafuse.common.metrics.evaluate import source_features
 from collafuse.common.metrics.features import FeatureCache, extract_features, folder_features
 from collafuse.common.metrics.frechet import frechet_distance
 from collafuse.common.metrics.inception import FID_FEATURES, InceptionFeatures, tf1_bilinear_resize
 from collafuse.common.metrics.kid import kernel_inception_distance
-from torchmetrics.image.fid import FrechetInceptionDistance
 
 N = 64
 

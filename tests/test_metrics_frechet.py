@@ -5,12 +5,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from torchmetrics.image.fid import FrechetInceptionDistance
+from torchmetrics.image.kid import KernelInceptionDistance
+
 from collafuse.common.metrics.errors import MetricsError
 from collafuse.common.metrics.evaluate import compare, finite_sample_floor
 from collafuse.common.metrics.frechet import frechet_distance, gaussian_stats
 from collafuse.common.metrics.kid import kernel_inception_distance
-from torchmetrics.image.fid import FrechetInceptionDistance
-from torchmetrics.image.kid import KernelInceptionDistance
 
 
 class _Passthrough(torch.nn.Module):

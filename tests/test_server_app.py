@@ -10,13 +10,14 @@ from pathlib import Path
 import grpc
 import pytest
 import torch
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+from server_support import chunks, register, rpc_error, start, stub, upload
+
 from collafuse.common.rpc import open_channel
 from collafuse.server.app import SERVICE_NAME
 from collafuse.server.errors import PortInUse, StoreError
 from collafuse.v1 import collafuse_pb2
-from grpc_health.v1 import health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
-from server_support import chunks, register, rpc_error, start, stub, upload
 
 torch.set_num_threads(1)
 

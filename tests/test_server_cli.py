@@ -3,31 +3,20 @@
 from __future__ import annotations
 
 import json
-import logging
 import os
 import signal
 import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
 from collafuse.server.cli import main
 
 TINY = ["--host", "127.0.0.1", "--device", "cpu", "--image-size", "8", "--model-preset", "tiny",
         "--num-train-timesteps", "50", "--threads", "1"]
-
-
-@pytest.fixture
-def restore_logging() -> Iterator[None]:
-    """main() reconfigures the root logger; put pytest's back afterwards."""
-    root = logging.getLogger()
-    handlers, level = list(root.handlers), root.level
-    yield
-    root.handlers[:] = handlers
-    root.setLevel(level)
 
 
 def test_bad_settings_exit_2_with_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str], restore_logging: None) -> None:

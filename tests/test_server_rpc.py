@@ -10,11 +10,12 @@ from pathlib import Path
 import grpc
 import pytest
 import torch
+from server_support import CLASSES, SHAPE, T, chunks, register, release_item, rpc_error, start, stub, upload
+
 from collafuse.common.codec import encode
 from collafuse.common.schedule import fingerprint
 from collafuse.server.app import CollaFuseServer
 from collafuse.v1 import collafuse_pb2, tensor_pb2
-from server_support import CLASSES, SHAPE, T, chunks, register, release_item, rpc_error, start, stub, upload
 
 torch.set_num_threads(1)
 INVALID = grpc.StatusCode.INVALID_ARGUMENT

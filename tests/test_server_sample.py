@@ -7,12 +7,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from server_support import SHAPE, chunks, register, start, stub, upload, wait_phase
+
 from collafuse.common.codec import decode
 from collafuse.common.models import as_denoiser, load_model
 from collafuse.common.sampling import count_model_evaluations, initial_noise, server_half
 from collafuse.server.app import CollaFuseServer
 from collafuse.v1 import collafuse_pb2
-from server_support import SHAPE, chunks, register, start, stub, upload, wait_phase
 
 torch.set_num_threads(1)
 IMAGE_BYTES = 4 * SHAPE[0] * SHAPE[1] * SHAPE[2]

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+
 from collafuse.server.errors import FingerprintMismatch
 from collafuse.server.store import NewRelease, ReleaseStore
 

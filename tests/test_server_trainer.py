@@ -7,14 +7,16 @@ import math
 import os
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
+from server_support import tiny_settings
+
 from collafuse.common.models import load_model
 from collafuse.server.errors import FingerprintMismatch, StartupError
 from collafuse.server.store import NewRelease, ReleaseStore
 from collafuse.server.trainer import Trainer
-from server_support import tiny_settings
 
 torch.set_num_threads(1)
 CPU = torch.device("cpu")
@@ -35,6 +37,14 @@ def wait_for(predicate, timeout: float = 30.0) -> None:  # type: ignore[no-untyp
 
 def weights(model: torch.nn.Module) -> list[torch.Tensor]:
     return [p.detach().clone() for p in model.parameters()]
+
+
+def train_to_max_steps(store: ReleaseStore, **overrides: Any) -> Trainer:
+    """A trainer on ``store`` (settings ``tiny_settings(store.root, **overrides)``) that has reached max_steps."""
+    trainer = Trainer(tiny_settings(store.root, **overrides), store, "fp", device=CPU, poll_interval=0.02)
+    trainer.start()
+    assert trainer.wait_done(60)
+    return trainer
 
 
 def test_trains_on_releases_of_two_clients_and_checkpoints(tmp_path: Path) -> None:
@@ -78,13 +88,8 @@ def test_resume_continues_exactly(tmp_path: Path) -> None:
         add(store, "alice", 10)
         add(store, "bob", 30, seed=1)
 
-    straight = Trainer(tiny_settings(tmp_path / "straight", max_steps=4), straight_store, "fp", device=CPU, poll_interval=0.02)
-    straight.start()
-    assert straight.wait_done(60)
-
-    first = Trainer(tiny_settings(tmp_path / "split", max_steps=2), split_store, "fp", device=CPU, poll_interval=0.02)
-    first.start()
-    assert first.wait_done(60)
+    straight = train_to_max_steps(straight_store, max_steps=4)
+    first = train_to_max_steps(split_store, max_steps=2)
     first.stop()
     resumed = Trainer(tiny_settings(tmp_path / "split", max_steps=4), split_store, "fp", device=CPU, poll_interval=0.02)
     assert resumed.state().step == 2 and [s for s, _ in resumed.loss_history] == [1, 2]
@@ -107,9 +112,7 @@ def test_resume_continues_exactly(tmp_path: Path) -> None:
 def test_resume_refuses_another_fingerprint_or_preset(tmp_path: Path) -> None:
     store = ReleaseStore(tmp_path)
     add(store, "alice", 10)
-    trainer = Trainer(tiny_settings(tmp_path, max_steps=1), store, "fp", device=CPU, poll_interval=0.02)
-    trainer.start()
-    assert trainer.wait_done(60)
+    train_to_max_steps(store, max_steps=1)
     with pytest.raises(FingerprintMismatch, match="fresh --store"):
         Trainer(tiny_settings(tmp_path), store, "another", device=CPU)
     with pytest.raises(StartupError, match="--model-preset tiny"):
@@ -119,9 +122,7 @@ def test_resume_refuses_another_fingerprint_or_preset(tmp_path: Path) -> None:
 def test_interrupted_checkpoint_swap_is_recovered(tmp_path: Path) -> None:
     store = ReleaseStore(tmp_path)
     add(store, "alice", 10)
-    trainer = Trainer(tiny_settings(tmp_path, max_steps=2), store, "fp", device=CPU, poll_interval=0.02)
-    trainer.start()
-    assert trainer.wait_done(60)
+    train_to_max_steps(store, max_steps=2)
     ckpt = tmp_path / "checkpoints"
     # A crash between the two renames leaves only "previous" (and maybe a half-written tmp-*).
     os.replace(ckpt / "latest", ckpt / "previous")

@@ -19,12 +19,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from collafuse.common.data import UNLABELED, ImageDataset
-from collafuse.common.metrics.errors import MetricsError
 from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import train_test_split
 from sklearn.pipeline import Pipeline, make_pipeline
 from sklearn.preprocessing import StandardScaler
+
+from collafuse.common.data import UNLABELED, ImageDataset
+from collafuse.common.metrics.errors import MetricsError
 
 log = logging.getLogger(__name__)
 

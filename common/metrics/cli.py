@@ -19,13 +19,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from PIL import Image
+
 from collafuse.common.data import DataError, load_image_folder, scan_image_folder
 from collafuse.common.metrics.classifier import conditional_accuracy, requested_labels, train_on_real
 from collafuse.common.metrics.errors import MetricsError
 from collafuse.common.metrics.evaluate import SourceFeatures, compare, finite_sample_floor, source_features
 from collafuse.common.metrics.features import FeatureCache, FeatureExtractor
 from collafuse.common.runtime import resolve_device, run_cli, setup_logging, setup_torch
-from PIL import Image
 
 log = logging.getLogger("collafuse.eval")
 

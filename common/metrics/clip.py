@@ -23,9 +23,10 @@ import os
 from pathlib import Path
 
 import torch
+from torch import nn
+
 from collafuse.common.metrics.errors import MetricsError
 from collafuse.common.metrics.inception import to_rgb_pixels
-from torch import nn
 
 log = logging.getLogger(__name__)
 

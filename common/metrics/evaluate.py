@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
 from collafuse.common.metrics.errors import MetricsError
 from collafuse.common.metrics.features import (
     FeatureCache,

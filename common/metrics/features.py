@@ -21,8 +21,9 @@ from typing import Protocol
 
 import numpy as np
 import torch
-from collafuse.common.data import load_image, scan_image_folder
 from tqdm import tqdm
+
+from collafuse.common.data import load_image, scan_image_folder
 
 log = logging.getLogger(__name__)
 

@@ -27,6 +27,7 @@ from typing import Literal
 
 import numpy as np
 import scipy.linalg
+
 from collafuse.common.metrics.errors import MetricsError
 
 log = logging.getLogger(__name__)

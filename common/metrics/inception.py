@@ -31,8 +31,9 @@ import warnings
 from pathlib import Path
 
 import torch
-from collafuse.common.metrics.errors import MetricsError
 from torch import nn
+
+from collafuse.common.metrics.errors import MetricsError
 
 log = logging.getLogger(__name__)
 
