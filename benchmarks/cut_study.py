@@ -73,7 +73,7 @@ class Mode:
     reference: int
 
 
-QUICK = Mode("quick", steps=250, batch_size=32, inference_steps=50, seeds=(0,),
+QUICK = Mode("quick", steps=200, batch_size=32, inference_steps=50, seeds=(0,),
              samples_per_class={"noniid": 10, "scarce": 1}, reference=400)
 FULL = Mode("full", steps=1500, batch_size=64, inference_steps=100, seeds=(0, 1),
             samples_per_class={"noniid": 100, "scarce": 10}, reference=0)
@@ -292,7 +292,7 @@ def plot(summary: dict[str, Any], path: Path) -> None:
 
 
 def samples_figure(rows: list[tuple[str, torch.Tensor]], path: Path) -> None:
-    """Per cut: the server hand-off row above the client-finished row (first client, first 10 images)."""
+    """Per cut: the server hand-off row above the client-finished row (first client, ten images)."""
     grid([r for _, r in rows], row_titles=[t for t, _ in rows]).save(path)
 
 
@@ -341,7 +341,9 @@ def main(argv: list[str] | None = None) -> int:
         log.info("arm %s cut %d seed %d: FID %.1f (floor %.1f), accuracy %.2f", regime, cut, seed,
                  result["pooled"]["fid"], result["pooled"]["floor_fid"] or float("nan"), result["pooled"]["accuracy"])
         if regime == args.regimes[0] and seed == seeds[0]:
-            figure_rows += [(f"z={cut} server", outputs.handoff[0][:10].clamp(-1, 1)), (f"z={cut} client", outputs.samples[0][:10])]
+            # Ten images spread over the first client's labels (samples are ordered by class).
+            pick = torch.linspace(0, len(outputs.samples[0]) - 1, 10).round().long().unique()
+            figure_rows += [(f"z={cut} server", outputs.handoff[0][pick].clamp(-1, 1)), (f"z={cut} client", outputs.samples[0][pick])]
     summary = summarise(results)
     stamp = dt.date.today().isoformat() + ("-quick" if args.quick else "")
     args.results.mkdir(parents=True, exist_ok=True)
