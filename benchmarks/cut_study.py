@@ -60,23 +60,26 @@ CUTS = [0, 100, 200, 500, 1000]
 
 @dataclass(frozen=True)
 class Mode:
-    """Budgets of one study mode (the same for every arm of it)."""
+    """Budgets of one study mode (the same for every arm of a regime)."""
 
     name: str
     steps: int  # every model: the server's and each client's
-    batch_size: int
+    batch_size: dict[str, int]  # per regime
     inference_steps: int
     seeds: tuple[int, ...]
     # images generated per class a client holds, per regime
     samples_per_class: dict[str, int]
     # real images in the FID reference set (0: all 1,797)
     reference: int
+    # also embed the hand-off x_hat_zeta itself for disclosure (one more Inception pass per arm)
+    handoff_disclosure: bool
 
 
-QUICK = Mode("quick", steps=200, batch_size=32, inference_steps=50, seeds=(0,),
-             samples_per_class={"noniid": 10, "scarce": 1}, reference=400)
-FULL = Mode("full", steps=1500, batch_size=64, inference_steps=100, seeds=(0, 1),
-            samples_per_class={"noniid": 100, "scarce": 10}, reference=0)
+# Sized for about 20 minutes on 2 cores: the scarce regime runs 11 processes per arm.
+QUICK = Mode("quick", steps=150, batch_size={"noniid": 32, "scarce": 16}, inference_steps=50, seeds=(0,),
+             samples_per_class={"noniid": 10, "scarce": 1}, reference=400, handoff_disclosure=False)
+FULL = Mode("full", steps=1500, batch_size={"noniid": 64, "scarce": 32}, inference_steps=100, seeds=(0, 1),
+            samples_per_class={"noniid": 100, "scarce": 10}, reference=0, handoff_disclosure=True)
 REGIMES: dict[str, dict[str, Any]] = {
     "noniid": {"clients": 3, "partition": "classes"},
     "scarce": {"clients": 10, "partition": "iid"},
@@ -86,7 +89,7 @@ REGIMES: dict[str, dict[str, Any]] = {
 def arm_settings(mode: Mode, regime: str, cut: int, seed: int, work: Path) -> SimSettings:
     return SimSettings(
         clients=REGIMES[regime]["clients"], partition=REGIMES[regime]["partition"], cut=cut,
-        steps=mode.steps, client_steps=mode.steps, batch_size=mode.batch_size,
+        steps=mode.steps, client_steps=mode.steps, batch_size=mode.batch_size[regime],
         inference_steps=mode.inference_steps, samples_per_class=mode.samples_per_class[regime],
         seed=seed, out=work / regime / f"cut{cut}" / f"seed{seed}", threads=1, timeout=4 * 3600,
     )
@@ -136,6 +139,7 @@ class Evaluator:
     """Inception features of the real reference set (cached), the classifier, FID/KID with floors."""
 
     def __init__(self, mode: Mode, work: Path) -> None:
+        self.mode = mode
         from collafuse.common.data import digits_arrays
 
         images, labels = digits_arrays(8)
@@ -179,7 +183,7 @@ class Evaluator:
         fake = torch.cat(outputs.samples)
         labels = np.concatenate(outputs.labels)
         fake_features = self.features(fake)
-        pooled = self.fid(fake_features)
+        pooled: dict[str, float | None] = dict(self.fid(fake_features))
         pooled["floor_fid"] = self.floor(len(fake))
         accuracy = conditional_accuracy(self.classifier, fake.numpy(), [str(int(v)) for v in labels], self.heldout)
         pooled["accuracy"] = accuracy.accuracy
@@ -202,9 +206,10 @@ class Evaluator:
         if settings.cut not in (0, settings.num_train_timesteps):
             alone = torch.cat([server_alone(settings, h, lab, settings.seed + k)
                                for k, (h, lab) in enumerate(zip(outputs.handoff, outputs.labels))])
+            handoff = torch.cat(outputs.handoff).clamp(-1, 1)
             result["disclosure"] = {
                 "server_alone_fid": self.fid(self.features(alone))["fid"],
-                "handoff_fid": self.fid(self.features(torch.cat(outputs.handoff).clamp(-1, 1)))["fid"],
+                "handoff_fid": self.fid(self.features(handoff))["fid"] if self.mode.handoff_disclosure else None,
             }
         elif settings.cut == 0:
             # GM: the server produced the final images itself, so it "discloses" exactly them.
@@ -280,7 +285,7 @@ def plot(summary: dict[str, Any], path: Path) -> None:
         if floors:
             axes[0].axhline(float(np.mean([f["mean"] for f in floors])), linestyle=":", color="grey")
     axes[0].set_title("sample quality: FID vs cut (dotted: real-vs-real floor)")
-    axes[1].set_title("disclosure: FID of server-side images vs cut (lower = more disclosed)")
+    axes[1].set_title("disclosure: FID of server-alone images (lower = more disclosed)")
     for ax in axes:
         ax.set_xlabel("cut point zeta (0 = GM, 1000 = ICM)")
         ax.set_ylabel("FID")
@@ -315,6 +320,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", type=int, nargs="+", default=None, help="override the mode's seeds")
     parser.add_argument("--work", type=Path, default=ROOT / "runs" / "cut_study")
     parser.add_argument("--results", type=Path, default=ROOT / "benchmarks" / "results")
+    parser.add_argument("--reuse-only", action="store_true",
+                        help="train nothing: evaluate and summarise the arms already finished (e.g. to merge seeds)")
     parser.add_argument("--resume", action=argparse.BooleanOptionalAction, default=True,
                         help="reuse an arm whose run folder already holds a finished run with the same settings")
     args = parser.parse_args(argv)
@@ -330,8 +337,11 @@ def main(argv: list[str] | None = None) -> int:
     for regime, cut, seed in tqdm(arms, desc="cut study arms", unit="arm"):
         settings = arm_settings(mode, regime, cut, seed, work)
         log.info("arm %s cut %d seed %d -> %s", regime, cut, seed, settings.out)
-        if args.resume and finished(settings):
+        if (args.resume or args.reuse_only) and finished(settings):
             log.info("reusing the finished run in %s", settings.out)
+        elif args.reuse_only:
+            log.info("no finished run in %s; skipped (--reuse-only)", settings.out)
+            continue
         else:
             run(settings)
         outputs = gather(settings)
@@ -352,6 +362,7 @@ def main(argv: list[str] | None = None) -> int:
         "date": dt.datetime.now().isoformat(timespec="seconds"),
         "machine": machine(),
         "mode": {**mode.__dict__, "seeds": list(seeds)},
+        "reuse_only": args.reuse_only,
         "regimes": {r: REGIMES[r] for r in args.regimes},
         "cuts": args.cuts,
         "reference_real_images": len(evaluator.reference),

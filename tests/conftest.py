@@ -15,9 +15,10 @@ import torch
 torch.set_num_threads(1)
 
 
-@pytest.fixture
+@pytest.fixture(autouse=True)
 def restore_logging() -> Iterator[None]:
-    """A CLI's main() reconfigures the root logger onto the captured streams; put pytest's back afterwards."""
+    """A CLI's main() reconfigures the root logger onto the captured streams; put pytest's back afterwards
+    (autouse: otherwise a later test logs into a stream pytest has closed)."""
     root = logging.getLogger()
     handlers, level = list(root.handlers), root.level
     yield

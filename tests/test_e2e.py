@@ -34,11 +34,12 @@ from collafuse.deploy.sim import SimSettings, free_port, run, server_argv
 from collafuse.v1 import collafuse_pb2, tensor_pb2  # noqa: F401  (registers the CollaFuse messages)
 
 CLASSES = ["0", "1", "2", "3"]
+SIZE = 8  # the digits' own resolution, the simulation's default
 SCHEDULE = ScheduleConfig()
 
 
 def _digits_folder(root: Path, per_class: int = 12) -> Path:
-    images, labels = digits_arrays(16)
+    images, labels = digits_arrays(SIZE)
     for c in CLASSES:
         for i in np.flatnonzero(labels == int(c))[:per_class]:
             save_png(images[i], root / c / f"{i:04d}.png")
@@ -48,7 +49,7 @@ def _digits_folder(root: Path, per_class: int = 12) -> Path:
 def _sim(out: Path, data: Path, clients: int, cut: int, **extra: Any) -> SimSettings:
     settings = SimSettings(
         clients=clients, cut=cut, steps=12, client_steps=8, dataset=str(data), partition="classes",
-        out=out, seed=3, batch_size=16, samples_per_class=2, inference_steps=10, threads=1,
+        out=out, seed=3, batch_size=16, image_size=SIZE, samples_per_class=2, inference_steps=10, threads=1,
         timeout=600, **extra,
     )
     run(settings)
@@ -81,7 +82,7 @@ def test_sim_outputs(collaborative: SimSettings) -> None:
     for name, metrics in summary["clients"].items():
         assert metrics["local_train_steps"] == 8 and metrics["bytes_sent"] > 0 and metrics["bytes_received"] > 0
         assert (out / "grids" / f"{name}.png").is_file()
-    assert summary["pooled"]["images"] == 48 and summary["pooled"]["bytes_sent"] > 48 * 1024
+    assert summary["pooled"]["images"] == 48 and summary["pooled"]["bytes_sent"] > 48 * SIZE * SIZE * 4
     assert (out / "loss_curves.png").is_file()
 
 
@@ -108,7 +109,7 @@ def test_server_receives_only_x_cut(collaborative: SimSettings) -> None:
     private: dict[str, tuple[torch.Tensor, int]] = {}  # image key -> (x0, seed)
     secrets: list[bytes] = []
     for k in range(2):
-        data = load_image_folder(_shard(collaborative, k), 1, 16)
+        data = load_image_folder(_shard(collaborative, k), 1, SIZE)
         with Ledger(_client_dir(collaborative, k)) as ledger:
             keys = ledger.image_keys(_shard(collaborative, k), data.paths)
             for key, x0, path in zip(keys, data.images, data.paths):
@@ -116,7 +117,7 @@ def test_server_receives_only_x_cut(collaborative: SimSettings) -> None:
                 assert len(records) == 1, f"{path} released {len(records)} times"
                 assert path not in key
                 private[key] = (x0, records[0].seed)
-                secrets += [x0.numpy().astype("<f4").tobytes(), release_noise([records[0].seed], (1, 16, 16)).numpy().astype("<f4").tobytes()]
+                secrets += [x0.numpy().astype("<f4").tobytes(), release_noise([records[0].seed], (1, SIZE, SIZE)).numpy().astype("<f4").tobytes()]
 
     received: dict[str, int] = {}
     methods = set()
@@ -135,7 +136,7 @@ def test_server_receives_only_x_cut(collaborative: SimSettings) -> None:
         for item in request.items:
             x0, seed = private[item.image_key]
             expected = release(x0[None], [seed], 200, ab)[0]
-            got = decode(item.x_cut, shape=[1, 16, 16])
+            got = decode(item.x_cut, shape=[1, SIZE, SIZE])
             assert torch.allclose(got, expected, atol=1e-6)
             assert not torch.allclose(got, x0, atol=0.05)
             received[item.image_key] = received.get(item.image_key, 0) + 1
@@ -151,7 +152,7 @@ def test_sampling_over_grpc_matches_in_process_split_sampler(collaborative: SimS
         labels = torch.from_numpy(np.load(samples / "labels.npy")).long()
         x_cut, x0 = split_sample(
             as_denoiser(server_model), as_denoiser(client_model), SCHEDULE, labels,
-            seed=collaborative.seed + k, cut=200, num_inference_steps=10, image_shape=(1, 16, 16),
+            seed=collaborative.seed + k, cut=200, num_inference_steps=10, image_shape=(1, SIZE, SIZE),
         )
         for name, expected in (("handoff.npy", x_cut), ("samples.npy", x0)):
             got = torch.from_numpy(np.load(samples / name))
@@ -196,7 +197,7 @@ def test_baselines_run_through_the_same_code(tmp_path: Path, cut: int) -> None:
     metrics = json.loads((settings.out / "metrics.json").read_text())["clients"]["client-0"]
     samples = settings.out / "clients" / "client-0" / "samples"
     handoff, final = np.load(samples / "handoff.npy"), np.load(samples / "samples.npy")
-    assert np.isfinite(final).all() and final.shape == (8, 1, 16, 16)
+    assert np.isfinite(final).all() and final.shape == (8, 1, SIZE, SIZE)
     server = json.loads((settings.out / "server" / "metrics.json").read_text()) if (settings.out / "server" / "metrics.json").is_file() else {}
     if cut == 0:  # GM: the server does every step, the client none
         assert metrics["model_evaluations_per_image"] == {"server": 10, "client": 0}
