@@ -90,6 +90,17 @@ def run_steps(
     return x
 
 
+def _chain(
+    schedule: ScheduleConfig, kind: SchedulerKind, num_inference_steps: int, cut: int,
+    labels: torch.Tensor, image_indices: Sequence[int] | None,
+) -> tuple[DDPMScheduler | DDIMScheduler, list[int], list[int], list[int]]:
+    """What both halves set up: the scheduler, (server steps, client steps) and the image indices."""
+    indices = list(range(labels.shape[0])) if image_indices is None else list(image_indices)
+    scheduler = make_scheduler(schedule, kind, num_inference_steps)
+    server_steps, client_steps = split_timesteps([int(t) for t in scheduler.timesteps], cut)
+    return scheduler, server_steps, client_steps, indices
+
+
 def server_half(
     denoiser: Denoiser,
     schedule: ScheduleConfig,
@@ -103,9 +114,7 @@ def server_half(
     progress: ProgressFn | None = None,
 ) -> torch.Tensor:
     """x_T -> x_hat_cut: every step with t > cut. With cut = T this is x_T itself."""
-    indices = list(range(labels.shape[0])) if image_indices is None else list(image_indices)
-    scheduler = make_scheduler(schedule, kind, num_inference_steps)
-    server_steps, _ = split_timesteps([int(t) for t in scheduler.timesteps], cut)
+    scheduler, server_steps, _, indices = _chain(schedule, kind, num_inference_steps, cut, labels, image_indices)
     device = labels.device
     x = initial_noise(seed, indices, image_shape).to(device) * scheduler.init_noise_sigma
     return run_steps(denoiser, scheduler, x, labels, server_steps, seed, indices, progress)
@@ -124,9 +133,7 @@ def client_half(
     progress: ProgressFn | None = None,
 ) -> torch.Tensor:
     """x_hat_cut -> x_hat_0: every step with t <= cut. With cut = 0 this returns x_cut."""
-    indices = list(range(labels.shape[0])) if image_indices is None else list(image_indices)
-    scheduler = make_scheduler(schedule, kind, num_inference_steps)
-    _, client_steps = split_timesteps([int(t) for t in scheduler.timesteps], cut)
+    scheduler, _, client_steps, indices = _chain(schedule, kind, num_inference_steps, cut, labels, image_indices)
     return run_steps(denoiser, scheduler, x_cut, labels, client_steps, seed, indices, progress)
 
 
