@@ -18,7 +18,7 @@ server's hand-off x_hat_zeta, and the server continuing alone from it to t = 0),
 compute per generated image (model evaluations and seconds, against ICM), with the total
 training compute of the arm.
 
-    python benchmarks/cut_study.py --quick      # ~20 min on 2 cores, one seed, small budgets
+    python benchmarks/cut_study.py --quick      # < 20 min on 2 cores, one seed, small budgets
     python benchmarks/cut_study.py              # full: 2 seeds, 1,500 steps, >= 1,000 images per arm
 
 Outputs: benchmarks/results/cut_study-<date>[-quick].json, ...-fid.png (FID and disclosure
@@ -56,6 +56,7 @@ from collafuse.deploy.sim import SimSettings, run
 log = logging.getLogger("collafuse.cut_study")
 ROOT = Path(__file__).resolve().parents[1]
 CUTS = [0, 100, 200, 500, 1000]
+GM_MATCHED = "gm-matched"  # the extra arm of --gm-matched
 
 
 @dataclass(frozen=True)
@@ -73,25 +74,36 @@ class Mode:
     reference: int
     # also embed the hand-off x_hat_zeta itself for disclosure (one more Inception pass per arm)
     handoff_disclosure: bool
+    # images the server continues alone for the disclosure FID (0: all the arm generated)
+    disclosure_images: int
 
 
-# Sized for about 20 minutes on 2 cores: the scarce regime runs 11 processes per arm.
-QUICK = Mode("quick", steps=150, batch_size={"noniid": 32, "scarce": 16}, inference_steps=50, seeds=(0,),
-             samples_per_class={"noniid": 10, "scarce": 1}, reference=400, handoff_disclosure=False)
+# Sized to finish within 20 minutes on 2 cores from a cold feature cache. Inception embeds ~5
+# images/s there (1,300 fakes and 400 real images), and every arm starts 4 or 11 processes
+# (forked from one that imported torch once: deploy/launcher.py), so the step budget is what is left.
+QUICK = Mode("quick", steps=120, batch_size={"noniid": 32, "scarce": 16}, inference_steps=50, seeds=(0,),
+             samples_per_class={"noniid": 10, "scarce": 1}, reference=400, handoff_disclosure=False,
+             disclosure_images=50)
 FULL = Mode("full", steps=1500, batch_size={"noniid": 64, "scarce": 32}, inference_steps=100, seeds=(0, 1),
-            samples_per_class={"noniid": 100, "scarce": 10}, reference=0, handoff_disclosure=True)
+            samples_per_class={"noniid": 100, "scarce": 10}, reference=0, handoff_disclosure=True,
+            disclosure_images=0)
 REGIMES: dict[str, dict[str, Any]] = {
     "noniid": {"clients": 3, "partition": "classes"},
     "scarce": {"clients": 10, "partition": "iid"},
 }
 
 
-def arm_settings(mode: Mode, regime: str, cut: int, seed: int, work: Path) -> SimSettings:
+def arm_settings(mode: Mode, regime: str, arm: str, seed: int, work: Path) -> SimSettings:
+    """``arm`` is a cut point ("0" ... "1000"), or GM_MATCHED: GM with the server trained for as many
+    image-steps as a collaborative arm's 1 + N models together."""
+    clients = REGIMES[regime]["clients"]
+    matched = arm == GM_MATCHED
     return SimSettings(
-        clients=REGIMES[regime]["clients"], partition=REGIMES[regime]["partition"], cut=cut,
-        steps=mode.steps, client_steps=mode.steps, batch_size=mode.batch_size[regime],
-        inference_steps=mode.inference_steps, samples_per_class=mode.samples_per_class[regime],
-        seed=seed, out=work / regime / f"cut{cut}" / f"seed{seed}", threads=1, timeout=4 * 3600,
+        clients=clients, partition=REGIMES[regime]["partition"], cut=0 if matched else int(arm),
+        steps=mode.steps * (1 + clients) if matched else mode.steps, client_steps=mode.steps,
+        batch_size=mode.batch_size[regime], inference_steps=mode.inference_steps,
+        samples_per_class=mode.samples_per_class[regime], seed=seed,
+        out=work / regime / (arm if matched else f"cut{arm}") / f"seed{seed}", threads=1, timeout=4 * 3600,
     )
 
 
@@ -204,11 +216,15 @@ class Evaluator:
             result["clients"][f"client-{k}"] = entry
         # Disclosure: what the server can make of the hand-off on its own.
         if settings.cut not in (0, settings.num_train_timesteps):
-            alone = torch.cat([server_alone(settings, h, lab, settings.seed + k)
+            # Every stride-th image of each client (samples are ordered by class, so all classes stay).
+            total = sum(len(h) for h in outputs.handoff)
+            stride = -(-total // self.mode.disclosure_images) if self.mode.disclosure_images else 1
+            alone = torch.cat([server_alone(settings, h[::stride], lab[::stride], settings.seed + k)
                                for k, (h, lab) in enumerate(zip(outputs.handoff, outputs.labels))])
             handoff = torch.cat(outputs.handoff).clamp(-1, 1)
             result["disclosure"] = {
                 "server_alone_fid": self.fid(self.features(alone))["fid"],
+                "server_alone_images": len(alone),
                 "handoff_fid": self.fid(self.features(handoff))["fid"] if self.mode.handoff_disclosure else None,
             }
         elif settings.cut == 0:
@@ -263,6 +279,8 @@ def summarise(results: dict[str, dict[str, list[dict[str, Any]]]]) -> dict[str, 
         if {"0", "1000"} <= set(fid):
             claims["cuts_le_200_beat_icm"] = {c: fid[c] < fid["1000"] for c in ("100", "200") if c in fid}
             claims["within_10pct_of_gm"] = {c: fid[c] <= 1.1 * fid["0"] for c in ("100", "200") if c in fid}
+        if GM_MATCHED in fid:
+            claims["within_10pct_of_gm_at_matched_compute"] = {c: fid[c] <= 1.1 * fid[GM_MATCHED] for c in ("100", "200") if c in fid}
         summary[regime] = {"by_cut": rows, "claims": claims}
     return summary
 
@@ -274,18 +292,23 @@ def plot(summary: dict[str, Any], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4), dpi=100)
-    for regime, data in summary.items():
-        cuts = sorted(int(c) for c in data["by_cut"])
+    for index, (regime, data) in enumerate(summary.items()):
+        color = f"C{index}"  # one colour per regime across both panels and its GM line
+        cuts = sorted(int(c) for c in data["by_cut"] if c != GM_MATCHED)
         for ax, key, label in ((axes[0], "fid", "generated (client-finished)"), (axes[1], "server_alone_fid", "server alone from hand-off")):
             points = [(c, data["by_cut"][str(c)][key]) for c in cuts if data["by_cut"][str(c)][key]]
             if points:
                 xs = [c for c, _ in points]
-                ax.errorbar(xs, [s["mean"] for _, s in points], yerr=[s["std"] for _, s in points], marker="o", capsize=3, label=f"{regime}: {label}")
+                ax.errorbar(xs, [s["mean"] for _, s in points], yerr=[s["std"] for _, s in points], marker="o", capsize=3, color=color,
+                            label=f"{regime}: {label}")
         floors = [data["by_cut"][str(c)]["floor_fid"] for c in cuts if data["by_cut"][str(c)]["floor_fid"]]
         if floors:
             axes[0].axhline(float(np.mean([f["mean"] for f in floors])), linestyle=":", color="grey")
-    axes[0].set_title("sample quality: FID vs cut (dotted: real-vs-real floor)")
-    axes[1].set_title("disclosure: FID of server-alone images (lower = more disclosed)")
+        matched = data["by_cut"].get(GM_MATCHED, {}).get("fid")
+        if matched:
+            axes[0].axhline(matched["mean"], linestyle="--", color=color, label=f"{regime}: GM at matched compute")
+    axes[0].set_title("sample quality: FID vs cut\n(dotted: real-vs-real floor; dashed: GM at matched compute)", fontsize=10)
+    axes[1].set_title("disclosure: FID of the server continuing alone\n(lower = the server can make more of it)", fontsize=10)
     for ax in axes:
         ax.set_xlabel("cut point zeta (0 = GM, 1000 = ICM)")
         ax.set_ylabel("FID")
@@ -316,10 +339,14 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="one seed and small budgets (~20 min on 2 cores)")
     parser.add_argument("--cuts", type=int, nargs="+", default=CUTS)
+    parser.add_argument("--gm-matched", action=argparse.BooleanOptionalAction, default=None,
+                        help="also run GM with the server trained for the image-steps of a collaborative arm's 1 + N "
+                             "models (default: on in the full mode, off in --quick)")
     parser.add_argument("--regimes", nargs="+", default=list(REGIMES), choices=list(REGIMES))
     parser.add_argument("--seeds", type=int, nargs="+", default=None, help="override the mode's seeds")
     parser.add_argument("--work", type=Path, default=ROOT / "runs" / "cut_study")
     parser.add_argument("--results", type=Path, default=ROOT / "benchmarks" / "results")
+    parser.add_argument("--tag", default="", help="suffix of the result files' names, e.g. for a subset of the arms")
     parser.add_argument("--reuse-only", action="store_true",
                         help="train nothing: evaluate and summarise the arms already finished (e.g. to merge seeds)")
     parser.add_argument("--resume", action=argparse.BooleanOptionalAction, default=True,
@@ -333,10 +360,13 @@ def main(argv: list[str] | None = None) -> int:
     evaluator = Evaluator(mode, work)
     results: dict[str, dict[str, list[dict[str, Any]]]] = {}
     figure_rows: list[tuple[str, torch.Tensor]] = []
-    arms = [(r, c, s) for r in args.regimes for c in args.cuts for s in seeds]
-    for regime, cut, seed in tqdm(arms, desc="cut study arms", unit="arm"):
-        settings = arm_settings(mode, regime, cut, seed, work)
-        log.info("arm %s cut %d seed %d -> %s", regime, cut, seed, settings.out)
+    gm_matched = (not args.quick) if args.gm_matched is None else args.gm_matched
+    keys = [str(c) for c in args.cuts] + ([GM_MATCHED] if gm_matched else [])
+    arms = [(r, key, s) for r in args.regimes for key in keys for s in seeds]
+    for regime, key, seed in tqdm(arms, desc="cut study arms", unit="arm"):
+        settings = arm_settings(mode, regime, key, seed, work)
+        cut = settings.cut
+        log.info("arm %s %s seed %d -> %s", regime, key, seed, settings.out)
         if (args.resume or args.reuse_only) and finished(settings):
             log.info("reusing the finished run in %s", settings.out)
         elif args.reuse_only:
@@ -345,17 +375,19 @@ def main(argv: list[str] | None = None) -> int:
         else:
             run(settings)
         outputs = gather(settings)
+        eval_started = time.monotonic()
         result = evaluator.evaluate(settings, outputs, seed)
-        result.update(regime=regime, cut=cut, seed=seed)
-        results.setdefault(regime, {}).setdefault(str(cut), []).append(result)
-        log.info("arm %s cut %d seed %d: FID %.1f (floor %.1f), accuracy %.2f", regime, cut, seed,
+        result["compute"]["eval_seconds"] = time.monotonic() - eval_started
+        result.update(regime=regime, arm=key, cut=cut, steps=settings.steps, seed=seed)
+        results.setdefault(regime, {}).setdefault(key, []).append(result)
+        log.info("arm %s %s seed %d: FID %.1f (floor %.1f), accuracy %.2f", regime, key, seed,
                  result["pooled"]["fid"], result["pooled"]["floor_fid"] or float("nan"), result["pooled"]["accuracy"])
-        if regime == args.regimes[0] and seed == seeds[0]:
+        if regime == args.regimes[0] and seed == seeds[0] and key != GM_MATCHED:
             # Ten images spread over the first client's labels (samples are ordered by class).
             pick = torch.linspace(0, len(outputs.samples[0]) - 1, 10).round().long().unique()
             figure_rows += [(f"z={cut} server", outputs.handoff[0][pick].clamp(-1, 1)), (f"z={cut} client", outputs.samples[0][pick])]
     summary = summarise(results)
-    stamp = dt.date.today().isoformat() + ("-quick" if args.quick else "")
+    stamp = dt.date.today().isoformat() + ("-quick" if args.quick else "") + (f"-{args.tag}" if args.tag else "")
     args.results.mkdir(parents=True, exist_ok=True)
     out = args.results / f"cut_study-{stamp}.json"
     payload = {
@@ -376,9 +408,9 @@ def main(argv: list[str] | None = None) -> int:
     samples_figure(figure_rows, args.results / f"cut_study-{stamp}-samples.png")
     for regime, data in summary.items():
         print(f"\n{regime}: cut  FID (floor)  accuracy  server-alone FID  client s/img vs ICM")
-        for cut, row in sorted(data["by_cut"].items(), key=lambda kv: int(kv[0])):
+        for cut, row in sorted(data["by_cut"].items(), key=lambda kv: int(kv[0]) if kv[0].isdigit() else 10**9):
             def fmt(s, f="{:.1f}"):  # type: ignore[no-untyped-def]
-                return (f.format(s["mean"]) + (f"±{s['std']:.1f}" if s["n"] > 1 else "")) if s else "-"
+                return (f.format(s["mean"]) + ("±" + f.format(s["std"]) if s["n"] > 1 else "")) if s else "-"
             ratio = row["client_seconds_vs_icm"]
             ratio_text = f"{ratio:.2f}" if ratio is not None else "-"
             print(f"  {cut:>5}  {fmt(row['fid'])} ({fmt(row['floor_fid'])})  {fmt(row['accuracy'], '{:.2f}')}  "

@@ -36,7 +36,7 @@ from collafuse.common.models import (
 )
 from collafuse.common.sampling import derive_seed
 from collafuse.common.schedule import ScheduleConfig
-from collafuse.common.training import Ema
+from collafuse.common.training import Ema, make_optimizer
 
 log = logging.getLogger(__name__)
 
@@ -145,7 +145,7 @@ def train_local(
         "num_classes": num_classes,
     }
     raw = build_unet(settings.model_preset, image_shape, num_classes).to(device)
-    opt = torch.optim.AdamW(raw.parameters(), lr=settings.lr)
+    opt = make_optimizer(raw, settings.lr)
     ema: Ema[UNet2DModel] | None = None
     start, losses, resumed = 0, [], False
     if (folder / "config.json").is_file():

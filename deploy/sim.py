@@ -1,7 +1,8 @@
 """``collafuse-sim``: one server and N client processes on loopback, each with its own shard.
 
-The same topology as ``docker compose up``, without Docker: real subprocesses
-talking gRPC over 127.0.0.1 on a free port. Outputs under ``--out``:
+The same topology as ``docker compose up``, without Docker: separate OS processes
+(forked from a fork server that imported torch once, or plain ``python -m`` subprocesses;
+see ``launcher.py``) talking gRPC over 127.0.0.1 on a free port. Outputs under ``--out``:
 
     data/client-<k>/       each client's shard (class sub-folders)
     server/                the server's store (releases, checkpoints, metrics)
@@ -21,8 +22,6 @@ import os
 import shutil
 import signal
 import socket
-import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any, Literal
@@ -41,6 +40,7 @@ from collafuse.common.settings import (
     settings_from_args,
 )
 from collafuse.deploy.healthcheck import check as health_check
+from collafuse.deploy.launcher import ChildProcess, Command, LauncherKind, default_launcher
 
 log = logging.getLogger("collafuse.sim")
 
@@ -67,6 +67,9 @@ class SimSettings(CollafuseSettings):
     transcript: bool = Field(False, description="record every payload the server receives in server/transcript.jsonl")
     timeout: float = Field(3600.0, gt=0, description="most seconds the whole run may take")
     fresh: bool = Field(True, description="delete a previous run's server store and client workdirs first")
+    launcher: LauncherKind = Field(default_factory=default_launcher,
+                                   description="forkserver: fork the CLIs from one process that imported torch once; "
+                                               "subprocess: start each CLI as `python -m` (see deploy/launcher.py)")
 
 
 def free_port() -> int:
@@ -95,31 +98,6 @@ def prepare_shards(settings: SimSettings) -> tuple[list[Path], list[str]]:
     return shards, classes
 
 
-class Process:
-    """One child process with its log file."""
-
-    def __init__(self, name: str, argv: list[str], log_path: Path, env: dict[str, str]) -> None:
-        self.name = name
-        self.log_path = log_path
-        log_path.parent.mkdir(parents=True, exist_ok=True)
-        self._log = log_path.open("w")
-        self.popen = subprocess.Popen(argv, stdout=self._log, stderr=subprocess.STDOUT, env=env)
-
-    def tail(self, lines: int = 15) -> str:
-        text = self.log_path.read_text(errors="replace").splitlines()
-        return "\n".join(f"    {ln}" for ln in text[-lines:])
-
-    def stop(self, timeout: float = 60.0) -> None:
-        if self.popen.poll() is None:
-            self.popen.send_signal(signal.SIGTERM)
-            try:
-                self.popen.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.popen.kill()
-                self.popen.wait()
-        self._log.close()
-
-
 class SimError(RuntimeError):
     """A process of the simulation failed; the message carries its log tail."""
 
@@ -132,9 +110,8 @@ def _env(threads: int) -> dict[str, str]:
     return env
 
 
-def server_argv(settings: SimSettings, port: int, classes: list[str]) -> list[str]:
-    return [
-        sys.executable, "-m", "collafuse.server",
+def server_command(settings: SimSettings, port: int, classes: list[str]) -> Command:
+    return Command("collafuse.server.cli", [
         "--host", "127.0.0.1", "--port", str(port),
         "--store", str(settings.out / "server"),
         "--image-size", str(settings.image_size),
@@ -147,13 +124,13 @@ def server_argv(settings: SimSettings, port: int, classes: list[str]) -> list[st
         "--seed", str(settings.seed),
         "--threads", str(settings.threads),
         *(["--transcript", str(settings.out / "server" / "transcript.jsonl")] if settings.transcript else []),
-    ]
+    ])
 
 
-def client_argv(settings: SimSettings, k: int, shard: Path, port: int) -> list[str]:
+def client_command(settings: SimSettings, k: int, shard: Path, port: int) -> Command:
     icm = settings.cut >= settings.num_train_timesteps
-    return [
-        sys.executable, "-m", "collafuse.client", "run",
+    return Command("collafuse.client.cli", [
+        "run",
         "--data", str(shard),
         "--server", f"127.0.0.1:{port}",
         "--client-id", f"client-{k}",
@@ -169,7 +146,7 @@ def client_argv(settings: SimSettings, k: int, shard: Path, port: int) -> list[s
         "--threads", str(settings.threads),
         # An independent client model needs nothing from the server's training.
         "--wait-for-server" if not icm else "--no-wait-for-server",
-    ]
+    ])
 
 
 def _server_status(port: int) -> dict[str, Any] | None:
@@ -186,29 +163,29 @@ def _server_status(port: int) -> dict[str, Any] | None:
     return {"phase": trainer.phase, "step": trainer.step, "max_steps": trainer.max_steps, "loss": trainer.last_loss}
 
 
-def _wait_healthy(server: Process, port: int, timeout: float) -> None:
+def _wait_healthy(server: ChildProcess, port: int, timeout: float) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if server.popen.poll() is not None:
-            raise SimError(f"the server exited with code {server.popen.returncode}:\n{server.tail()}")
+        if server.poll() is not None:
+            raise SimError(f"the server exited with code {server.poll()}:\n{server.tail()}")
         if health_check(f"127.0.0.1:{port}", timeout=2.0):
             return
         time.sleep(0.5)
     raise SimError(f"the server did not become healthy within {timeout:.0f}s:\n{server.tail()}")
 
 
-def _watch(server: Process, clients: list[Process], port: int, settings: SimSettings) -> None:
+def _watch(server: ChildProcess, clients: list[ChildProcess], port: int, settings: SimSettings) -> None:
     """Progress bar over the server's training; fail fast when a process dies."""
     deadline = time.monotonic() + settings.timeout
     bar = tqdm(total=max(settings.steps, 1), desc="server training", unit="step", dynamic_ncols=True)
     try:
         while True:
-            running = [c for c in clients if c.popen.poll() is None]
-            failed = [c for c in clients if c.popen.poll() not in (None, 0)]
+            running = [c for c in clients if c.poll() is None]
+            failed = [c for c in clients if c.poll() not in (None, 0)]
             if failed:
-                raise SimError("\n".join(f"{c.name} exited with code {c.popen.returncode}:\n{c.tail()}" for c in failed))
-            if server.popen.poll() is not None:
-                raise SimError(f"the server exited early with code {server.popen.returncode}:\n{server.tail()}")
+                raise SimError("\n".join(f"{c.name} exited with code {c.poll()}:\n{c.tail()}" for c in failed))
+            if server.poll() is not None:
+                raise SimError(f"the server exited early with code {server.poll()}:\n{server.tail()}")
             status = _server_status(port)
             if status and (status["step"] != bar.n or not running):
                 bar.n = min(status["step"], bar.total)
@@ -295,12 +272,13 @@ def run(settings: SimSettings) -> dict[str, Any]:
     if settings.cut == 0:
         log.warning("cut 0 is the global-model baseline: every client releases its raw images to the server")
     log.info("starting the server on 127.0.0.1:%d and %d clients (cut %d)", port, settings.clients, settings.cut)
-    server = Process("server", server_argv(settings, port, classes), logs / "server.log", env)
-    clients: list[Process] = []
+    server = ChildProcess("server", server_command(settings, port, classes), logs / "server.log", env, settings.launcher)
+    clients: list[ChildProcess] = []
     try:
         _wait_healthy(server, port, timeout=120)
         for k, shard in enumerate(shards):
-            clients.append(Process(f"client-{k}", client_argv(settings, k, shard, port), logs / f"client-{k}.log", env))
+            clients.append(ChildProcess(f"client-{k}", client_command(settings, k, shard, port), logs / f"client-{k}.log", env,
+                                        settings.launcher))
         _watch(server, clients, port, settings)
     finally:
         for proc in clients:

@@ -26,7 +26,7 @@ from collafuse.common.diffusion import ambient_server_loss
 from collafuse.common.files import replace_folder, restore_folder, write_json_atomic
 from collafuse.common.models import as_denoiser, build_unet, drop_labels, load_model, null_label, save_model
 from collafuse.common.runtime import resolve_device
-from collafuse.common.training import Ema
+from collafuse.common.training import Ema, make_optimizer
 from collafuse.server.errors import FingerprintMismatch, StartupError
 from collafuse.server.store import ReleaseSet, ReleaseStore
 
@@ -253,7 +253,7 @@ class Trainer:
             )
 
     def _make_optimizer(self) -> torch.optim.Optimizer:
-        return torch.optim.AdamW(self.model.parameters(), lr=self.settings.lr, weight_decay=self.settings.weight_decay)
+        return make_optimizer(self.model, self.settings.lr, self.settings.weight_decay)
 
     # ---- checkpoints ----------------------------------------------------------------------
     def _meta(self) -> dict[str, Any]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import pickle
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -25,7 +26,7 @@ CELEBA_ATTRIBUTES = [
 ]
 
 
-def _run(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, dict[str, object] | None, str]:
+def _run(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, dict[str, Any] | None, str]:
     code = main(args)
     captured = capsys.readouterr()
     return code, (json.loads(captured.out) if captured.out.strip() else None), captured.err
@@ -34,7 +35,7 @@ def _run(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, dict
 def _cifar_batches(per_batch: int = 20, seed: int = 0) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """Random CIFAR-style batches (N, 3072) uint8 in R, G, B planes; image 0 of each batch is pure red."""
     rng = np.random.default_rng(seed)
-    batches = {}
+    batches: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
         data = rng.integers(0, 256, size=(per_batch, 3072), dtype=np.uint8)
         data[0] = 0
@@ -77,9 +78,9 @@ def test_cifar10_python_and_binary_formats_give_the_same_client_folders(tmp_path
         code, manifest, _ = _run(["cifar10", str(src), str(out), "--clients", "3", "--scheme", "classes"], capsys)
         assert code == 0 and manifest is not None
         clients = manifest["clients"]
-        assert [c["name"] for c in clients] == ["client-0", "client-1", "client-2"]  # type: ignore[index]
-        assert sum(c["images"] for c in clients) == 100  # type: ignore[union-attr]
-        assert set(clients[0]["classes"]) == {"airplane", "automobile", "bird", "cat"}  # type: ignore[index]
+        assert [c["name"] for c in clients] == ["client-0", "client-1", "client-2"]
+        assert sum(c["images"] for c in clients) == 100
+        assert set(clients[0]["classes"]) == {"airplane", "automobile", "bird", "cat"}
         assert json.loads((out / "manifest.json").read_text()) == manifest
         data = load_image_folder(out / "client-0", 3, 32)  # usable as collafuse-client --data
         assert data.images.shape[1:] == (3, 32, 32)
@@ -91,7 +92,7 @@ def test_cifar10_python_and_binary_formats_give_the_same_client_folders(tmp_path
 
     code, manifest, _ = _run(["cifar10", str(binary_src), str(tmp_path / "test-only"), "--clients", "2",
                               "--split", "test", "--per-class", "1"], capsys)
-    assert code == 0 and manifest is not None and sum(c["images"] for c in manifest["clients"]) == 10  # type: ignore[union-attr]
+    assert code == 0 and manifest is not None and sum(c["images"] for c in manifest["clients"]) == 10
 
 
 def test_cifar10_bad_files_are_plain_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -167,14 +168,14 @@ def test_celeba_attribute_groups_become_clients(tmp_path: Path, capsys: pytest.C
         "client-1/Smiling/000004.png", "client-1/not_Smiling/000005.png",
         "client-2/Smiling/000006.png", "client-2/not_Smiling/000007.png",
     }
-    assert [g["kept"] for g in manifest["groups"]] == [3, 2, 2]  # type: ignore[index]
+    assert [g["kept"] for g in manifest["groups"]] == [3, 2, 2]
     assert Image.open(out / "client-0" / "Smiling" / "000001.png").size == (32, 32)
     assert load_image_folder(out / "client-1", 3, 32).class_names == ["Smiling", "not_Smiling"]
 
     code, manifest, _ = _run(["celeba", str(src), str(tmp_path / "first"), "--attributes", "Male", "Eyeglasses",
                               "--assign", "first", "--crop", "0", "--size", "0"], capsys)
     assert code == 0 and manifest is not None
-    assert [c["images"] for c in manifest["clients"]] == [4, 2]  # type: ignore[index]
+    assert [c["images"] for c in manifest["clients"]] == [4, 2]
     assert Image.open(tmp_path / "first" / "client-1" / "all" / "000004.png").size == (178, 218)
 
 
@@ -190,7 +191,7 @@ def test_celeba_errors_name_the_problem(tmp_path: Path, capsys: pytest.CaptureFi
     code, _, err = _run(["celeba", str(src), out, "--attributes", "Male"], capsys)
     assert code == 2 and "000002.jpg" in err and "--skip-missing" in err
     code, manifest, _ = _run(["celeba", str(src), out, "--attributes", "Male", "--skip-missing", "--size", "16"], capsys)
-    assert code == 0 and manifest is not None and manifest["clients"][0]["images"] == 3  # type: ignore[index]
+    assert code == 0 and manifest is not None and manifest["clients"][0]["images"] == 3
 
     attr_file = src / "list_attr_celeba.txt"
     lines = attr_file.read_text().splitlines()
@@ -209,17 +210,17 @@ def test_celeba_errors_name_the_problem(tmp_path: Path, capsys: pytest.CaptureFi
 
 def test_digits_partition_and_folder_commands(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     code, result, _ = _run(["digits", str(tmp_path / "digits"), "--size", "8"], capsys)
-    assert code == 0 and result is not None and result["images"] == 1797 and len(result["classes"]) == 10  # type: ignore[arg-type]
+    assert code == 0 and result is not None and result["images"] == 1797 and len(result["classes"]) == 10
 
     code, manifest, _ = _run(["partition", str(tmp_path / "digits"), str(tmp_path / "iid"), "--clients", "4",
                               "--scheme", "dirichlet", "--alpha", "1.0", "--seed", "3"], capsys)
     assert code == 0 and manifest is not None and manifest["alpha"] == 1.0
-    assert sum(c["images"] for c in manifest["clients"]) == 1797  # type: ignore[union-attr]
+    assert sum(c["images"] for c in manifest["clients"]) == 1797
     code, _, err = _run(["partition", str(tmp_path / "digits"), str(tmp_path / "iid"), "--clients", "2"], capsys)
     assert code == 2 and "--overwrite" in err
     code, manifest, _ = _run(["partition", str(tmp_path / "digits"), str(tmp_path / "iid"), "--clients", "2",
                               "--overwrite"], capsys)
-    assert code == 0 and manifest is not None and len(manifest["clients"]) == 2  # type: ignore[arg-type]
+    assert code == 0 and manifest is not None and len(manifest["clients"]) == 2
     assert not (tmp_path / "iid" / "client-3").exists()
     code, _, err = _run(["partition", str(tmp_path / "digits"), str(tmp_path / "digits" / "shards"), "--clients", "2"], capsys)
     assert code == 2 and "inside SRC" in err

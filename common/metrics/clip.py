@@ -1,13 +1,13 @@
 """CLIP ViT-B/32 image embeddings from local weights, for the Fréchet CLIP Distance (FCD) of the paper.
 
 No wheel ships CLIP weights and nothing is downloaded at run time, so the user points
-at weights on disk:
+at weights on disk; either way the model runs in ``transformers``' ``CLIPVisionModelWithProjection``:
 
 - a Hugging Face CLIP folder (``config.json`` + ``model.safetensors``/``pytorch_model.bin``,
-  e.g. a local copy of ``openai/clip-vit-base-patch32``), loaded with ``transformers``'
-  ``CLIPVisionModelWithProjection`` (``local_files_only=True``);
-- an open_clip checkpoint file (e.g. ``open_clip_pytorch_model.bin`` of ``ViT-B-32``),
-  loaded with ``open_clip`` (which itself needs torchvision).
+  e.g. a local copy of ``openai/clip-vit-base-patch32``), loaded with ``local_files_only=True``;
+- an open_clip or OpenAI checkpoint file (``open_clip_pytorch_model.bin``/``.safetensors``,
+  or OpenAI's ``ViT-B-32.pt``), whose image tower ``clip_checkpoint`` converts — open_clip
+  itself is not needed (it imports torchvision, which must match torch exactly).
 
 Features are the projected image embeddings (512-d for ViT-B/32), not L2-normalised, as in
 the FCD reference implementation (``model.encode_image``). Preprocessing follows CLIP's:
@@ -18,13 +18,16 @@ antialiasing, centre crop 224, normalisation by CLIP's channel mean and std.
 from __future__ import annotations
 
 import importlib.util
+import json
 import logging
 import os
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
 
+from collafuse.common.metrics.clip_checkpoint import Activation, load_open_clip_vision
 from collafuse.common.metrics.errors import MetricsError
 from collafuse.common.metrics.inception import to_rgb_pixels
 
@@ -37,9 +40,10 @@ WEIGHTS_ENV = "COLLAFUSE_CLIP_WEIGHTS"
 
 HOW_TO_PASS = (
     "CLIP features need local ViT-B/32 weights and nothing is downloaded at run time: pass --clip-weights DIR, "
-    "a Hugging Face CLIP folder with config.json and model.safetensors (e.g. a copy of openai/clip-vit-base-patch32; "
-    "needs `pip install transformers`), or --clip-weights FILE, an open_clip ViT-B-32 checkpoint such as "
-    f"open_clip_pytorch_model.bin (needs `pip install open_clip_torch`, which needs torchvision); or set {WEIGHTS_ENV}"
+    "a Hugging Face CLIP folder with config.json and model.safetensors (e.g. a copy of openai/clip-vit-base-patch32), "
+    "or --clip-weights FILE, an open_clip or OpenAI checkpoint such as open_clip_pytorch_model.bin or ViT-B-32.pt "
+    f"(for open_clip's LAION-trained ViT-B-32 add --clip-activation gelu); or set {WEIGHTS_ENV}. "
+    "Both need `pip install transformers` (or `pip install collafuse[clip]`)"
 )
 
 
@@ -66,7 +70,8 @@ def clip_preprocess(images: torch.Tensor) -> torch.Tensor:
 class ClipFeatures(nn.Module):
     """Images in [-1, 1] -> (N, d) CLIP image embeddings from local weights."""
 
-    def __init__(self, weights: Path | str | None = None, device: str | torch.device = "cpu", model_name: str = "ViT-B-32") -> None:
+    def __init__(self, weights: Path | str | None = None, device: str | torch.device = "cpu",
+                 activation: Activation = "quick_gelu") -> None:
         super().__init__()
         chosen = weights if weights is not None else os.environ.get(WEIGHTS_ENV) or None
         if chosen is None:
@@ -74,59 +79,43 @@ class ClipFeatures(nn.Module):
         path = Path(chosen).expanduser()
         if not path.exists():
             raise MetricsError(f"CLIP weights {path} do not exist. {HOW_TO_PASS}")
+        if not _importable("transformers"):
+            raise MetricsError(f"CLIP weights {path} need the transformers package: `pip install transformers`. {HOW_TO_PASS}")
         self.device = torch.device(device)
+        model: Any  # transformers' CLIPVisionModelWithProjection
         if path.is_dir():
-            self.backend = "transformers"
-            self.model, self.num_features = _load_transformers(path)
+            self.source, model = "hf-folder", _load_folder(path)
         else:
-            self.backend = "open_clip"
-            self.model, self.num_features = _load_open_clip(path, model_name)
-        self.model.eval()
+            self.source, model = f"checkpoint,{activation}", load_open_clip_vision(path, activation)
+        self.num_features = int(model.config.projection_dim)
+        self.model = model.eval()
         self.to(self.device)
         stat = path.stat()
-        # Cache key: the weights' identity (path, size, mtime) and the backend.
-        self.name = f"clip[{self.backend},{model_name},{path.resolve()},{stat.st_size},{stat.st_mtime_ns}]"
-        log.info("CLIP features from %s via %s (%d-d)", path, self.backend, self.num_features)
+        # Cache key: the weights' identity (path, size, mtime) and how they are read.
+        self.name = f"clip[{self.source},{path.resolve()},{stat.st_size},{stat.st_mtime_ns}]"
+        log.info("CLIP features from %s (%s, %d-d)", path, self.source, self.num_features)
 
     @torch.inference_mode()
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         pixels = clip_preprocess(images.to(self.device))
-        if self.backend == "transformers":
-            embeds = self.model(pixel_values=pixels).image_embeds
-        else:
-            embeds = self.model.encode_image(pixels)  # type: ignore[operator]  # open_clip's CLIP
-        return embeds.float()
+        return self.model(pixel_values=pixels).image_embeds.float()
 
 
-def _load_transformers(path: Path) -> tuple[nn.Module, int]:
+def _load_folder(path: Path) -> nn.Module:
     if not (path / "config.json").is_file():
         raise MetricsError(f"CLIP weights folder {path} has no config.json. {HOW_TO_PASS}")
-    if not _importable("transformers"):
-        raise MetricsError(f"CLIP weights folder {path} needs the transformers package: `pip install transformers`. {HOW_TO_PASS}")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from transformers import CLIPVisionModelWithProjection
+    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
 
     try:
-        model = CLIPVisionModelWithProjection.from_pretrained(str(path), local_files_only=True)
+        config = json.loads((path / "config.json").read_text())
+        extra: dict[str, Any] = {}
+        if config.get("model_type") == "clip":
+            # A whole CLIPModel (e.g. a copy of openai/clip-vit-base-patch32): its projection width lives
+            # in the outer config, and the vision config alone would fall back to 512.
+            vision = {**config.get("vision_config", {}), "projection_dim": config.get("projection_dim", 512)}
+            extra["config"] = CLIPVisionConfig(**vision)
+        model: nn.Module = CLIPVisionModelWithProjection.from_pretrained(str(path), local_files_only=True, **extra)
     except (OSError, ValueError, KeyError) as exc:
         raise MetricsError(f"cannot load CLIP weights from {path} with transformers: {exc}. {HOW_TO_PASS}") from exc
-    return model, int(model.config.projection_dim)
-
-
-def _load_open_clip(path: Path, model_name: str) -> tuple[nn.Module, int]:
-    if not _importable("open_clip"):
-        raise MetricsError(
-            f"CLIP checkpoint file {path} needs the open_clip package: `pip install open_clip_torch` (needs torchvision); "
-            f"or pass a Hugging Face CLIP folder instead. {HOW_TO_PASS}"
-        )
-    import open_clip
-
-    try:
-        model = open_clip.create_model(model_name, pretrained=str(path), device="cpu")
-    except (OSError, RuntimeError, ValueError, KeyError) as exc:
-        raise MetricsError(f"cannot load open_clip {model_name} weights from {path}: {exc}. {HOW_TO_PASS}") from exc
-    dim = getattr(getattr(model, "visual", None), "output_dim", None)
-    if dim is None:
-        with torch.inference_mode():
-            dim = model.encode_image(torch.zeros(1, 3, CLIP_SIZE, CLIP_SIZE)).shape[-1]
-    return model, int(dim)
+    return model
