@@ -337,7 +337,7 @@ def machine() -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="one seed and small budgets (~20 min on 2 cores)")
+    parser.add_argument("--quick", action="store_true", help="one seed and small budgets (under 15 min on 2 cores)")
     parser.add_argument("--cuts", type=int, nargs="+", default=CUTS)
     parser.add_argument("--gm-matched", action=argparse.BooleanOptionalAction, default=None,
                         help="also run GM with the server trained for the image-steps of a collaborative arm's 1 + N "

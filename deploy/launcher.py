@@ -13,7 +13,8 @@ with its own address space, talking to the others only over gRPC):
     was a third of its wall time. The fork server is a fresh interpreter (not a fork of the
     caller); before forking it creates no gRPC channel or server and runs no torch computation,
     so each child builds its own gRPC and intra-op thread pools (``tests/test_launcher.py``
-    checks a forked child computes on two threads and serves gRPC). As with any multiprocessing
+    checks a forked child computes on two threads; the e2e tests' simulations serve gRPC from
+    forked children). As with any multiprocessing
     program, a script that starts a simulation needs the ``if __name__ == "__main__":`` guard.
 """
 
@@ -31,10 +32,10 @@ from typing import IO, Literal
 
 LauncherKind = Literal["forkserver", "subprocess"]
 
-# Imported once by the fork server. "__main__" imports the caller's script there too, so that
-# children do not each re-import it (multiprocessing's start-up does that otherwise).
-PRELOAD = ["__main__", "numpy", "torch", "diffusers", "collafuse.common.models", "collafuse.common.sampling",
-           "collafuse.server.cli", "collafuse.client.cli", "collafuse.deploy.sim"]
+# Imported once by the fork server (the CLIs pull in torch and diffusers). "__main__" imports the
+# caller's script there too, so that children do not each re-import it (multiprocessing's
+# start-up does that otherwise).
+PRELOAD = ["__main__", "collafuse.server.cli", "collafuse.client.cli", "collafuse.deploy.sim"]
 
 
 def default_launcher() -> LauncherKind:
