@@ -7,7 +7,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.collafuse-installed
 TORCH  := torch==2.13.0
 
-.PHONY: install demo test test-all protos lint bench-quick clean
+.PHONY: install demo test test-all test-docker test-fuzz protos lint typecheck bench-quick clean
 
 install: $(STAMP)
 
@@ -28,11 +28,23 @@ test: install
 test-all: install
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -m ''
 
+# The long fuzz run (>= 1,000 malformed requests over every RPC); the default suite runs a short one.
+test-fuzz: install
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -m slow tests/test_fuzz.py
+
+# Builds the images without a registry (installs and starts Docker as root if needed), then runs
+# `docker compose up` with tiny budgets; see tests/test_docker_compose.py. CI runs it.
+test-docker: install
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -m docker tests/test_docker_compose.py
+
 protos: install
 	$(PY) protos/generate.py
 
 lint: install
-	$(PY) -m ruff check common server client deploy tests benchmarks
+	$(PY) -m ruff check common server client deploy evaluation tests benchmarks
+
+typecheck: install
+	$(PY) -m mypy common server client deploy evaluation tests benchmarks
 
 bench-quick: install
 	$(PY) benchmarks/cut_study.py --quick

@@ -43,15 +43,15 @@ from tqdm import tqdm
 
 from collafuse.common.data import load_image_folder
 from collafuse.common.images import grid
-from collafuse.common.metrics.classifier import conditional_accuracy, train_on_real
-from collafuse.common.metrics.evaluate import compare, source_features
-from collafuse.common.metrics.features import FeatureCache
-from collafuse.common.metrics.inception import InceptionFeatures
 from collafuse.common.models import as_denoiser, load_model
 from collafuse.common.runtime import setup_logging
-from collafuse.common.sampling import client_half
-from collafuse.common.schedule import ScheduleConfig
+from collafuse.common.sampling import client_half, make_chain
 from collafuse.deploy.sim import SimSettings, run
+from collafuse.evaluation.data.digits import digits_arrays, export_digits
+from collafuse.evaluation.metrics.classifier import conditional_accuracy, train_on_real
+from collafuse.evaluation.metrics.evaluate import compare, source_features
+from collafuse.evaluation.metrics.features import FeatureCache
+from collafuse.evaluation.metrics.inception import InceptionFeatures
 
 log = logging.getLogger("collafuse.cut_study")
 ROOT = Path(__file__).resolve().parents[1]
@@ -143,8 +143,8 @@ def server_alone(settings: SimSettings, handoff: torch.Tensor, labels: np.ndarra
     """The server continuing alone from its hand-off to t = 0 with its own model (the paper's disclosure)."""
     ema = settings.out / "server" / "checkpoints" / "latest" / "ema"
     model, _ = load_model(ema)
-    return client_half(as_denoiser(model), ScheduleConfig(num_train_timesteps=settings.num_train_timesteps),
-                       handoff, torch.from_numpy(labels).long(), seed, settings.cut, settings.inference_steps)
+    chain = make_chain(settings.schedule(), "ddpm", settings.inference_steps)
+    return client_half(as_denoiser(model), chain, handoff, torch.from_numpy(labels).long(), seed, settings.cut)
 
 
 class Evaluator:
@@ -152,8 +152,6 @@ class Evaluator:
 
     def __init__(self, mode: Mode, work: Path) -> None:
         self.mode = mode
-        from collafuse.common.data import digits_arrays
-
         images, labels = digits_arrays(8)
         self.real_images = torch.from_numpy(images).float()
         self.real_labels = labels.astype(str)
@@ -164,8 +162,6 @@ class Evaluator:
         self.cache = FeatureCache()
         self.real_features = self.features(self.real_images[self.reference])
         real_folder = work / "real"
-        from collafuse.common.data import export_digits
-
         export_digits(real_folder, 8)
         self.classifier, self.heldout = train_on_real(load_image_folder(real_folder, 1, 8))
 

@@ -21,7 +21,7 @@ from collafuse.common.config import ClientSettings
 from collafuse.common.data import DataError
 from collafuse.common.rpc import ServerUnreachable
 from collafuse.common.runtime import run_cli, setup_logging, setup_torch
-from collafuse.common.settings import ConfigError, add_settings_arguments, settings_from_args
+from collafuse.common.settings import ConfigError, SettingsFlags
 
 EXPECTED_ERRORS: tuple[type[BaseException], ...] = (DataError, ConfigError, ServerUnreachable, ClientError)
 
@@ -34,23 +34,25 @@ COMMANDS: dict[str, str] = {
     "forget": "ask the server to drop every release of this client",
     "status": "the server's trainer and clients, with this client's ledger summary (JSON on stdout)",
     "ledger": "this client's release ledger summary (JSON on stdout; offline)",
-    "reset": "allow releasing again after a forget or at another cut (needs --yes)",
+    "reset": "forget the pinned server fingerprint to join a changed server; releases stay recorded (needs --yes)",
 }
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser() -> tuple[argparse.ArgumentParser, dict[str, SettingsFlags[ClientSettings]]]:
+    """The parser, and per sub-command the settings flags it carries (every command takes them all)."""
     parser = argparse.ArgumentParser(
         prog="collafuse-client",
         description="CollaFuse client: private images stay here; only x_cut (noised at the cut) is released.",
         epilog="Without a sub-command, `run` is assumed.",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    flags: dict[str, SettingsFlags[ClientSettings]] = {}
     for name, help_text in COMMANDS.items():
         command = sub.add_parser(name, help=help_text, description=help_text)
-        add_settings_arguments(command, ClientSettings)
         if name == "reset":
             command.add_argument("--yes", action="store_true", help="confirm the reset")
-    return parser
+        flags[name] = SettingsFlags(ClientSettings, command)
+    return parser, flags
 
 
 def _with_default_command(argv: Sequence[str]) -> list[str]:
@@ -67,19 +69,22 @@ def _emit(data: object) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(_with_default_command(sys.argv[1:] if argv is None else argv))
+    parser, flags = build_parser()
+    args = parser.parse_args(_with_default_command(sys.argv[1:] if argv is None else argv))
+    command = args.command
+    confirmed = bool(vars(args).pop("yes", False))
+    del args.command
     # Logging first, so a settings error is reported like every other expected error.
     setup_logging("INFO", "client")
 
     def body() -> int:
-        settings = settings_from_args(ClientSettings, args)
+        settings = flags[command].load(args)
         setup_logging(settings.log_level, "client")
         setup_torch(settings.threads)
-        command = args.command
-        if command == "reset" and not args.yes:
+        if command == "reset" and not confirmed:
             raise ClientError(
-                "reset lets this client release images again after a forget or at another cut, which "
-                "discloses more about them; pass --yes to confirm"
+                "reset lets this client join a server whose setup (image spec, schedule, classes) changed; "
+                "releases, the pinned schedule and the noise floor stay. Pass --yes to confirm"
             )
         with ClientLifecycle(settings) as client:
             if command == "run":

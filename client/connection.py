@@ -4,17 +4,20 @@ Every RPC of the CollaFuse service is idempotent (re-join, image keys, forget,
 reads), so every call goes through ``common.rpc.call_with_retry``. A retry
 re-runs the whole attempt: a client stream is re-created from its factory and a
 server stream is read again from the start, so a half-read or half-sent
-attempt never leaks into the next one.
+attempt never leaks into the next one. A restarting server is waited out: each
+call retries UNAVAILABLE (and DEADLINE_EXCEEDED) with exponential backoff and full
+jitter for up to the policy's ``wait_timeout`` (``--wait-timeout``), logging what
+it waits for; the ledger makes the resumed uploads skip what was acknowledged.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import random
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any, Self, TypeVar
 
 import grpc
@@ -23,9 +26,11 @@ from google.protobuf.message import Message
 
 from collafuse.client.errors import ClientError
 from collafuse.common.codec import TensorError, decode
+from collafuse.common.enums import protocol_value
 from collafuse.common.rpc import RetryPolicy, call_with_retry, open_channel
 from collafuse.common.sampling import ProgressFn
-from collafuse.common.schedule import ScheduleConfig
+from collafuse.common.schedule import ScheduleConfig, ScheduleError
+from collafuse.common.tls import TlsError, channel_credentials
 from collafuse.v1 import collafuse_pb2, collafuse_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -96,23 +101,18 @@ class ServerInfo:
 
 
 def schedule_from_spec(spec: collafuse_pb2.ScheduleSpec) -> ScheduleConfig:
-    """The shared schedule; prefers the exact values of config_json (proto floats are float32)."""
-    values: dict[str, Any] = {
-        "num_train_timesteps": spec.num_train_timesteps,
-        "beta_start": spec.beta_start,
-        "beta_end": spec.beta_end,
-        "beta_schedule": spec.beta_schedule or "linear",
-    }
-    if spec.config_json:
-        try:
-            parsed = json.loads(spec.config_json)
-        except json.JSONDecodeError:
-            parsed = {}
-        values.update({k: parsed[k] for k in values if k in parsed})
+    """The schedule a server sent, checked before any use: the one place a server-sent schedule enters.
+
+    A server-sent schedule is an input, never an order (DESIGN 2): it must rebuild with diffusers'
+    ``from_config``, match its fingerprint, use only supported options and give finite, strictly decreasing
+    alphas_cumprod whose alpha_bar_1 is below 1 in float32 (the NaN guard).
+    """
+    if not spec.config_json:
+        raise ClientError("server sent no scheduler config: it runs an older, incompatible CollaFuse; upgrade it")
     try:
-        return ScheduleConfig(**values)
-    except ValueError as exc:
-        raise ClientError(f"server sent a schedule this client cannot use: {exc}") from exc
+        return ScheduleConfig.from_wire(spec.config_json, spec.fingerprint)
+    except ScheduleError as exc:
+        raise ClientError(f"server sent a schedule this client refuses: {exc}") from exc
 
 
 @dataclass
@@ -123,6 +123,14 @@ class SampleResult:
     server_steps: int
     seconds: float = 0.0
     progress_events: int = field(default=0)
+
+
+def tls_credentials(cert: Path | None, key: Path | None, ca: Path | None) -> grpc.ChannelCredentials | None:
+    """The channel's TLS credentials from --tls-cert/--tls-key/--tls-ca (None: plain TCP)."""
+    try:
+        return channel_credentials(cert, key, ca)
+    except TlsError as exc:
+        raise ClientError(str(exc)) from None
 
 
 class ServerConnection:
@@ -137,6 +145,7 @@ class ServerConnection:
         long_timeout: float | None = None,
         sleep: Callable[[float], None] = time.sleep,
         rng: random.Random | None = None,
+        credentials: grpc.ChannelCredentials | None = None,
     ) -> None:
         self.target = target
         self.policy = policy or RetryPolicy()
@@ -144,7 +153,7 @@ class ServerConnection:
         self.long_timeout = long_timeout if long_timeout is not None else rpc_timeout * LONG_CALL_FACTOR
         self._sleep = sleep
         self._rng = rng or random.Random()
-        self._channel = open_channel(target, token)
+        self._channel = open_channel(target, token, credentials)
         self._stub = collafuse_pb2_grpc.CollaFuseStub(self._channel)
         self.traffic: dict[str, RpcTraffic] = {}
 
@@ -206,7 +215,7 @@ class ServerConnection:
         request = collafuse_pb2.RegisterRequest(
             client_id=client_id,
             cut=cut,
-            protocol=protocol,
+            protocol=protocol_value(protocol),
             class_names=list(class_names),
             expected_fingerprint=expected_fingerprint,
         )

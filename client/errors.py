@@ -25,5 +25,5 @@ class LedgerRefusal(ClientError):
     """The release ledger refuses an action that would disclose more than the user agreed to."""
 
 
-class FingerprintMismatch(ClientError):
+class ServerFingerprintChanged(ClientError):
     """The server's image spec / schedule / classes differ from what this client joined with."""

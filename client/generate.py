@@ -1,9 +1,10 @@
 """Collaborative sampling, client side (DESIGN 1c): the server runs t > cut, the client finishes.
 
 The request carries the labels, seed, chain length and scheduler; the server streams
-back x_hat_cut. The client runs ``common.sampling.client_half`` with its EMA model,
-the same seed and the same image indices (0..N-1), so the result equals
-``common.sampling.split_sample`` run in one process with the same weights.
+back x_hat_cut. The client builds the same chain once (``make_chain``) and runs its
+slice with ``common.sampling.client_half``, its EMA model, the same seed and the
+same image indices (0..N-1), so the result equals ``common.sampling.split_sample``
+run in one process with the same weights.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from collafuse.common.data import save_png
 from collafuse.common.files import replace_folder
 from collafuse.common.images import save_grid
 from collafuse.common.models import as_denoiser, load_model
-from collafuse.common.sampling import client_half, count_model_evaluations
+from collafuse.common.sampling import client_half, make_chain
 from collafuse.v1 import collafuse_pb2
 
 log = logging.getLogger(__name__)
@@ -48,11 +49,18 @@ class GenerateResult:
     class_names: list[str]
     server_steps: int
     client_steps: int
-    client_evaluations_per_image: int
+    guidance_factor: int  # denoiser evaluations per step: 2 with classifier-free guidance
     server_seconds: float
     client_seconds: float
     x_cut: torch.Tensor
     x0: torch.Tensor
+
+    @property
+    def client_evaluations_per_image(self) -> int:
+        return self.client_steps * self.guidance_factor
+
+    def model_evaluations_per_image(self) -> dict[str, int]:
+        return {"server": self.server_steps * self.guidance_factor, "client": self.client_evaluations_per_image}
 
     @property
     def seconds_per_image(self) -> float:
@@ -75,6 +83,11 @@ class GenerateResult:
 def sample_labels(present: Iterable[int], samples_per_class: int) -> list[int]:
     """``samples_per_class`` images of each class the client holds, grouped by class in label order."""
     return [label for label in sorted({int(p) for p in present}) for _ in range(samples_per_class)]
+
+
+def guidance_factor(settings: ClientSettings) -> int:
+    """Denoiser evaluations per step: classifier-free guidance adds the null-label branch."""
+    return 1 if settings.guidance_scale == 1.0 else 2
 
 
 def _file_safe(name: str) -> str:
@@ -117,9 +130,9 @@ def generate_samples(
         return None
     if settings.seed < 0:
         raise ClientError(f"--seed {settings.seed}: sampling seeds must be non-negative")
-    schedule = server.schedule
     kind = settings.scheduler
-    expected_server, client_steps = count_model_evaluations(schedule, kind, settings.inference_steps, cut)
+    chain = make_chain(server.schedule, kind, settings.inference_steps)
+    expected_server, client_steps = chain.evaluations(cut)
     # Load before asking the server: a missing model should not cost the server a chain.
     model = load_client_model(workdir, server.fingerprint, cut, device) if client_steps else None
 
@@ -147,17 +160,15 @@ def generate_samples(
         with tqdm(total=client_steps, desc="local sampling", unit="step", disable=progress_disabled(show_progress),
                   leave=False) as bar:
             x0 = client_half(
-                as_denoiser(model, settings.guidance_scale), schedule, result.x_cut.to(device), label_tensor,
-                settings.seed, cut, settings.inference_steps, kind, progress=lambda d, t: bar.update(1),
+                as_denoiser(model, settings.guidance_scale), chain, result.x_cut.to(device), label_tensor,
+                settings.seed, cut, progress=lambda d, t: bar.update(1),
             ).cpu()
     client_seconds = time.perf_counter() - started
-    guidance_factor = 1 if settings.guidance_scale == 1.0 else 2
 
     out = _write_outputs(Path(workdir) / SAMPLES_DIR, result.x_cut, x0, labels, server.class_names, cut)
     generated = GenerateResult(
         out_dir=out, labels=labels, class_names=[server.class_names[y] for y in labels],
-        server_steps=result.server_steps, client_steps=client_steps,
-        client_evaluations_per_image=client_steps * guidance_factor,
+        server_steps=result.server_steps, client_steps=client_steps, guidance_factor=guidance_factor(settings),
         server_seconds=result.seconds, client_seconds=client_seconds, x_cut=result.x_cut, x0=x0,
     )
     log.info("wrote %d sample(s) to %s (%.3fs per image: server %.1fs, client %.1fs)",

@@ -7,7 +7,6 @@ so running single sub-commands one after another builds up the same file a full
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from collections.abc import Iterator, Sequence
@@ -15,25 +14,13 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from collafuse.common.files import write_json_atomic
+from collafuse.common.files import read_json, write_json_atomic
 from collafuse.common.images import save_curves
 
 log = logging.getLogger(__name__)
 
 METRICS_FILE = "metrics.json"
 LOSS_PLOT = "loss.png"
-
-
-def read_json(path: Path) -> dict[str, Any]:
-    """The stored mapping, or {} when there is none or it cannot be parsed (logged, not fatal)."""
-    if not path.is_file():
-        return {}
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        log.warning("ignoring unreadable %s (%s); it will be rewritten", path, exc)
-        return {}
-    return data if isinstance(data, dict) else {}
 
 
 class RunReport:

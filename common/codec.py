@@ -7,6 +7,7 @@ act on; the server maps it to INVALID_ARGUMENT.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import numpy as np
@@ -22,6 +23,7 @@ _DTYPES: dict[str, np.dtype] = {
     "uint8": np.dtype("u1"),
 }
 MAX_ELEMENTS = 1 << 28
+MAX_DIMS = 8
 
 
 class TensorError(ValueError):
@@ -51,12 +53,15 @@ def decode(
         raise TensorError(f"{what}: unknown dtype {message.dtype!r}; send one of {sorted(_DTYPES)}")
     if message.dtype not in dtypes:
         raise TensorError(f"{what}: dtype {message.dtype} is not accepted here; send {', '.join(dtypes)}")
-    dims = list(message.shape)
+    if len(message.shape) > MAX_DIMS:
+        raise TensorError(f"{what}: {len(message.shape)} dimensions exceed the limit of {MAX_DIMS}")
+    dims = [int(d) for d in message.shape]
     if any(d < 0 for d in dims):
         raise TensorError(f"{what}: negative dimension in shape {dims}")
-    count = int(np.prod(dims, dtype=np.int64)) if dims else 1
-    if count > MAX_ELEMENTS:
-        raise TensorError(f"{what}: {count} elements exceed the limit of {MAX_ELEMENTS}")
+    # Each axis on its own first (a zero elsewhere must not admit a 2^62 axis), then the product
+    # in Python integers: int64 arithmetic wraps ([2^62 + 1, 1, 8, 8] would "hold" 64 elements).
+    if any(d > MAX_ELEMENTS for d in dims) or (count := math.prod(dims)) > MAX_ELEMENTS:
+        raise TensorError(f"{what}: shape {dims} exceeds the limit of {MAX_ELEMENTS} elements")
     if shape is not None and (
         len(dims) != len(shape) or any(want is not None and want != got for want, got in zip(shape, dims))
     ):

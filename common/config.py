@@ -1,61 +1,72 @@
-"""Settings of the server, the client and the simulation (flags, ``COLLAFUSE_*`` env vars, config files)."""
+"""Settings of the server and the client (flags, ``COLLAFUSE_*`` env vars, config files).
+
+Shared fields are declared once: the schedule's in ``common.schedule.ScheduleFields``,
+training and process fields in ``common.settings.TrainingFields`` / ``RuntimeFields``;
+the simulation (``deploy/sim.py``) inherits the same ones.
+"""
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Literal
 
 from pydantic import Field, field_validator
+from pydantic_settings import CliVariadicArg
 
-from collafuse.common.schedule import ScheduleConfig
-from collafuse.common.settings import CollafuseSettings
+from collafuse.common.schedule import ScheduleFields
+from collafuse.common.settings import (
+    CollafuseSettings,
+    RuntimeFields,
+    TlsFields,
+    TrainingFields,
+    build_settings,
+)
+
+log = logging.getLogger(__name__)
 
 Protocol = Literal["ambient"]
-Device = Literal["auto", "cpu", "cuda"]
 DIGIT_CLASSES = [str(i) for i in range(10)]
 
 
-class ScheduleSettings(CollafuseSettings):
-    """The schedule fields shared by every process that builds one."""
-
-    num_train_timesteps: int = Field(1000, ge=2, le=10_000, description="T, the length of the diffusion chain")
-    beta_start: float = Field(1e-4, gt=0, lt=1, description="first beta of the schedule")
-    beta_end: float = Field(0.02, gt=0, lt=1, description="last beta of the schedule")
-    beta_schedule: Literal["linear", "scaled_linear", "squaredcos_cap_v2"] = Field("linear", description="beta schedule")
-
-    def schedule(self) -> ScheduleConfig:
-        return ScheduleConfig(
-            num_train_timesteps=self.num_train_timesteps,
-            beta_start=self.beta_start,
-            beta_end=self.beta_end,
-            beta_schedule=self.beta_schedule,
-        )
-
-
-class ServerSettings(ScheduleSettings):
+class ServerSettings(CollafuseSettings, ScheduleFields, TrainingFields, RuntimeFields, TlsFields):
     host: str = Field("0.0.0.0", description="address to listen on")
     port: int = Field(50051, ge=0, le=65535, description="port to listen on (0 picks a free one)")
+    metrics_port: int = Field(0, ge=0, le=65535, description="HTTP port of the Prometheus /metrics endpoint "
+                              "on --host (0: off); no authentication, so keep it off public networks")
     store: Path = Field(Path("./collafuse-server"), description="folder for releases, checkpoints and metrics")
-    device: Device = Field("auto", description="auto takes the GPU when there is one")
+    dataset: Path | None = Field(None, description="image folder the server is started for: its images give "
+                                 "--image-size/--channels and its class folders --classes, where those are not given")
     image_size: int = Field(16, ge=4, le=1024, description="side of the square images served")
     channels: int = Field(1, description="1 (grey) or 3 (RGB)")
-    classes: list[str] = Field(default_factory=lambda: list(DIGIT_CLASSES), description="class names in label order")
+    classes: CliVariadicArg[list[str]] = Field(list(DIGIT_CLASSES), description="class names in label order")
     model_preset: str = Field("small", description="server UNet size: tiny, small or base")
-    batch_size: int = Field(64, ge=1, description="training minibatch")
-    lr: float = Field(2e-3, gt=0, description="AdamW learning rate")
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay")
-    ema_decay: float = Field(0.995, ge=0, lt=1, description="EMA decay of the sampling model")
-    label_dropout: float = Field(0.1, ge=0, le=1, description="classifier-free label drop-out")
+    mixed_precision: Literal["auto", "bf16", "off"] = Field(
+        "auto", description="bf16 autocast in training: auto uses it on a GPU that supports bf16 (never on the "
+        "CPU), off trains in float32")
     max_steps: int = Field(2000, ge=0, description="training steps; 0 trains until stopped")
     checkpoint_every: int = Field(250, ge=1, description="steps between atomic checkpoints")
     min_clients: int = Field(1, ge=1, description="clients with releases before training starts")
     start_timeout: float = Field(120.0, ge=0, description="seconds to wait for min_clients before training on what is there")
     max_sample_images: int = Field(4096, ge=1, description="most images one Sample request may ask for")
-    seed: int = Field(0, description="training RNG seed")
-    token: str | None = Field(None, description="shared token clients must send (unset: no auth)")
-    transcript: Path | None = Field(None, description="record every payload received here (privacy audit)")
-    threads: int = Field(0, ge=0, description="torch CPU threads (0: torch's default)")
-    log_level: str = Field("INFO", description="logging level")
+    sample_workers: int = Field(1, ge=1, le=64, description="threads that run sampling model calls; cheap RPCs "
+                                "never wait behind them")
+    sample_queue_per_client: int = Field(4, ge=1, description="Sample calls one client may have queued or running "
+                                         "(more: RESOURCE_EXHAUSTED with a retry hint)")
+    sample_queue_total: int = Field(32, ge=1, description="Sample calls queued or running over all clients")
+    sample_max_batch: int = Field(256, ge=1, description="most images in one sampling model call (requests of "
+                                  "several clients are merged up to this)")
+    sample_max_wait_ms: float = Field(5.0, ge=0, le=10_000, description="how long a sampling batch waits for "
+                                      "other clients' requests to merge with")
+    sample_cross_client: bool = Field(True, description="merge concurrent Sample requests of different clients "
+                                      "into one model call (results are unchanged)")
+    transcript: Path | None = Field(None, description="audit log (off unless set): append every admitted request "
+                                    "payload here; outside Forget, kept until you delete the file")
+    tokens: Path | None = Field(None, description="per-client tokens file ('<client-id> <hash>' lines, made with "
+                                "collafuse-token); replaces the shared --token")
+    operators: CliVariadicArg[list[str]] = Field([], description="client ids (token or certificate) that may see "
+                                                 "every client in Status")
 
     @field_validator("channels")
     @classmethod
@@ -71,8 +82,28 @@ class ServerSettings(ScheduleSettings):
             raise ValueError("classes must be a non-empty list of distinct names")
         return value
 
+    def for_dataset(self) -> ServerSettings:
+        """These settings with the image spec and classes of ``dataset`` filled in where not given."""
+        if self.dataset is None:
+            return self
+        from collafuse.common.image_spec import infer_image_spec  # reads images: only when asked
 
-class ClientSettings(CollafuseSettings):
+        given = self.model_fields_set
+        spec = infer_image_spec(self.dataset, [self.model_preset])
+        updates: dict[str, object] = {}
+        if "image_size" not in given:
+            updates["image_size"] = spec.side
+        if "channels" not in given:
+            updates["channels"] = spec.channels
+        if "classes" not in given and spec.classes:
+            updates["classes"] = spec.classes
+        if updates:
+            log.info("serving --dataset %s with %s (%s)", self.dataset,
+                     ", ".join(f"{k.replace('_', '-')} {v}" for k, v in updates.items()), spec.reason)
+        return build_settings(ServerSettings, **{**self.model_dump(exclude_unset=True), **updates})
+
+
+class ClientSettings(CollafuseSettings, TrainingFields, RuntimeFields, TlsFields):
     data: Path | None = Field(None, description="folder of private images (one sub-folder per class)")
     server: str = Field("localhost:50051", description="HOST:PORT of collafuse-server")
     client_id: str | None = Field(None, description="stable id of this client (default: kept in the workdir)")
@@ -82,20 +113,20 @@ class ClientSettings(CollafuseSettings):
     image_size: int | None = Field(None, description="expected image side (default: the server's)")
     model_preset: str = Field("tiny", description="local UNet size: tiny, small or base")
     train_steps: int = Field(1000, ge=0, description="local training steps on t in [1, cut]")
-    batch_size: int = Field(64, ge=1, description="local training minibatch")
-    lr: float = Field(2e-3, gt=0, description="AdamW learning rate")
-    ema_decay: float = Field(0.995, ge=0, lt=1, description="EMA decay of the local model")
-    label_dropout: float = Field(0.1, ge=0, le=1, description="classifier-free label drop-out")
     samples_per_class: int = Field(4, ge=0, description="images generated per class of the client's data")
     inference_steps: int = Field(100, ge=0, description="sampling chain length (0: all T)")
     scheduler: Literal["ddpm", "ddim"] = Field("ddpm", description="sampling scheduler")
-    guidance_scale: float = Field(1.0, ge=0, description="classifier-free guidance (1 = plain conditional)")
+    # > 0: both halves of the chain must use the same scale, and the wire reads 0 as "unset" (1.0).
+    guidance_scale: float = Field(1.0, gt=0, description="classifier-free guidance, > 0 (1 = plain conditional)")
     wait_for_server: bool = Field(True, description="before generating, wait until the server finished training")
-    wait_timeout: float = Field(1800.0, ge=0, description="most seconds to wait for the server's training")
+    wait_timeout: float = Field(1800.0, ge=0, description="most seconds to wait for the server: its training, "
+                                "or a restart (each call retries with backoff until then)")
     rpc_timeout: float = Field(60.0, gt=0, description="deadline of a single RPC in seconds")
-    retries: int = Field(6, ge=1, description="attempts for an unreachable server (backoff with jitter)")
-    seed: int = Field(0, description="seed of local training and sampling")
-    token: str | None = Field(None, description="shared token the server requires")
-    threads: int = Field(0, ge=0, description="torch CPU threads (0: torch's default)")
-    device: Device = Field("auto", description="auto takes the GPU when there is one")
-    log_level: str = Field("INFO", description="logging level")
+    retries: int = Field(0, ge=0, description="most attempts per call for an unreachable server "
+                         "(0: retry with backoff and jitter until --wait-timeout)")
+    # The client's own noise floor (client/noise_floor.py): the server's schedule is checked against it.
+    max_release_alpha_bar: float | None = Field(None, gt=0, le=1, description="most alpha_bar a release may have "
+                                                "(its noise floor; default: alpha_bar at --cut under the first "
+                                                "schedule accepted, kept in the ledger)")
+    re_release_confirm: bool = Field(False, description="confirm releasing images again: at another noise level "
+                                     "(independent noise) or after a forget; counted in the ledger")

@@ -1,4 +1,4 @@
-"""Image folders (DESIGN 5): loading, the bundled digits export, and partitioning across clients.
+"""Image folders (DESIGN 5): loading and saving images; the digits and partitioning are in evaluation.data.
 
 A data folder is either one sub-folder per class (``<root>/<class>/*.png``) or
 flat image files with an optional ``labels.csv`` (``filename,label``). Images are
@@ -11,7 +11,6 @@ import csv
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
 
 import numpy as np
 import torch
@@ -21,7 +20,6 @@ log = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 UNLABELED = "_unlabeled"
-PartitionScheme = Literal["iid", "classes", "dirichlet"]
 
 
 class DataError(ValueError):
@@ -38,17 +36,6 @@ class ImageDataset:
 
     def __len__(self) -> int:
         return len(self.paths)
-
-    def labels_in(self, served: list[str]) -> torch.Tensor:
-        """Label indices in the server's class list; unknown classes raise DataError."""
-        index = {name: i for i, name in enumerate(served)}
-        unknown = sorted({c for c in self.class_names if c not in index})
-        if unknown:
-            raise DataError(
-                f"classes {unknown} are not served by the server (it serves {served}); "
-                "rename or remove those folders, or start the server with --classes that include them"
-            )
-        return torch.tensor([index[c] for c in self.class_names], dtype=torch.long)
 
 
 def load_image(path: Path, channels: int, size: int | None) -> np.ndarray:
@@ -128,82 +115,3 @@ def save_png(image: np.ndarray | torch.Tensor, path: Path) -> None:
     pixels = np.clip((array + 1.0) * 127.5 + 0.5, 0, 255).astype(np.uint8)
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(pixels[0] if pixels.shape[0] == 1 else pixels.transpose(1, 2, 0)).save(path)
-
-
-def digits_arrays(size: int = 16) -> tuple[np.ndarray, np.ndarray]:
-    """scikit-learn's bundled 8x8 digits (1,797, 10 classes) upscaled to ``size``, in [-1, 1]."""
-    from sklearn.datasets import load_digits
-
-    bunch = load_digits()
-    raw = (bunch.images / 16.0 * 255.0).astype(np.uint8)
-    out = np.stack([
-        np.asarray(Image.fromarray(img).resize((size, size), Image.Resampling.BICUBIC), dtype=np.float32)
-        for img in raw
-    ])
-    return out[:, None] / 127.5 - 1.0, bunch.target.astype(np.int64)
-
-
-def export_digits(out: Path, size: int = 16) -> Path:
-    """Write the digits as ``out/<digit>/<index>.png``; a no-op when already complete."""
-    images, labels = digits_arrays(size)
-    marker = out / ".complete"
-    if marker.is_file() and marker.read_text() == f"{len(labels)}:{size}":
-        return out
-    for i, (img, label) in enumerate(zip(images, labels)):
-        save_png(img, out / str(label) / f"{i:04d}.png")
-    marker.write_text(f"{len(labels)}:{size}")
-    return out
-
-
-def partition(labels: np.ndarray, num_clients: int, scheme: PartitionScheme, seed: int = 0, alpha: float = 0.5) -> list[np.ndarray]:
-    """Split indices across clients: IID, by contiguous class groups, or Dirichlet(alpha) per class."""
-    if num_clients < 1:
-        raise DataError("need at least one client")
-    rng = np.random.default_rng(seed)
-    labels = np.asarray(labels)
-    if scheme == "iid":
-        return [np.sort(part) for part in np.array_split(rng.permutation(len(labels)), num_clients)]
-    classes = np.unique(labels)
-    if scheme == "classes":
-        if num_clients > len(classes):
-            raise DataError(f"{num_clients} clients cannot each get a class group of {len(classes)} classes; use iid or dirichlet")
-        groups = np.array_split(classes, num_clients)
-        return [np.sort(np.flatnonzero(np.isin(labels, g))) for g in groups]
-    if scheme == "dirichlet":
-        if alpha <= 0:
-            raise DataError("the Dirichlet alpha must be positive")
-        parts: list[list[int]] = [[] for _ in range(num_clients)]
-        for c in classes:
-            idx = rng.permutation(np.flatnonzero(labels == c))
-            shares = rng.dirichlet(np.full(num_clients, alpha))
-            cuts = (np.cumsum(shares)[:-1] * len(idx)).astype(int)
-            for k, chunk in enumerate(np.split(idx, cuts)):
-                parts[k].extend(chunk.tolist())
-        empty = [k for k, p in enumerate(parts) if not p]
-        if empty:
-            raise DataError(f"Dirichlet(alpha={alpha}) left clients {empty} without data; raise --alpha or use fewer clients")
-        return [np.sort(np.asarray(p)) for p in parts]
-    raise DataError(f"unknown partition {scheme!r}: use iid, classes or dirichlet")
-
-
-def write_shards(root: Path, out: Path, num_clients: int, scheme: PartitionScheme, seed: int = 0, alpha: float = 0.5) -> list[Path]:
-    """Partition an image folder with class sub-folders into ``out/client-<k>/<class>/...`` (hard links or copies)."""
-    found = _discover(root)
-    if not found:
-        raise DataError(f"{root} holds no images to partition")
-    names = sorted({c for _, c in found})
-    labels = np.array([names.index(c) for _, c in found])
-    shards = []
-    for k, indices in enumerate(partition(labels, num_clients, scheme, seed, alpha)):
-        shard = out / f"client-{k}"
-        for i in indices:
-            src, cls = found[i]
-            dst = shard / cls / src.name
-            dst.parent.mkdir(parents=True, exist_ok=True)
-            if not dst.exists():
-                try:
-                    dst.hardlink_to(src)
-                except OSError:
-                    dst.write_bytes(src.read_bytes())
-        shards.append(shard)
-    return shards

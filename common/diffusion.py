@@ -100,14 +100,17 @@ def ambient_server_loss(
     alphas_cumprod: torch.Tensor,
     generator: torch.Generator | None = None,
     t: torch.Tensor | None = None,
+    noise: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """|| c eps_hat_s(x_t, t, y) - eps' ||^2 with t ~ U(cut, T] unless given.
+    """|| c eps_hat_s(x_t, t, y) - eps' ||^2 with t ~ U(cut, T] and eps' ~ N(0, I) unless given.
 
     Its minimiser is the standard eps-predictor E[eps | x_t] whatever each release's cut.
     """
     num_train_timesteps = alphas_cumprod.shape[0] - 1
     if t is None:
         t = sample_server_times(cuts, num_train_timesteps, generator)
-    noise = torch.randn(x_cut.shape, generator=generator, dtype=x_cut.dtype).to(x_cut.device)
+    if noise is None:
+        noise = torch.randn(x_cut.shape, generator=generator, dtype=x_cut.dtype)
+    noise = noise.to(x_cut.device)
     x_t, c = ambient_renoise(x_cut, cuts, t, noise, alphas_cumprod)
     return torch.nn.functional.mse_loss(c * denoiser(x_t, t.to(x_cut.device), labels), noise)

@@ -4,10 +4,13 @@ crash) finds the old version or the new one, never a torn one."""
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 from pathlib import Path
 from typing import Any
+
+log = logging.getLogger(__name__)
 
 
 def write_json_atomic(path: Path, data: Any, *, indent: int | None = 2, sort_keys: bool = True) -> None:
@@ -18,6 +21,18 @@ def write_json_atomic(path: Path, data: Any, *, indent: int | None = 2, sort_key
         fh.flush()
         os.fsync(fh.fileno())
     os.replace(tmp, path)
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    """The stored mapping, or {} when there is none or it cannot be parsed (logged, not fatal)."""
+    if not path.is_file():
+        return {}
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        log.warning("ignoring unreadable %s (%s); it will be rewritten", path, exc)
+        return {}
+    return data if isinstance(data, dict) else {}
 
 
 def replace_folder(tmp: Path, folder: Path, aside: Path, *, durable: bool = False) -> None:

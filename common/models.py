@@ -60,16 +60,20 @@ def null_label(model: UNet2DModel) -> int:
     return int(model.config["num_class_embeds"]) - 1
 
 
-def as_denoiser(model: UNet2DModel, guidance_scale: float = 1.0) -> Denoiser:
-    """eps_hat(x_t, t, y) with the paper's 1-based t; guidance > 1 mixes in the null-label branch."""
+def as_denoiser(model: UNet2DModel, guidance_scale: float = 1.0, forward: torch.nn.Module | None = None) -> Denoiser:
+    """eps_hat(x_t, t, y) with the paper's 1-based t; guidance > 1 mixes in the null-label branch.
+
+    ``forward`` (default ``model``) is what is called: a DistributedDataParallel wrapper of ``model``.
+    """
     null = null_label(model)
+    call = model if forward is None else forward
 
     def denoise(x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         timesteps = (t - 1).to(x.device)
         labels = labels.to(x.device)
         if guidance_scale == 1.0:
-            return model(x, timesteps, class_labels=labels).sample
-        both = model(
+            return call(x, timesteps, class_labels=labels).sample
+        both = call(
             torch.cat([x, x]), torch.cat([timesteps, timesteps]),
             class_labels=torch.cat([labels, torch.full_like(labels, null)]),
         ).sample

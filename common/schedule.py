@@ -4,51 +4,77 @@ Time is 1-based as in the paper: x_0 is data and x_t has
 alpha_bar_t = ``alphas_cumprod[t - 1]`` in diffusers' 0-based indexing. We define
 alpha_bar_0 = 1 so that a cut at 0 releases x_0 itself (the global-model baseline).
 The server evaluates its model only at t > cut, the client only at t <= cut.
+
+The schedule is declared once: ``ScheduleFields`` holds its knobs (the server's and
+the simulation's settings inherit them), ``ScheduleConfig`` turns them into diffusers'
+scheduler config, which is what travels on the wire (``to_wire``/``from_wire``) and
+what both sides rebuild their schedulers from (``DDPMScheduler.from_config``).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-from typing import Literal
+from typing import Any, Literal, Self
 
 import torch
 from diffusers.schedulers.scheduling_ddim import DDIMScheduler  # not `diffusers`: see common/models.py
 from diffusers.schedulers.scheduling_ddpm import DDPMScheduler
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from collafuse.common.settings import describe_validation_error
 
 SchedulerKind = Literal["ddpm", "ddim"]
+BetaSchedule = Literal["linear", "scaled_linear", "squaredcos_cap_v2"]
 
 
-class ScheduleConfig(BaseModel):
-    """The forward process both sides must agree on (serialised into the fingerprint)."""
+class ScheduleError(ValueError):
+    """A schedule that cannot be used; the message says which value and why."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
-    num_train_timesteps: int = Field(1000, ge=2, le=10_000, description="T, the length of the chain.")
-    beta_start: float = Field(1e-4, gt=0, lt=1)
-    beta_end: float = Field(0.02, gt=0, lt=1)
-    beta_schedule: Literal["linear", "scaled_linear", "squaredcos_cap_v2"] = "linear"
+class ScheduleFields(BaseModel):
+    """The knobs of the forward process (T and the betas), declared once for every model that sets them."""
 
-    def ddpm(self) -> DDPMScheduler:
-        return DDPMScheduler(
+    num_train_timesteps: int = Field(1000, ge=2, le=10_000, description="T, the length of the diffusion chain")
+    beta_start: float = Field(1e-4, gt=0, lt=1, description="first beta of the schedule")
+    beta_end: float = Field(0.02, gt=0, lt=1, description="last beta of the schedule")
+    beta_schedule: BetaSchedule = Field("linear", description="beta schedule")
+
+    @model_validator(mode="after")
+    def _usable(self) -> Self:
+        # The NaN guard at start-up: every model with these knobs (server, sim) refuses an unusable schedule.
+        check_alphas_cumprod(DDPMScheduler.from_config(self.diffusers_config()).alphas_cumprod)
+        return self
+
+    def diffusers_config(self) -> dict[str, Any]:
+        """diffusers' DDPMScheduler config of these knobs, without its private ``_`` bookkeeping keys."""
+        config = DDPMScheduler(
             num_train_timesteps=self.num_train_timesteps,
             beta_start=self.beta_start,
             beta_end=self.beta_end,
             beta_schedule=self.beta_schedule,
-        )
+        ).config
+        return {key: value for key, value in config.items() if not key.startswith("_")}
+
+    def schedule(self) -> ScheduleConfig:
+        """The validated schedule of these knobs."""
+        return ScheduleConfig(**{name: getattr(self, name) for name in ScheduleFields.model_fields})
+
+
+class ScheduleConfig(ScheduleFields):
+    """The forward process both sides must agree on; validated so that every weight derived from it is finite."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    def ddpm(self) -> DDPMScheduler:
+        return DDPMScheduler.from_config(self.diffusers_config())
 
     def scheduler(self, kind: SchedulerKind) -> DDPMScheduler | DDIMScheduler:
-        """A fresh scheduler of the given kind over this schedule (same betas for both kinds)."""
+        """A fresh scheduler of the given kind over this schedule (both rebuilt from the same config)."""
         if kind == "ddpm":
             return self.ddpm()
         if kind == "ddim":
-            return DDIMScheduler(
-                num_train_timesteps=self.num_train_timesteps,
-                beta_start=self.beta_start,
-                beta_end=self.beta_end,
-                beta_schedule=self.beta_schedule,
-            )
+            return DDIMScheduler.from_config(self.diffusers_config())
         raise ValueError(f"unknown scheduler {kind!r}: use 'ddpm' or 'ddim'")
 
     def alphas_cumprod(self) -> torch.Tensor:
@@ -57,7 +83,74 @@ class ScheduleConfig(BaseModel):
         return torch.cat([torch.ones(1, dtype=torch.float64), inner])
 
     def config_json(self) -> str:
-        return json.dumps(dict(self.ddpm().config), sort_keys=True, default=str)
+        """The canonical JSON of ``diffusers_config`` (sorted keys): the bytes that travel and get hashed."""
+        return _canonical_json(self.diffusers_config())
+
+    def config_fingerprint(self) -> str:
+        return _sha256(self.config_json())
+
+    @classmethod
+    def from_wire(cls, config_json: str, config_fingerprint: str) -> ScheduleConfig:
+        """The schedule a peer sent, checked: it must hash to its fingerprint, rebuild with
+        ``DDPMScheduler.from_config``, use only options this side supports, and give finite, strictly
+        decreasing alphas_cumprod in (0, 1). Raises ScheduleError saying what is wrong."""
+        if _sha256(config_json) != config_fingerprint:
+            raise ScheduleError("scheduler config does not match its fingerprint (corrupted or altered in transit)")
+        try:
+            received = json.loads(config_json)
+        except json.JSONDecodeError as exc:
+            raise ScheduleError(f"scheduler config is not valid JSON: {exc}") from exc
+        if not isinstance(received, dict):
+            raise ScheduleError("scheduler config must be a JSON object of diffusers scheduler settings")
+        try:
+            rebuilt = DDPMScheduler.from_config(received)
+        except Exception as exc:
+            raise ScheduleError(f"scheduler config does not rebuild a DDPMScheduler: {exc}") from exc
+        check_alphas_cumprod(rebuilt.alphas_cumprod)
+        try:
+            schedule = cls(**{name: rebuilt.config[name] for name in ScheduleFields.model_fields})
+        except ValidationError as exc:
+            raise ScheduleError(f"unusable schedule: {describe_validation_error(exc)}") from None
+        expected = schedule.diffusers_config()
+        differing = sorted(k for k in set(expected) | set(received) if expected.get(k, "<absent>") != received.get(k, "<absent>"))
+        if differing:
+            shown = {k: received.get(k, "<absent>") for k in differing}
+            raise ScheduleError(
+                f"scheduler config sets options this side does not support: {shown} "
+                f"(supported: {_canonical_json({k: expected[k] for k in differing if k in expected})})"
+            )
+        return schedule
+
+
+def check_alphas_cumprod(alphas_cumprod: torch.Tensor) -> None:
+    """Every weight of DESIGN 1a divides by sqrt(1 - alpha_bar) or by alpha_bar: in the dtype the schedule
+    is held in (float32), alpha_bar must be finite, strictly decreasing and strictly inside (0, 1)."""
+    ab = alphas_cumprod
+    if ab.ndim != 1 or ab.numel() < 2:
+        raise ScheduleError(f"alphas_cumprod must be a vector of at least 2 steps, got shape {tuple(ab.shape)}")
+    if not bool(torch.isfinite(ab).all()):
+        raise ScheduleError("alphas_cumprod holds NaN or infinite values")
+    if float(ab[0]) >= 1.0:
+        raise ScheduleError(
+            f"alpha_bar_1 rounds to {float(ab[0])!r} in {ab.dtype}, which makes the ambient weight "
+            "sqrt(1 - alpha_bar) zero and the loss NaN: raise beta_start (at least ~3e-8)"
+        )
+    if float(ab[-1]) <= 0.0:
+        raise ScheduleError("alpha_bar_T is 0: the last steps carry no signal; lower beta_end")
+    if not bool((ab[1:] < ab[:-1]).all()):
+        first = int(torch.nonzero(ab[1:] >= ab[:-1])[0, 0]) + 2
+        raise ScheduleError(
+            f"alphas_cumprod is not strictly decreasing (alpha_bar_{first} >= alpha_bar_{first - 1}): "
+            "every beta must be positive in float32"
+        )
+
+
+def _canonical_json(config: dict[str, Any]) -> str:
+    return json.dumps(config, sort_keys=True, default=str)
+
+
+def _sha256(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()
 
 
 def validate_cut(cut: int, num_train_timesteps: int) -> int:

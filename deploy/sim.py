@@ -22,30 +22,44 @@ import os
 import shutil
 import signal
 import socket
+import sys
 import time
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field
+from pydantic import BaseModel, Field
 from tqdm import tqdm
 
-from collafuse.common.config import DIGIT_CLASSES
-from collafuse.common.data import DataError, PartitionScheme, export_digits, write_shards
+from collafuse.common.config import DIGIT_CLASSES, ClientSettings, ServerSettings
+from collafuse.common.data import DataError
+from collafuse.common.files import read_json
 from collafuse.common.images import save_curves
 from collafuse.common.runtime import run_cli, setup_logging
+from collafuse.common.schedule import ScheduleFields
 from collafuse.common.settings import (
+    SECRET_FIELDS,
     CollafuseSettings,
     ConfigError,
-    add_settings_arguments,
-    settings_from_args,
+    RuntimeFields,
+    TrainingFields,
+    build_settings,
+    parse_settings,
+    to_cli_args,
 )
 from collafuse.deploy.healthcheck import check as health_check
 from collafuse.deploy.launcher import ChildProcess, Command, LauncherKind, default_launcher
+from collafuse.evaluation.data.digits import export_digits
+from collafuse.evaluation.data.partition import PartitionScheme, write_shards
 
 log = logging.getLogger("collafuse.sim")
 
 
-class SimSettings(CollafuseSettings):
+DIGITS_SIDE = 8  # the bundled digits' own size
+
+
+class SimSettings(CollafuseSettings, ScheduleFields, TrainingFields, RuntimeFields):
+    """The simulation's own settings; the schedule, training and runtime fields pass to every process."""
+
     clients: int = Field(3, ge=1, le=64, description="number of client processes")
     cut: int = Field(200, ge=0, description="cut point zeta of every client (0 = GM, T = ICM)")
     steps: int = Field(1000, ge=0, description="server training steps")
@@ -55,15 +69,15 @@ class SimSettings(CollafuseSettings):
     alpha: float = Field(0.5, gt=0, description="Dirichlet concentration for --partition dirichlet")
     protocol: Literal["ambient"] = Field("ambient", description="training protocol")
     out: Path = Field(Path("runs/sim"), description="output folder")
-    seed: int = Field(0, description="seed of partitioning, training and sampling")
-    image_size: int = Field(8, ge=4, description="served image side (the bundled digits are 8x8)")
-    num_train_timesteps: int = Field(1000, ge=2, description="T")
+    image_size: int | None = Field(None, ge=4, le=1024, description="served image side (default: the dataset's own, "
+                                   f"rounded to one the models take; the bundled digits are {DIGITS_SIDE}x{DIGITS_SIDE})")
+    channels: int | None = Field(None, description="served channels, 1 or 3 (default: the dataset's own)")
     server_preset: str = Field("small", description="server UNet preset")
     client_preset: str = Field("tiny", description="client UNet preset")
-    batch_size: int = Field(64, ge=1, description="minibatch of server and clients")
     samples_per_class: int = Field(4, ge=0, description="images each client generates per class it holds")
     inference_steps: int = Field(100, ge=0, description="sampling chain length (0: all T)")
-    threads: int = Field(1, ge=0, description="torch threads per process")
+    # Not RuntimeFields' default (0: all cores): N processes share this machine's cores.
+    threads: int = Field(1, ge=0, description="torch threads per process (0: torch's default)")
     transcript: bool = Field(False, description="record every payload the server receives in server/transcript.jsonl")
     timeout: float = Field(3600.0, gt=0, description="most seconds the whole run may take")
     fresh: bool = Field(True, description="delete a previous run's server store and client workdirs first")
@@ -78,11 +92,31 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+def with_image_spec(settings: SimSettings) -> SimSettings:
+    """``settings`` with ``image_size`` and ``channels`` filled in: the digits' own, or the dataset folder's
+    (rounded to a side both model presets take), saying what was chosen and why."""
+    if settings.image_size is not None and settings.channels is not None:
+        return settings
+    if settings.dataset == "digits":
+        side, channels, reason = DIGITS_SIDE, 1, f"the bundled digits are {DIGITS_SIDE}x{DIGITS_SIDE} grey"
+    else:
+        from collafuse.common.image_spec import infer_image_spec  # reads images: only for a folder
+
+        source = Path(settings.dataset)
+        if not source.is_dir():
+            raise DataError(f"--dataset {source} is neither 'digits' nor a folder of class sub-folders")
+        spec = infer_image_spec(source, [settings.server_preset, settings.client_preset])
+        side, channels, reason = spec.side, spec.channels, spec.reason
+    updates = {k: v for k, v in (("image_size", side), ("channels", channels)) if getattr(settings, k) is None}
+    log.info("serving %s (%s)", ", ".join(f"--{k.replace('_', '-')} {v}" for k, v in updates.items()), reason)
+    return settings.model_copy(update=updates)
+
+
 def prepare_shards(settings: SimSettings) -> tuple[list[Path], list[str]]:
     """Per-client shards of the dataset, and the class names (label order) the server serves."""
     data_root = settings.out / "data"
     if settings.dataset == "digits":
-        source = export_digits(data_root / "all", settings.image_size)
+        source = export_digits(data_root / "all", settings.image_size or DIGITS_SIDE)
         classes = list(DIGIT_CLASSES)
     else:
         source = Path(settings.dataset)
@@ -102,56 +136,65 @@ class SimError(RuntimeError):
     """A process of the simulation failed; the message carries its log tail."""
 
 
-def _env(threads: int) -> dict[str, str]:
-    env = dict(os.environ)
+def _env(settings: SimSettings) -> dict[str, str]:
+    # The children's settings are exactly the objects built here: no COLLAFUSE_* of this shell leaks into
+    # them, except the secrets, which travel in the environment rather than on a visible command line.
+    env = {k: v for k, v in os.environ.items() if not k.startswith("COLLAFUSE_")}
+    for name in SECRET_FIELDS:
+        value = getattr(settings, name)
+        if value is not None:
+            env[f"COLLAFUSE_{name.upper()}"] = str(value)
     env["HF_HUB_OFFLINE"] = "1"
-    if threads:
-        env["OMP_NUM_THREADS"] = str(threads)
+    if settings.threads:
+        env["OMP_NUM_THREADS"] = str(settings.threads)
     return env
 
 
+def _shared(settings: SimSettings, *groups: type[BaseModel]) -> dict[str, Any]:
+    """The values of the field groups the simulation shares with a child (secrets go by env)."""
+    names = [name for group in groups for name in group.model_fields if name not in SECRET_FIELDS]
+    return {name: getattr(settings, name) for name in names}
+
+
+def server_settings(settings: SimSettings, port: int, classes: list[str]) -> ServerSettings:
+    """The server's settings, built (and so checked) here in the parent."""
+    settings = with_image_spec(settings)
+    return build_settings(
+        ServerSettings,
+        **_shared(settings, ScheduleFields, TrainingFields, RuntimeFields),
+        host="127.0.0.1", port=port, store=settings.out / "server",
+        image_size=settings.image_size, channels=settings.channels, classes=classes,
+        model_preset=settings.server_preset, max_steps=settings.steps, min_clients=settings.clients,
+        transcript=settings.out / "server" / "transcript.jsonl" if settings.transcript else None,
+    )
+
+
+def client_settings(settings: SimSettings, k: int, shard: Path, port: int) -> ClientSettings:
+    """Client k's settings, built (and so checked) here in the parent; its seed is the run's seed + k."""
+    return build_settings(
+        ClientSettings,
+        **{**_shared(settings, TrainingFields, RuntimeFields), "seed": settings.seed + k},
+        data=shard, server=f"127.0.0.1:{port}", client_id=f"client-{k}",
+        workdir=settings.out / "clients" / f"client-{k}", cut=settings.cut, protocol=settings.protocol,
+        model_preset=settings.client_preset, train_steps=settings.client_steps,
+        samples_per_class=settings.samples_per_class, inference_steps=settings.inference_steps,
+        # An independent client model needs nothing from the server's training.
+        wait_for_server=settings.cut < settings.num_train_timesteps,
+    )
+
+
 def server_command(settings: SimSettings, port: int, classes: list[str]) -> Command:
-    return Command("collafuse.server.cli", [
-        "--host", "127.0.0.1", "--port", str(port),
-        "--store", str(settings.out / "server"),
-        "--image-size", str(settings.image_size),
-        "--classes", *classes,
-        "--num-train-timesteps", str(settings.num_train_timesteps),
-        "--model-preset", settings.server_preset,
-        "--batch-size", str(settings.batch_size),
-        "--max-steps", str(settings.steps),
-        "--min-clients", str(settings.clients),
-        "--seed", str(settings.seed),
-        "--threads", str(settings.threads),
-        *(["--transcript", str(settings.out / "server" / "transcript.jsonl")] if settings.transcript else []),
-    ])
+    return Command("collafuse.server.cli", to_cli_args(server_settings(settings, port, classes)))
 
 
 def client_command(settings: SimSettings, k: int, shard: Path, port: int) -> Command:
-    icm = settings.cut >= settings.num_train_timesteps
-    return Command("collafuse.client.cli", [
-        "run",
-        "--data", str(shard),
-        "--server", f"127.0.0.1:{port}",
-        "--client-id", f"client-{k}",
-        "--workdir", str(settings.out / "clients" / f"client-{k}"),
-        "--cut", str(settings.cut),
-        "--protocol", settings.protocol,
-        "--model-preset", settings.client_preset,
-        "--train-steps", str(settings.client_steps),
-        "--batch-size", str(settings.batch_size),
-        "--samples-per-class", str(settings.samples_per_class),
-        "--inference-steps", str(settings.inference_steps),
-        "--seed", str(settings.seed + k),
-        "--threads", str(settings.threads),
-        # An independent client model needs nothing from the server's training.
-        "--wait-for-server" if not icm else "--no-wait-for-server",
-    ])
+    return Command("collafuse.client.cli", ["run", *to_cli_args(client_settings(settings, k, shard, port))])
 
 
 def _server_status(port: int) -> dict[str, Any] | None:
     import grpc
 
+    from collafuse.common.enums import phase_name
     from collafuse.v1 import collafuse_pb2, collafuse_pb2_grpc
 
     try:
@@ -160,7 +203,7 @@ def _server_status(port: int) -> dict[str, Any] | None:
     except grpc.RpcError:
         return None
     trainer = reply.trainer
-    return {"phase": trainer.phase, "step": trainer.step, "max_steps": trainer.max_steps, "loss": trainer.last_loss}
+    return {"phase": phase_name(trainer.phase), "step": trainer.step, "max_steps": trainer.max_steps, "loss": trainer.last_loss}
 
 
 def _wait_healthy(server: ChildProcess, port: int, timeout: float) -> None:
@@ -200,13 +243,9 @@ def _watch(server: ChildProcess, clients: list[ChildProcess], port: int, setting
         bar.close()
 
 
-def _read_json(path: Path) -> dict[str, Any]:
-    return json.loads(path.read_text()) if path.is_file() else {}
-
-
 def collect(settings: SimSettings, wall: float, shards: list[Path]) -> dict[str, Any]:
     """metrics.json, grids and loss curves from the processes' outputs."""
-    server_metrics = _read_json(settings.out / "server" / "metrics.json")
+    server_metrics = read_json(settings.out / "server" / "metrics.json")
     clients: dict[str, Any] = {}
     curves: dict[str, list[tuple[float, float]]] = {}
     if server_metrics.get("losses"):
@@ -216,7 +255,7 @@ def collect(settings: SimSettings, wall: float, shards: list[Path]) -> dict[str,
     for k in range(settings.clients):
         name = f"client-{k}"
         workdir = settings.out / "clients" / name
-        metrics = _read_json(workdir / "metrics.json")
+        metrics = read_json(workdir / "metrics.json")
         clients[name] = metrics
         if metrics.get("local_losses"):
             curves[name] = [tuple(p) for p in metrics["local_losses"]]  # type: ignore[misc]
@@ -265,9 +304,10 @@ def run(settings: SimSettings) -> dict[str, Any]:
             shutil.rmtree(settings.out / sub, ignore_errors=True)
     settings.out.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
+    settings = with_image_spec(settings)
     shards, classes = prepare_shards(settings)
     port = free_port()
-    env = _env(settings.threads)
+    env = _env(settings)
     logs = settings.out / "logs"
     if settings.cut == 0:
         log.warning("cut 0 is the global-model baseline: every client releases its raw images to the server")
@@ -292,14 +332,14 @@ def run(settings: SimSettings) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="collafuse-sim", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_settings_arguments(parser, SimSettings)
-    args = parser.parse_args(argv)
     setup_logging("INFO", "sim")
     _terminate_on_sigterm()
 
     def body() -> int:
-        run(settings_from_args(SimSettings, args))
+        settings = parse_settings(SimSettings, sys.argv[1:] if argv is None else argv, prog="collafuse-sim",
+                                  description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+        setup_logging(settings.log_level, "sim")
+        run(settings)
         return 0
 
     return run_cli(body, (ConfigError, DataError, SimError))

@@ -19,12 +19,17 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from collafuse.common.config import ServerSettings
+from collafuse.common.data import DataError
 from collafuse.common.files import write_json_atomic
-from collafuse.common.rpc import TokenAuthInterceptor, server_options
+from collafuse.common.rpc import RequestGuardInterceptor, server_options
 from collafuse.common.runtime import resolve_device
 from collafuse.common.schedule import fingerprint as schedule_fingerprint
+from collafuse.common.tls import TlsError, server_credentials
+from collafuse.server.auth import Authenticator, AuthInterceptor
 from collafuse.server.errors import PortInUse, StartupError, StoreError
-from collafuse.server.sampler import Sampler
+from collafuse.server.limits import check_request, max_request_bytes
+from collafuse.server.observability import ServerMetrics
+from collafuse.server.sampler import Sampler, SamplingLimits
 from collafuse.server.servicer import DEFAULT_CHUNK_BYTES, CollaFuseServicer
 from collafuse.server.store import ReleaseStore
 from collafuse.server.trainer import Trainer
@@ -36,6 +41,8 @@ log = logging.getLogger(__name__)
 SERVICE_NAME = collafuse_pb2.DESCRIPTOR.services_by_name["CollaFuse"].full_name
 SERVER_FILE = "server.json"
 LOCK_FILE = "server.lock"
+# How long past the grace period stop() waits for gRPC to finish cancelled calls.
+STOP_MARGIN_S = 5.0
 
 
 class CollaFuseServer:
@@ -54,6 +61,7 @@ class CollaFuseServer:
         transcript: TranscriptInterceptor,
         fingerprint: str,
         store_lock: IO[str],
+        metrics: ServerMetrics | None = None,
     ) -> None:
         self.settings = settings
         self.port = port
@@ -68,6 +76,7 @@ class CollaFuseServer:
         self._grpc = grpc_server
         self._health = health_servicer
         self._store_lock = store_lock
+        self.metrics = metrics
         self._stopped = threading.Event()
         self._stop_lock = threading.Lock()
 
@@ -91,15 +100,23 @@ class CollaFuseServer:
             if self._stopped.is_set():
                 return
             log.info("shutting down (grace %.1fs)", grace or 0.0)
-            self.servicer.begin_shutdown()
-            self._health.enter_graceful_shutdown()
-            self._grpc.stop(grace).wait()
-            self.trainer.stop()
-            self.transcript.close()
-            self.store.close()
-            self.server_file.unlink(missing_ok=True)
-            self._store_lock.close()  # releases the flock
-            self._stopped.set()
+            try:
+                self.servicer.begin_shutdown()
+                self._health.enter_graceful_shutdown()
+                # gRPC cancels the calls still running after the grace period; if one is wedged anyway, stop
+                # waiting for it: the checkpoint and the store lock matter more than a stuck call.
+                bound = (grace or 0.0) + STOP_MARGIN_S
+                if not self._grpc.stop(grace).wait(bound):
+                    log.error("gRPC calls were still open %.0fs after shutdown began; stopping without them", bound)
+                self.trainer.stop()
+            finally:  # whatever failed above, free the store for the next server
+                if self.metrics is not None:  # before the store it reads
+                    self.metrics.close()
+                self.transcript.close()
+                self.store.close()
+                self.server_file.unlink(missing_ok=True)
+                self._store_lock.close()  # releases the flock
+                self._stopped.set()
             log.info("server stopped")
 
 
@@ -108,7 +125,7 @@ def build_server(
     *,
     start_trainer: bool = True,
     max_workers: int = 16,
-    sample_batch: int = 256,
+    sample_batch: int | None = None,
     chunk_bytes: int = DEFAULT_CHUNK_BYTES,
     poll_interval: float = 0.5,
     log_every: int = 50,
@@ -116,6 +133,10 @@ def build_server(
     """Start a server for ``settings``; raises StartupError (PortInUse, FingerprintMismatch, ...) on bad set-ups."""
     # Nothing in CollaFuse may reach a model hub at run time.
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    try:
+        settings = settings.for_dataset()
+    except DataError as exc:
+        raise StartupError(f"--dataset: {exc}") from exc
     try:
         device = resolve_device(settings.device)
     except RuntimeError as exc:
@@ -125,6 +146,12 @@ def build_server(
     fingerprint = schedule_fingerprint(schedule, image_shape, list(settings.classes))
     if settings.port and _port_taken(settings.host, settings.port):  # fail fast, before loading a checkpoint
         raise PortInUse(f"port {settings.port} is in use: pick another --port or stop the other process")
+    try:  # credentials before the store: a wrong path fails fast
+        credentials = server_credentials(settings.tls_cert, settings.tls_key, settings.tls_ca)
+    except TlsError as exc:
+        raise StartupError(str(exc)) from exc
+    authenticator = Authenticator.from_settings(settings.tokens, settings.token, settings.tls_ca is not None,
+                                                settings.operators)
     store_lock = _lock_store(Path(settings.store))
     try:
         store = ReleaseStore(settings.store)
@@ -132,28 +159,44 @@ def build_server(
         store_lock.close()
         raise
     transcript: TranscriptInterceptor | None = None
+    metrics: ServerMetrics | None = None
     try:
         store.bind_fingerprint(fingerprint)
         try:
             trainer = Trainer(settings, store, fingerprint, device=device, poll_interval=poll_interval, log_every=log_every)
         except ValueError as exc:  # e.g. an image size the model preset cannot take
             raise StartupError(str(exc)) from exc
-        sampler = Sampler(schedule, image_shape, trainer.ema_snapshot, device, batch_size=sample_batch)
+        limits = SamplingLimits.from_settings(settings, **({"max_batch": sample_batch} if sample_batch else {}))
+        sampler = Sampler(schedule, image_shape, trainer.ema_snapshot, device, limits)
         transcript = TranscriptInterceptor(settings.transcript)
         servicer = CollaFuseServicer(
             settings, store, trainer, sampler, fingerprint, traffic=transcript.traffic, chunk_bytes=chunk_bytes
         )
-        interceptors: list[grpc.ServerInterceptor] = [transcript]
-        if settings.token:
-            interceptors.append(TokenAuthInterceptor(settings.token))
-        server = grpc.server(ThreadPoolExecutor(max_workers=max_workers), options=server_options(), interceptors=interceptors)
+        # Outermost first: auth (a denied call is counted, never parsed or recorded), then the guard
+        # (undecodable or over-limit messages -> INVALID_ARGUMENT), then the transcript of what was admitted.
+        interceptors: list[grpc.ServerInterceptor] = [RequestGuardInterceptor(check_request), transcript]
+        if authenticator is not None:
+            interceptors.insert(0, AuthInterceptor(authenticator))
+        if settings.metrics_port:
+            metrics = ServerMetrics(trainer, store, sampler, transcript.traffic)
+            interceptors = metrics.instrument(interceptors)
+        server = grpc.server(
+            # Every admitted Sample call holds a thread while it waits: they get their own, on top of max_workers.
+            ThreadPoolExecutor(max_workers=max_workers + limits.total),
+            options=server_options(max_request_bytes(image_shape)),
+            interceptors=interceptors,
+        )
         collafuse_pb2_grpc.add_CollaFuseServicer_to_server(servicer, server)
         health_servicer = health.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
         reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
-        port = _bind(server, settings.host, settings.port)
+        port = _bind(server, settings.host, settings.port, credentials)
+        if metrics is not None:
+            metrics.serve(settings.host, settings.metrics_port)
         server.start()
     except BaseException:
+        if metrics is not None:
+            metrics.close()
         if transcript is not None:
             transcript.close()
         store.close()
@@ -162,13 +205,14 @@ def build_server(
     for service in ("", SERVICE_NAME):
         health_servicer.set(service, health_pb2.HealthCheckResponse.SERVING)
     running = CollaFuseServer(
-        settings, server, port, store, trainer, sampler, servicer, health_servicer, transcript, fingerprint, store_lock
+        settings, server, port, store, trainer, sampler, servicer, health_servicer, transcript, fingerprint, store_lock,
+        metrics=metrics,
     )
     _write_server_file(running, device)
     if start_trainer:
         trainer.start()
-    if settings.token is None:
-        log.info("no --token set: any client that reaches this port may call the server")
+    if authenticator is None:
+        log.info("no --tokens, --token or --tls-ca set: any client that reaches this port may act as any client")
     return running
 
 
@@ -191,13 +235,13 @@ def _bracket(host: str) -> str:
     return f"[{host}]" if ":" in host and not host.startswith("[") else host
 
 
-def _bind(server: grpc.Server, host: str, port: int) -> int:
+def _bind(server: grpc.Server, host: str, port: int, credentials: grpc.ServerCredentials | None = None) -> int:
     address = f"{_bracket(host)}:{port}"
     # Probe first so the usual mistake gets our message rather than a gRPC core log line.
     if port and _port_taken(host, port):
         raise PortInUse(f"port {port} is in use: pick another --port or stop the other process")
     try:
-        bound = server.add_insecure_port(address)
+        bound = server.add_secure_port(address, credentials) if credentials else server.add_insecure_port(address)
     except RuntimeError:
         bound = 0
     if bound:

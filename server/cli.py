@@ -11,7 +11,7 @@ from types import FrameType
 
 from collafuse.common.config import ServerSettings
 from collafuse.common.runtime import run_cli, setup_logging, setup_torch
-from collafuse.common.settings import ConfigError, add_settings_arguments, settings_from_args
+from collafuse.common.settings import ConfigError, SettingsFlags
 from collafuse.server.errors import StartupError
 
 log = logging.getLogger("collafuse.server")
@@ -19,23 +19,33 @@ log = logging.getLogger("collafuse.server")
 GRACE_S = 5.0
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser() -> tuple[argparse.ArgumentParser, SettingsFlags[ServerSettings]]:
     parser = argparse.ArgumentParser(
         prog="collafuse-server",
         description="CollaFuse server: hosts the shared high-noise denoiser, stores clients' x_cut releases, "
         "trains in the background and runs the server half of collaborative sampling over gRPC.",
     )
-    add_settings_arguments(parser, ServerSettings)
-    return parser
+    return parser, SettingsFlags(ServerSettings, parser)
 
 
 def serve(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    settings = settings_from_args(ServerSettings, args)
+    parser, flags = build_parser()
+    settings = flags.load(parser.parse_args(argv))
     setup_logging(settings.log_level, "server")
     setup_torch(settings.threads)
     # Imported here so that --help and configuration errors answer without loading torch models.
+    from collafuse.server import distributed
     from collafuse.server.app import build_server
+
+    world = distributed.World.from_env()  # torchrun --nproc-per-node N: data-parallel training
+    if world.distributed:
+        device = distributed.start(world, settings)
+        if world.rank > 0:  # no gRPC, no store: a replica that trains in lockstep with rank 0
+            try:
+                distributed.follow(settings, world, device)
+            finally:
+                distributed.shutdown()
+            return 0
 
     stop = threading.Event()
 
@@ -44,17 +54,22 @@ def serve(argv: Sequence[str] | None = None) -> int:
         stop.set()
 
     previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
-    server = build_server(settings)
+    server = build_server(settings, start_trainer=not world.distributed)
     try:
+        if world.distributed:
+            distributed.lead(server.trainer, world)
+            server.trainer.start()
         log.info("CollaFuse server listening on %s:%d (device %s)", settings.host, server.port, server.device)
-        log.info("store %s, %d classes, images %dx%dx%d", settings.store, len(settings.classes),
-                 settings.image_size, settings.image_size, settings.channels)
+        served = server.settings  # with the spec of --dataset filled in
+        log.info("store %s, %d classes, images %dx%dx%d", served.store, len(served.classes),
+                 served.channels, served.image_size, served.image_size)
         while not stop.wait(1.0):
             pass
     finally:
         server.stop(GRACE_S)
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+        distributed.shutdown()
     return 0
 
 

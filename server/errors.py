@@ -1,6 +1,9 @@
-"""Errors the server raises at start-up; the CLI turns them into one plain line and exit code 2."""
+"""Errors the server raises: at start-up (the CLI turns them into one plain line and exit code 2) and
+refusals of a request (the servicer turns them into a status code)."""
 
 from __future__ import annotations
+
+import grpc
 
 
 class StartupError(RuntimeError):
@@ -17,3 +20,12 @@ class FingerprintMismatch(StartupError):
 
 class StoreError(StartupError):
     """The release store on disk is unusable."""
+
+
+class RequestRefused(Exception):
+    """A request a handler refuses: the servicer answers it with ``code`` and ``message`` (DESIGN 3)."""
+
+    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message

@@ -7,34 +7,36 @@ DESIGN 3 and a message a person can act on (``context.abort``).
 from __future__ import annotations
 
 import logging
-import math
-import queue
 import threading
 import time
 from collections.abc import Callable, Iterator
-from typing import NoReturn, cast
+from typing import NoReturn
 
 import grpc
 
-from collafuse.common.codec import TensorError, decode, encode
 from collafuse.common.config import ServerSettings
+from collafuse.common.enums import protocol_name, protocol_value
 from collafuse.common.rpc import CHUNK_BYTES
 from collafuse.common.schedule import validate_cut
-from collafuse.server.sampler import SampleCancelled, SampleJob, Sampler, SampleResult
-from collafuse.server.store import ClientRecord, NewRelease, ReleaseStore
+from collafuse.server.auth import caller, sample_scope_error
+from collafuse.server.errors import RequestRefused
+from collafuse.server.protocols import ServerProtocol, build_protocols
+from collafuse.server.sampler import QueueFull, SampleCancelled, Sampler
+from collafuse.server.sampling_rpc import (
+    RETRY_AFTER_KEY,
+    InvalidSample,
+    handoff_chunks,
+    run_with_progress,
+    sample_job,
+)
+from collafuse.server.store import ClientRecord, ReleaseStore
 from collafuse.server.trainer import Trainer, TrainerState
 from collafuse.v1 import collafuse_pb2, collafuse_pb2_grpc
 
 log = logging.getLogger(__name__)
 
-PROTOCOLS = ("ambient",)
-SCHEDULERS = ("ddpm", "ddim")
-# A release is sqrt(ab) x0 + sqrt(1 - ab) eps with x0 in [-1, 1]: |x| beyond this is not a release.
-MAX_ABS_RELEASE = 50.0
-MAX_KEY_LENGTH = 256
 # Sample chunks stay well under the message limit.
 DEFAULT_CHUNK_BYTES = CHUNK_BYTES // 4
-PROGRESS_EVENTS = 20
 
 Code = grpc.StatusCode
 
@@ -74,9 +76,12 @@ class CollaFuseServicer(collafuse_pb2_grpc.CollaFuseServicer):
         self._shutting_down = threading.Event()
         # Serialises Register against itself so two racing registrations of one client see each other.
         self._register_lock = threading.Lock()
+        # The protocols this server speaks, by wire value (server/protocols).
+        self.protocols: dict[int, ServerProtocol] = build_protocols(settings, store)
 
     def begin_shutdown(self) -> None:
         self._shutting_down.set()
+        self.sampler.close()  # queued and running Sample calls end now with UNAVAILABLE
 
     # ---- helpers --------------------------------------------------------------------------
     def _check_serving(self, context: grpc.ServicerContext) -> None:
@@ -116,23 +121,20 @@ class CollaFuseServicer(collafuse_pb2_grpc.CollaFuseServicer):
         return _trainer_message(self.trainer.state())
 
     def _schedule_message(self) -> collafuse_pb2.ScheduleSpec:
-        s = self.schedule
+        # diffusers' scheduler config and its hash: the client rebuilds it with from_config and checks it.
         return collafuse_pb2.ScheduleSpec(
-            num_train_timesteps=s.num_train_timesteps,
-            beta_start=s.beta_start,
-            beta_end=s.beta_end,
-            beta_schedule=s.beta_schedule,
-            config_json=s.config_json(),
+            config_json=self.schedule.config_json(), fingerprint=self.schedule.config_fingerprint()
         )
 
     # ---- RPCs -----------------------------------------------------------------------------
     def Register(self, request: collafuse_pb2.RegisterRequest, context: grpc.ServicerContext) -> collafuse_pb2.RegisterReply:
         self._check_serving(context)
         client_id = self._client_id(request.client_id, context)
-        if request.protocol not in PROTOCOLS:
+        if request.protocol not in self.protocols:
+            spoken = ", ".join(protocol_name(p) for p in self.protocols)
             _abort(
                 context, Code.INVALID_ARGUMENT,
-                f"protocol {request.protocol!r} is not supported: this server speaks {', '.join(PROTOCOLS)}",
+                f"protocol {protocol_name(request.protocol)!r} is not supported: this server speaks {spoken}",
             )
         cut = self._cut(request.cut, context)
         unknown = [c for c in request.class_names if c not in self.classes]
@@ -168,7 +170,9 @@ class CollaFuseServicer(collafuse_pb2_grpc.CollaFuseServicer):
                     f"client {client_id!r} has {held} releases stored at cut {existing.cut}; registering at cut {cut} "
                     "would mix noise levels of the same images: run forget first (it deletes them), then register again",
                 )
-            self.store.register_client(client_id, cut, request.protocol, list(request.class_names), self.fingerprint)
+            self.store.register_client(
+                client_id, cut, protocol_name(request.protocol), list(request.class_names), self.fingerprint
+            )
         if cut == 0:
             log.warning(
                 "client %s registered with cut 0 (global-model baseline): its releases are its RAW IMAGES, not private",
@@ -195,69 +199,51 @@ class CollaFuseServicer(collafuse_pb2_grpc.CollaFuseServicer):
         return collafuse_pb2.HeartbeatReply(server_time=time.time(), trainer=self._trainer_state())
 
     def Release(self, request_iterator: Iterator[collafuse_pb2.ReleaseChunk], context: grpc.ServicerContext) -> collafuse_pb2.ReleaseAck:
+        """All or nothing: every message is validated first, then the whole stream is one store transaction."""
         self._check_serving(context)
         client: ClientRecord | None = None
-        stored = duplicates = 0
+        protocol: ServerProtocol | None = None
+        pending: list[object] = []
         for number, chunk in enumerate(request_iterator):
             self._check_serving(context)
             where = f"release chunk {number}"
             if client is None:
                 client_id = self._client_id(chunk.client_id, context)
                 client = self._registered(client_id, context, "Release")
+                protocol = self._protocol_of(client, context)
             elif chunk.client_id and chunk.client_id != client.client_id:
                 _abort(
                     context, Code.INVALID_ARGUMENT,
-                    f"{where}: client_id {chunk.client_id!r} differs from {client.client_id!r} earlier in the stream",
+                    f"{where}: client_id {chunk.client_id[:64]!r} differs from {client.client_id[:64]!r} earlier in "
+                    "the stream; nothing of this stream was stored",
                 )
-            cut = self._cut(chunk.cut, context)
-            if cut != client.cut:
-                _abort(
-                    context, Code.INVALID_ARGUMENT,
-                    f"{where}: released at cut {cut} but client {client.client_id!r} registered cut {client.cut}; "
-                    "release at the registered cut, or forget and register again with the new cut",
-                )
-            if cut == self.T:
-                _abort(
-                    context, Code.INVALID_ARGUMENT,
-                    f"{where}: cut {cut} = T is an independent client model, which releases nothing",
-                )
-            items = self._validate_items(chunk, client, where, context)
-            # The ack goes out only after this commit (synchronous=FULL): stored means durable.
-            new, dup = self.store.add_releases(client.client_id, cut, items)
-            stored += new
-            duplicates += dup
-        if client is None:
+            assert protocol is not None
+            try:
+                pending.extend(protocol.validate_release(chunk, client, where, self._label_error))
+            except RequestRefused as exc:
+                _abort(context, exc.code, f"{exc.message}; nothing of this stream was stored")
+        if client is None or protocol is None:
             return collafuse_pb2.ReleaseAck()
+        try:
+            # The ack goes out only after this commit (synchronous=FULL): stored means durable.
+            outcome = protocol.commit_release(client, pending)
+        except RequestRefused as exc:
+            _abort(context, exc.code, exc.message)
         self.store.touch(client.client_id)
         total = self.store.count(client.client_id)
-        log.info("client %s released %d new images (%d duplicates ignored), %d held", client.client_id, stored, duplicates, total)
-        return collafuse_pb2.ReleaseAck(stored=stored, duplicates=duplicates, total_for_client=total)
+        log.info("client %s released %d new images (%d duplicates ignored), %d held",
+                 client.client_id, outcome.stored, outcome.duplicates, total)
+        return collafuse_pb2.ReleaseAck(stored=outcome.stored, duplicates=outcome.duplicates, total_for_client=total)
 
-    def _validate_items(
-        self, chunk: collafuse_pb2.ReleaseChunk, client: ClientRecord, where: str, context: grpc.ServicerContext
-    ) -> list[NewRelease]:
-        items = []
-        for i, item in enumerate(chunk.items):
-            what = f"{where}, item {i} (key {item.image_key[:40]!r})"
-            if not item.image_key:
-                _abort(context, Code.INVALID_ARGUMENT, f"{where}, item {i}: image_key is empty; give every image a stable key")
-            if len(item.image_key) > MAX_KEY_LENGTH:
-                _abort(context, Code.INVALID_ARGUMENT, f"{what}: image_key longer than {MAX_KEY_LENGTH} characters")
-            problem = self._label_error(item.label, client.class_names)
-            if problem:
-                _abort(context, Code.INVALID_ARGUMENT, f"{what}: {problem}")
-            if not item.HasField("x_cut"):
-                _abort(context, Code.INVALID_ARGUMENT, f"{what}: x_cut is missing")
-            try:
-                x_cut = decode(
-                    item.x_cut, what=f"{what}: x_cut", dtypes=("float32",), shape=self.image_shape,
-                    finite=True, value_range=(-MAX_ABS_RELEASE, MAX_ABS_RELEASE),
-                )
-            except TensorError as exc:
-                c, h, w = self.image_shape
-                _abort(context, Code.INVALID_ARGUMENT, f"{exc} (the server serves {spec_text(c, h, w)} images, float32 [C, H, W])")
-            items.append(NewRelease(image_key=item.image_key, label=item.label, x_cut=x_cut))
-        return items
+    def _protocol_of(self, client: ClientRecord, context: grpc.ServicerContext) -> ServerProtocol:
+        for protocol in self.protocols.values():
+            if protocol.name == client.protocol:
+                return protocol
+        _abort(
+            context, Code.FAILED_PRECONDITION,
+            f"client {client.client_id[:64]!r} registered protocol {client.protocol!r}, which this server no longer "
+            "speaks: register again with a supported protocol",
+        )
 
     def Forget(self, request: collafuse_pb2.ForgetRequest, context: grpc.ServicerContext) -> collafuse_pb2.ForgetReply:
         self._check_serving(context)
@@ -276,105 +262,54 @@ class CollaFuseServicer(collafuse_pb2_grpc.CollaFuseServicer):
             trainer=self._trainer_state(),
             clients=[
                 collafuse_pb2.ClientStatus(
-                    client_id=c.client_id, cut=c.cut, protocol=c.protocol,
+                    client_id=c.client_id, cut=c.cut, protocol=_protocol_wire(c.protocol),
                     releases=counts.get(c.client_id, 0), last_seen=c.last_seen,
                 )
                 for c in self.store.clients()
+                if caller().may_see(c.client_id)  # a client sees only itself; an operator sees all
             ],
             device=str(self.trainer.device),
             bytes_received=received,
             bytes_sent=sent,
+            release_conflicts=self.store.release_conflicts,
         )
 
     def Sample(self, request: collafuse_pb2.SampleRequest, context: grpc.ServicerContext) -> Iterator[collafuse_pb2.SampleEvent]:
+        """Who asks is checked here; the request's jobs live in server/sampling_rpc.py."""
         self._check_serving(context)
-        job = self._sample_job(request, context)
-        events: queue.Queue[tuple[str, object]] = queue.Queue()
-        total = self.sampler.evaluations_per_image(job) * math.ceil(len(job.labels) / self.sampler.batch_size)
-        every = max(1, total // PROGRESS_EVENTS)
-
-        def progress(done: int, steps_total: int) -> None:
-            if done % every == 0 or done == steps_total:
-                events.put(("progress", (done, steps_total)))
+        client_id = self._client_id(request.client_id, context)
+        record = self._registered(client_id, context, "Sample")
+        self.store.touch(client_id)
+        try:
+            job = sample_job(request, self.T, self.settings.max_sample_images, lambda y: self._label_error(y, None))
+        except InvalidSample as exc:
+            _abort(context, exc.code, str(exc))
+        beyond = sample_scope_error(record, job.labels, job.cut, self.classes, self.store.clients(), self.store.counts())
+        if beyond:
+            _abort(context, Code.PERMISSION_DENIED, beyond)
+        try:
+            # Admitted into the sampler's bounded, per-client queue, or refused at once with a retry hint.
+            ticket = self.sampler.submit(client_id, self.sampler.plan(job))
+        except QueueFull as exc:
+            context.set_trailing_metadata(((RETRY_AFTER_KEY, str(max(1, round(exc.retry_after_s * 1000)))),))
+            _abort(context, Code.RESOURCE_EXHAUSTED, str(exc))
+        except SampleCancelled as exc:
+            _abort(context, Code.UNAVAILABLE, str(exc))
+        if not context.add_callback(ticket.cancel):  # the call ended (client gone): free the slot at once
+            ticket.cancel()
 
         def cancelled() -> bool:
             return self._shutting_down.is_set() or not context.is_active()
 
-        def work() -> None:
-            outcome: tuple[str, object] = ("error", RuntimeError("the sampling thread ended without a result"))
-            try:
-                outcome = ("result", self.sampler.sample(job, progress, cancelled))
-            except Exception as exc:  # noqa: BLE001 -- handed to the RPC thread, which answers with a status
-                outcome = ("error", exc)
-            finally:
-                events.put(outcome)
-
-        # The chain runs beside the RPC thread so progress streams while it computes.
-        threading.Thread(target=work, name="collafuse-sample", daemon=True).start()
-        yield collafuse_pb2.SampleEvent(progress=collafuse_pb2.SampleProgress(steps_done=0, steps_total=total))
-        while True:
-            kind, payload = events.get()
-            if kind == "progress":
-                done, steps_total = cast(tuple[int, int], payload)
-                yield collafuse_pb2.SampleEvent(progress=collafuse_pb2.SampleProgress(steps_done=done, steps_total=steps_total))
-            elif kind == "error":
-                if isinstance(payload, SampleCancelled):
-                    code = Code.UNAVAILABLE if self._shutting_down.is_set() else Code.CANCELLED
-                    _abort(context, code, "sampling was interrupted: the server is shutting down or the call was cancelled")
-                log.error("sampling failed: %r", payload)
-                _abort(context, Code.INTERNAL, f"sampling failed on the server: {payload}")
-            else:
-                result = cast(SampleResult, payload)
-                break
-        # float32 [n, C, H, W] per chunk, each well under the message limit.
-        x = result.x_cut
-        per_image = 4 * int(x[0].numel())
-        step = max(1, self.chunk_bytes // per_image)
-        for offset in range(0, x.shape[0], step):
-            yield collafuse_pb2.SampleEvent(
-                chunk=collafuse_pb2.SampleChunk(
-                    offset=offset, x=encode(x[offset:offset + step].contiguous()), server_steps=result.server_steps
-                )
-            )
-
-    def _sample_job(self, request: collafuse_pb2.SampleRequest, context: grpc.ServicerContext) -> SampleJob:
-        client_id = self._client_id(request.client_id, context)
-        self._registered(client_id, context, "Sample")
-        self.store.touch(client_id)
-        n = len(request.labels)
-        if n == 0:
-            _abort(context, Code.INVALID_ARGUMENT, "labels is empty: ask for at least one image (one label per image)")
-        if n > self.settings.max_sample_images:
-            _abort(
-                context, Code.RESOURCE_EXHAUSTED,
-                f"{n} images requested, the server allows at most {self.settings.max_sample_images} per Sample call; "
-                "split the request",
-            )
-        for i, label in enumerate(request.labels):
-            problem = self._label_error(label, None)
-            if problem:
-                _abort(context, Code.INVALID_ARGUMENT, f"labels[{i}]: {problem}")
-        cut = self._cut(request.cut, context)
-        if not 0 <= request.num_inference_steps <= self.T:
-            _abort(
-                context, Code.INVALID_ARGUMENT,
-                f"num_inference_steps {request.num_inference_steps} must lie in [1, {self.T}] (0 means all {self.T})",
-            )
-        kind = request.scheduler or "ddpm"
-        if kind not in SCHEDULERS:
-            _abort(context, Code.INVALID_ARGUMENT, f"scheduler {request.scheduler!r} is unknown: use 'ddpm' or 'ddim'")
-        guidance = float(request.guidance_scale)
-        if not math.isfinite(guidance) or guidance < 0:
-            _abort(context, Code.INVALID_ARGUMENT, f"guidance_scale {guidance} must be finite and > 0 (1 = plain conditional)")
-        if guidance == 0.0:
-            # proto3 cannot tell 0 from unset: unset means plain conditional sampling. Unconditional
-            # samples are asked for with the null label (index len(classes)).
-            guidance = 1.0
-        return SampleJob(
-            labels=list(request.labels), seed=int(request.seed), num_inference_steps=int(request.num_inference_steps),
-            kind=kind,  # type: ignore[arg-type]
-            guidance_scale=guidance, cut=cut,
-        )
+        try:
+            handoff = yield from run_with_progress(ticket, cancelled)
+        except SampleCancelled:
+            code = Code.UNAVAILABLE if self._shutting_down.is_set() else Code.CANCELLED
+            _abort(context, code, "sampling was interrupted: the server is shutting down or the call was cancelled")
+        except Exception as exc:  # noqa: BLE001 -- any failure of the chain becomes one INTERNAL status
+            log.error("sampling failed: %r", exc)
+            _abort(context, Code.INTERNAL, f"sampling failed on the server: {exc}")
+        yield from handoff_chunks(handoff, self.chunk_bytes)
 
 
 def _trainer_message(state: TrainerState) -> collafuse_pb2.TrainerState:
@@ -385,4 +320,14 @@ def _trainer_message(state: TrainerState) -> collafuse_pb2.TrainerState:
         last_loss=state.last_loss if state.last_loss is not None else 0.0,
         releases=state.releases,
         clients_with_releases=state.clients_with_releases,
+        error=state.error or "",
+        skipped_steps=state.skipped_steps,
     )
+
+
+def _protocol_wire(name: str) -> collafuse_pb2.Protocol:
+    """The stored protocol name as the wire's enum (UNSPECIFIED for a name this build does not know)."""
+    try:
+        return protocol_value(name)
+    except ValueError:
+        return collafuse_pb2.PROTOCOL_UNSPECIFIED

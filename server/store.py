@@ -1,14 +1,17 @@
-"""The release store: one SQLite file holding every client's registration and x_cut releases.
+"""The server's store: one SQLite file holding client registrations and each protocol's tables.
 
-``<store>/releases.sqlite`` runs in WAL mode with ``synchronous=FULL``, so when
-``add_releases`` returns, the rows are on disk and the server may acknowledge
-them. One record per (client, image key): re-sending a key is a no-op counted as
-a duplicate, which makes release uploads safe to retry.
+``<store>/releases.sqlite`` runs in WAL mode with ``synchronous=FULL``, so when a
+transaction commits, its rows are on disk and the server may acknowledge them.
+This module owns the tables every protocol shares (``meta``, ``clients``); a
+protocol brings its own tables as a ``TableSpec`` (``server/protocols/``), and
+``forget``, ``counts`` and the fingerprint check cover them without knowing
+what they hold. ``version`` moves with every commit that changes training data,
+``forget_epoch`` with every deletion, so a trainer loads only what is new and
+reloads everything only after a forget.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import sqlite3
@@ -19,9 +22,6 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-
-import numpy as np
-import torch
 
 from collafuse.server.errors import FingerprintMismatch, StoreError
 
@@ -43,19 +43,16 @@ CREATE TABLE IF NOT EXISTS clients (
     registered_at REAL NOT NULL,
     last_seen REAL NOT NULL
 );
-CREATE TABLE IF NOT EXISTS releases (
-    client_id TEXT NOT NULL,
-    image_key TEXT NOT NULL,
-    label INTEGER NOT NULL,
-    cut INTEGER NOT NULL,
-    dtype TEXT NOT NULL,
-    shape TEXT NOT NULL,
-    data BLOB NOT NULL,
-    sha256 TEXT NOT NULL,
-    created_at REAL NOT NULL,
-    PRIMARY KEY (client_id, image_key)
-);
 """
+
+
+@dataclass(frozen=True)
+class TableSpec:
+    """A protocol's own tables: ``schema`` creates them, ``client_tables`` have a ``client_id`` column
+    whose rows ``forget`` deletes and ``counts`` counts (as releases held for that client)."""
+
+    schema: str
+    client_tables: tuple[str, ...]
 
 
 @dataclass(frozen=True)
@@ -69,34 +66,18 @@ class ClientRecord:
     last_seen: float
 
 
-@dataclass(frozen=True)
-class NewRelease:
-    """One x_cut to store: shape [C, H, W], already validated by the servicer."""
-
-    image_key: str
-    label: int
-    x_cut: torch.Tensor
-
-
-@dataclass(frozen=True)
-class ReleaseSet:
-    """Every stored release, ready for training (all on the CPU)."""
-
-    x_cut: torch.Tensor  # float32 [N, C, H, W]
-    labels: torch.Tensor  # int64 [N]
-    cuts: torch.Tensor  # int64 [N]
-    client_index: torch.Tensor  # int64 [N], index into client_ids
-    client_ids: list[str]
-    version: int
-
-    def __len__(self) -> int:
-        return int(self.labels.shape[0])
-
-
 class ReleaseStore:
-    """Thread-safe: one connection, every access under one lock (SQLite serialises writers anyway)."""
+    """Thread-safe: one connection, every access under one lock (SQLite serialises writers anyway).
 
-    def __init__(self, root: Path) -> None:
+    ``tables`` are the protocols' own tables; by default those of every protocol this server speaks.
+    """
+
+    def __init__(self, root: Path, tables: Sequence[TableSpec] | None = None) -> None:
+        if tables is None:
+            from collafuse.server.protocols import store_tables  # the protocols import this module
+
+            tables = store_tables()
+        self.tables = tuple(tables)
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
         self.path = self.root / DB_FILE
@@ -109,15 +90,17 @@ class ReleaseStore:
             self._conn.execute("PRAGMA synchronous=FULL")
             # Forgotten releases are overwritten with zeros, not left in free pages.
             self._conn.execute("PRAGMA secure_delete=ON")
-            self._conn.executescript(_SCHEMA)
+            self._conn.executescript(_SCHEMA + "".join(t.schema for t in self.tables))
         except sqlite3.DatabaseError as exc:
             raise StoreError(f"cannot open the release store {self.path}: {exc}. Use another --store or move the file away.") from exc
-        self._ensure_meta("version", "0")
-        self._ensure_meta("server_id", f"collafuse-{uuid.uuid4().hex[:12]}")
+        for key, value in (("version", "0"), ("forget_epoch", "0"), ("release_conflicts", "0"),
+                           ("server_id", f"collafuse-{uuid.uuid4().hex[:12]}")):
+            self._ensure_meta(key, value)
 
     # ---- plumbing -------------------------------------------------------------------------
     @contextmanager
-    def _transaction(self) -> Iterator[sqlite3.Connection]:
+    def transaction(self) -> Iterator[sqlite3.Connection]:
+        """One write transaction (BEGIN IMMEDIATE ... COMMIT, ROLLBACK on any exception)."""
         with self._lock:
             self._conn.execute("BEGIN IMMEDIATE")
             try:
@@ -127,8 +110,14 @@ class ReleaseStore:
                 raise
             self._conn.execute("COMMIT")
 
+    @contextmanager
+    def reading(self) -> Iterator[sqlite3.Connection]:
+        """The connection under the store's lock: several reads see one state."""
+        with self._lock:
+            yield self._conn
+
     def _ensure_meta(self, key: str, value: str) -> None:
-        with self._transaction() as conn:
+        with self.transaction() as conn:
             conn.execute("INSERT OR IGNORE INTO meta (key, value) VALUES (?, ?)", (key, value))
 
     def _meta(self, key: str) -> str | None:
@@ -137,8 +126,9 @@ class ReleaseStore:
         return None if row is None else str(row[0])
 
     @staticmethod
-    def _bump_version(conn: sqlite3.Connection) -> None:
-        conn.execute("UPDATE meta SET value = CAST(value AS INTEGER) + 1 WHERE key = 'version'")
+    def bump(conn: sqlite3.Connection, key: str = "version", by: int = 1) -> None:
+        """Add ``by`` to the counter ``key`` of the meta table inside the caller's transaction."""
+        conn.execute("UPDATE meta SET value = CAST(value AS INTEGER) + ? WHERE key = ?", (int(by), key))
 
     def close(self) -> None:
         with self._lock:
@@ -152,10 +142,10 @@ class ReleaseStore:
 
     def bind_fingerprint(self, fingerprint: str) -> None:
         """Tie the store to one configuration; releases made under another one cannot be reused."""
-        with self._transaction() as conn:
+        with self.transaction() as conn:
             row = conn.execute("SELECT value FROM meta WHERE key = 'fingerprint'").fetchone()
             if row is not None and row[0] != fingerprint:
-                held = conn.execute("SELECT COUNT(*) FROM releases").fetchone()[0]
+                held = sum(self._counts(conn).values())
                 if held:
                     raise FingerprintMismatch(
                         f"the store {self.root} holds {held} releases made for another schedule, image spec or "
@@ -171,7 +161,7 @@ class ReleaseStore:
     ) -> ClientRecord:
         """Insert or update a registration; ``registered_at`` of an existing client is kept."""
         now = time.time()
-        with self._transaction() as conn:
+        with self.transaction() as conn:
             conn.execute(
                 "INSERT INTO clients (client_id, cut, protocol, class_names, fingerprint, registered_at, last_seen) "
                 "VALUES (?, ?, ?, ?, ?, ?, ?) "
@@ -185,7 +175,7 @@ class ReleaseStore:
 
     def touch(self, client_id: str) -> None:
         """Record that a client was heard from (no-op for unknown clients)."""
-        with self._transaction() as conn:
+        with self.transaction() as conn:
             conn.execute("UPDATE clients SET last_seen = ? WHERE client_id = ?", (time.time(), client_id))
 
     def get_client(self, client_id: str) -> ClientRecord | None:
@@ -205,98 +195,63 @@ class ReleaseStore:
             ).fetchall()
         return [_client(r) for r in rows]
 
-    # ---- releases -------------------------------------------------------------------------
-    def add_releases(self, client_id: str, cut: int, items: Sequence[NewRelease]) -> tuple[int, int]:
-        """Store items in one transaction; returns (stored, duplicates). Existing keys are kept as they are."""
-        now = time.time()
-        stored = duplicates = 0
-        rows = []
-        for item in items:
-            array = np.ascontiguousarray(item.x_cut.detach().cpu().numpy(), dtype="<f4")
-            data = array.tobytes()
-            rows.append((item.image_key, int(item.label), json.dumps(list(array.shape)), data, hashlib.sha256(data).hexdigest()))
-        with self._transaction() as conn:
-            for key, label, shape, data, digest in rows:
-                cursor = conn.execute(
-                    "INSERT OR IGNORE INTO releases (client_id, image_key, label, cut, dtype, shape, data, sha256, created_at) "
-                    "VALUES (?, ?, ?, ?, 'float32', ?, ?, ?, ?)",
-                    (client_id, key, label, int(cut), shape, data, digest, now),
-                )
-                if cursor.rowcount == 1:
-                    stored += 1
-                    continue
-                duplicates += 1
-                kept = conn.execute(
-                    "SELECT sha256, cut FROM releases WHERE client_id = ? AND image_key = ?", (client_id, key)
-                ).fetchone()
-                if kept is not None and (kept[0] != digest or kept[1] != cut):
-                    # Two different releases of one image would let an observer average the noise away.
-                    log.warning(
-                        "client %s re-sent image key %s with different content (cut %s, stored cut %s): "
-                        "kept the first release; a client must release each image once, with one noise draw",
-                        client_id, key, cut, kept[1],
-                    )
-            if stored:
-                self._bump_version(conn)
-        return stored, duplicates
-
+    # ---- what the protocols' tables hold, per client --------------------------------------
     def forget(self, client_id: str) -> int:
-        """Delete the client's releases and registration; returns how many releases were removed."""
-        with self._transaction() as conn:
-            removed = conn.execute("DELETE FROM releases WHERE client_id = ?", (client_id,)).rowcount
+        """Delete the client's rows in every protocol table and its registration; returns rows removed."""
+        with self.transaction() as conn:
+            removed = sum(
+                conn.execute(f"DELETE FROM {table} WHERE client_id = ?", (client_id,)).rowcount
+                for spec in self.tables for table in spec.client_tables
+            )
             conn.execute("DELETE FROM clients WHERE client_id = ?", (client_id,))
             if removed:
-                self._bump_version(conn)
+                self.bump(conn)
+                # Readers that load incrementally must start over: rows they hold are gone.
+                self.bump(conn, "forget_epoch")
         if removed:
             # Reclaim the pages so deleted x_cut bytes do not linger in the file.
             with self._lock:
                 self._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
         return int(removed)
 
+    def _counts(self, conn: sqlite3.Connection) -> dict[str, int]:
+        totals: dict[str, int] = {}
+        for spec in self.tables:
+            for table in spec.client_tables:
+                for client, n in conn.execute(f"SELECT client_id, COUNT(*) FROM {table} GROUP BY client_id"):
+                    totals[str(client)] = totals.get(str(client), 0) + int(n)
+        return dict(sorted(totals.items()))
+
     def count(self, client_id: str) -> int:
         with self._lock:
-            return int(self._conn.execute("SELECT COUNT(*) FROM releases WHERE client_id = ?", (client_id,)).fetchone()[0])
+            return sum(
+                int(self._conn.execute(f"SELECT COUNT(*) FROM {table} WHERE client_id = ?", (client_id,)).fetchone()[0])
+                for spec in self.tables for table in spec.client_tables
+            )
 
     def counts(self) -> dict[str, int]:
         """Releases per client, for clients that hold any."""
         with self._lock:
-            rows = self._conn.execute("SELECT client_id, COUNT(*) FROM releases GROUP BY client_id ORDER BY client_id").fetchall()
-        return {str(c): int(n) for c, n in rows}
+            return self._counts(self._conn)
 
     @property
     def version(self) -> int:
-        """Bumped by every commit that changes the release set: cheap to poll."""
+        """Bumped by every commit that changes the training data: cheap to poll."""
         return int(self._meta("version") or 0)
 
-    def load_all(self) -> ReleaseSet:
-        """Every release as tensors, ordered by (client, key) so a reload is deterministic."""
-        with self._lock:
-            # Version and rows under one lock: the pair is consistent.
-            version = self.version
-            rows = self._conn.execute(
-                "SELECT client_id, label, cut, shape, data FROM releases ORDER BY client_id, image_key"
-            ).fetchall()
-        client_ids = sorted({str(r[0]) for r in rows})
-        index = {c: i for i, c in enumerate(client_ids)}
-        if not rows:
-            return ReleaseSet(
-                torch.empty((0,)), torch.empty((0,), dtype=torch.long), torch.empty((0,), dtype=torch.long),
-                torch.empty((0,), dtype=torch.long), [], version,
-            )
-        shapes = {r[3] for r in rows}
-        if len(shapes) != 1:
-            raise StoreError(f"the store {self.root} holds releases of several shapes {sorted(shapes)}; use a fresh --store")
-        shape = json.loads(rows[0][3])
-        # One buffer for all rows; the blobs are float32 little-endian as written above.
-        x = np.frombuffer(b"".join(r[4] for r in rows), dtype="<f4").reshape(len(rows), *shape)
-        return ReleaseSet(
-            x_cut=torch.from_numpy(x.astype(np.float32, copy=True)),
-            labels=torch.tensor([r[1] for r in rows], dtype=torch.long),
-            cuts=torch.tensor([r[2] for r in rows], dtype=torch.long),
-            client_index=torch.tensor([index[str(r[0])] for r in rows], dtype=torch.long),
-            client_ids=client_ids,
-            version=version,
-        )
+    @property
+    def forget_epoch(self) -> int:
+        """Bumped by every forget that deleted rows: what a reader loaded before may be gone."""
+        return int(self._meta("forget_epoch") or 0)
+
+    @property
+    def release_conflicts(self) -> int:
+        """Items refused because a different payload came under an already stored key (kept over restarts)."""
+        return int(self._meta("release_conflicts") or 0)
+
+    def count_conflicts(self, n: int) -> None:
+        with self.transaction() as conn:
+            self.bump(conn, "release_conflicts", n)
 
 
 def _client(row: tuple) -> ClientRecord:  # type: ignore[type-arg]

@@ -1,10 +1,18 @@
-"""Traffic accounting and the privacy audit's transcript of every request message the server reads.
+"""Traffic accounting and the privacy audit's transcript of every request message the server admits.
 
 The interceptor wraps every method handler: unary requests are recorded when the
 handler is called, client streams message by message as the handler reads them.
 With a transcript path, each message becomes one JSON line
 ``{time, method, request_type, payload_b64, peer, seq}`` appended and fsynced
 under a lock, so the record survives a crash and lines never interleave.
+
+The transcript is an audit log, outside Forget: it is off unless ``--transcript`` is
+given, it holds a copy of every payload clients sent (releases included), and it is
+kept until the operator deletes the file: the server never rotates, trims or deletes
+it, and Forget removes a client's releases from the store but not from the
+transcript (an audit record the audited server could edit would prove nothing).
+Requests denied by authentication never reach it (the auth interceptor runs first
+and only counts them); undecodable or over-limit messages are rejected before it.
 """
 
 from __future__ import annotations
@@ -21,17 +29,19 @@ from typing import Any
 
 import grpc
 
+from collafuse.common.rpc import Behavior, rewrap_handler
+
 log = logging.getLogger(__name__)
+
+FORGET_METHOD = "/collafuse.v1.CollaFuse/Forget"
 
 
 def _size(message: Any) -> int:
-    if isinstance(message, bytes | bytearray):
-        return len(message)
     return int(message.ByteSize()) if hasattr(message, "ByteSize") else 0
 
 
 class TranscriptInterceptor(grpc.ServerInterceptor):
-    """Counts bytes each way; records every request message when ``path`` is set."""
+    """Counts bytes each way; records every admitted request message when ``path`` is set."""
 
     def __init__(self, path: Path | None = None) -> None:
         self.path = Path(path) if path is not None else None
@@ -40,12 +50,14 @@ class TranscriptInterceptor(grpc.ServerInterceptor):
         self._seq = 0
         self.bytes_received = 0
         self.bytes_sent = 0
-        self.messages_received = 0
         if self.path is not None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             # Open for the server's lifetime (closed in close()): one append handle, fsynced per line.
             self._file = open(self.path, "ab")  # noqa: SIM115
-            log.info("recording every request payload to %s (privacy audit transcript)", self.path)
+            log.warning(
+                "recording every request payload to %s (privacy audit transcript): it keeps released images "
+                "after Forget, until you delete the file", self.path,
+            )
 
     def close(self) -> None:
         with self._lock:
@@ -62,21 +74,16 @@ class TranscriptInterceptor(grpc.ServerInterceptor):
         size = _size(message)
         with self._lock:
             self.bytes_received += size
-            self.messages_received += 1
             if self._file is None:
                 return
             self._seq += 1
-            if isinstance(message, bytes | bytearray):
-                payload, kind = bytes(message), "bytes"  # a handler without a deserializer (e.g. auth denial)
-            else:
-                payload, kind = message.SerializeToString(), message.DESCRIPTOR.full_name
             line = {
                 "seq": self._seq,
                 "time": time.time(),
                 "method": method,
-                "request_type": kind,
+                "request_type": message.DESCRIPTOR.full_name,
                 "peer": context.peer(),
-                "payload_b64": base64.b64encode(payload).decode("ascii"),
+                "payload_b64": base64.b64encode(message.SerializeToString()).decode("ascii"),
             }
             self._file.write(json.dumps(line).encode() + b"\n")
             self._file.flush()
@@ -103,38 +110,22 @@ class TranscriptInterceptor(grpc.ServerInterceptor):
         if handler is None:
             return None
         method = handler_call_details.method
-        kwargs = {"request_deserializer": handler.request_deserializer, "response_serializer": handler.response_serializer}
 
-        if handler.unary_unary is not None:
-            inner_uu = handler.unary_unary
-
-            def unary_unary(request: Any, context: grpc.ServicerContext) -> Any:
-                self._received(method, request, context)
-                response = inner_uu(request, context)
+        def wrap(inner: Behavior) -> Behavior:
+            def behavior(request: Any, context: grpc.ServicerContext) -> Any:
+                if handler.request_streaming:
+                    request = self._stream_in(method, request, context)
+                else:
+                    self._received(method, request, context)
+                response = inner(request, context)
+                if handler.response_streaming:
+                    return self._stream_out(response)
                 self._sent(response)
+                if method == FORGET_METHOD and self._file is not None:
+                    log.warning("client %s was forgotten, but the audit transcript %s still holds what it sent",
+                                getattr(request, "client_id", "?"), self.path)
                 return response
 
-            return grpc.unary_unary_rpc_method_handler(unary_unary, **kwargs)
-        if handler.unary_stream is not None:
-            inner_us = handler.unary_stream
+            return behavior
 
-            def unary_stream(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
-                self._received(method, request, context)
-                return self._stream_out(inner_us(request, context))
-
-            return grpc.unary_stream_rpc_method_handler(unary_stream, **kwargs)
-        if handler.stream_unary is not None:
-            inner_su = handler.stream_unary
-
-            def stream_unary(requests: Iterator[Any], context: grpc.ServicerContext) -> Any:
-                response = inner_su(self._stream_in(method, requests, context), context)
-                self._sent(response)
-                return response
-
-            return grpc.stream_unary_rpc_method_handler(stream_unary, **kwargs)
-        inner_ss = handler.stream_stream
-
-        def stream_stream(requests: Iterator[Any], context: grpc.ServicerContext) -> Iterator[Any]:
-            return self._stream_out(inner_ss(self._stream_in(method, requests, context), context))
-
-        return grpc.stream_stream_rpc_method_handler(stream_stream, **kwargs)
+        return rewrap_handler(handler, wrap)

@@ -19,7 +19,7 @@ import torch
 from collafuse.common.codec import decode, encode
 from collafuse.common.models import as_denoiser, build_unet
 from collafuse.common.rpc import server_options
-from collafuse.common.sampling import server_half
+from collafuse.common.sampling import make_chain, server_half
 from collafuse.common.schedule import ScheduleConfig, fingerprint
 from collafuse.v1 import collafuse_pb2, collafuse_pb2_grpc
 
@@ -42,7 +42,7 @@ class FakeState:
     server_id: str = "fake-server"
     # Release calls to answer UNAVAILABLE *after* storing (a lost ack).
     lose_release_acks: int = 0
-    # Phases Heartbeat reports in turn; the last one repeats.
+    # Phases Heartbeat reports in turn (short names of the Phase enum); the last one repeats.
     phases: list[str] = field(default_factory=lambda: ["done"])
     sample_chunk_images: int = 2
 
@@ -76,10 +76,7 @@ class FakeServicer(collafuse_pb2_grpc.CollaFuseServicer):
         return collafuse_pb2.RegisterReply(
             server_id=self.state.server_id,
             image_spec=self._spec(),
-            schedule=collafuse_pb2.ScheduleSpec(
-                num_train_timesteps=s.num_train_timesteps, beta_start=s.beta_start, beta_end=s.beta_end,
-                beta_schedule=s.beta_schedule, config_json=s.config_json(),
-            ),
+            schedule=collafuse_pb2.ScheduleSpec(config_json=s.config_json(), fingerprint=s.config_fingerprint()),
             class_names=list(self.state.classes),
             fingerprint=self.fingerprint,
             releases_stored=held,
@@ -89,7 +86,7 @@ class FakeServicer(collafuse_pb2_grpc.CollaFuseServicer):
         phase = self.state.phases.pop(0) if len(self.state.phases) > 1 else self.state.phases[0]
         return collafuse_pb2.HeartbeatReply(
             server_time=time.time(),
-            trainer=collafuse_pb2.TrainerState(phase=phase, step=10, max_steps=10, last_loss=0.5, releases=len(self.store)),
+            trainer=collafuse_pb2.TrainerState(phase=f"PHASE_{phase.upper()}", step=10, max_steps=10, last_loss=0.5, releases=len(self.store)),
         )
 
     def Release(self, request_iterator, context):
@@ -123,17 +120,17 @@ class FakeServicer(collafuse_pb2_grpc.CollaFuseServicer):
     def Status(self, request, context):
         return collafuse_pb2.StatusReply(
             server_id=self.state.server_id, fingerprint=self.fingerprint,
-            trainer=collafuse_pb2.TrainerState(phase="done"), device="cpu",
+            trainer=collafuse_pb2.TrainerState(phase=collafuse_pb2.PHASE_DONE), device="cpu",
         )
 
     def Sample(self, request, context):
         self.sample_requests.append(request)
         labels = torch.tensor(list(request.labels), dtype=torch.long)
         events: list[tuple[int, int]] = []
+        chain = make_chain(self.state.schedule, request.scheduler or "ddpm", request.num_inference_steps)
         x = server_half(
-            as_denoiser(self.model, request.guidance_scale or 1.0), self.state.schedule, labels, request.seed,
-            request.cut, request.num_inference_steps, request.scheduler or "ddpm", self.state.image_shape,
-            progress=lambda d, t: events.append((d, t)),
+            as_denoiser(self.model, request.guidance_scale or 1.0), chain, labels, request.seed, request.cut,
+            self.state.image_shape, progress=lambda d, t: events.append((d, t)),
         )
         for done, total in events:
             yield collafuse_pb2.SampleEvent(progress=collafuse_pb2.SampleProgress(steps_done=done, steps_total=total))
@@ -147,8 +144,9 @@ class FakeServicer(collafuse_pb2_grpc.CollaFuseServicer):
 class FakeServer:
     """Start with ``with FakeServer() as fake: fake.target``."""
 
-    def __init__(self, state: FakeState | None = None) -> None:
-        self.servicer = FakeServicer(state or FakeState())
+    def __init__(self, state: FakeState | None = None, servicer: FakeServicer | None = None) -> None:
+        # ``servicer``: a misbehaving subclass (tests/test_client_guard.py) instead of the honest one.
+        self.servicer = servicer or FakeServicer(state or FakeState())
         self._server = grpc.server(futures.ThreadPoolExecutor(max_workers=4), options=server_options())
         collafuse_pb2_grpc.add_CollaFuseServicer_to_server(self.servicer, self._server)
         self.port = self._server.add_insecure_port("127.0.0.1:0")

@@ -9,8 +9,9 @@ from typing import Any
 import numpy as np
 import pytest
 
-from collafuse.common.data import digits_arrays, save_png
-from collafuse.common.metrics.cli import main
+from collafuse.common.data import save_png
+from collafuse.evaluation.data.digits import digits_arrays
+from collafuse.evaluation.metrics.cli import main
 
 
 def make_eval_folders(root: Path) -> Path:

@@ -12,6 +12,7 @@ import torch
 
 from collafuse.common.codec import encode
 from collafuse.common.config import ServerSettings
+from collafuse.common.enums import phase_name
 from collafuse.common.rpc import open_channel
 from collafuse.server.app import CollaFuseServer, build_server
 from collafuse.v1 import collafuse_pb2, collafuse_pb2_grpc
@@ -58,7 +59,7 @@ def stub(server: CollaFuseServer, token: str | None = None) -> collafuse_pb2_grp
 
 def register(stub_: collafuse_pb2_grpc.CollaFuseStub, client_id: str, cut: int = 20, classes: Sequence[str] = CLASSES,
              **fields: Any) -> collafuse_pb2.RegisterReply:
-    request = collafuse_pb2.RegisterRequest(client_id=client_id, cut=cut, protocol="ambient", class_names=list(classes), **fields)
+    request = collafuse_pb2.RegisterRequest(client_id=client_id, cut=cut, protocol=collafuse_pb2.PROTOCOL_AMBIENT, class_names=list(classes), **fields)
     return stub_.Register(request, timeout=10)
 
 
@@ -96,11 +97,12 @@ def rpc_error(call: Any, *args: Any, **kwargs: Any) -> grpc.RpcError:
 
 
 def wait_phase(stub_: collafuse_pb2_grpc.CollaFuseStub, phase: str, timeout: float = 60.0) -> collafuse_pb2.StatusReply:
+    """Poll Status until the trainer's phase has the short name ``phase`` ("done", ...)."""
     deadline = time.monotonic() + timeout
     while True:
         status = stub_.Status(collafuse_pb2.StatusRequest(), timeout=10)
-        if status.trainer.phase == phase:
+        if phase_name(status.trainer.phase) == phase:
             return status
         if time.monotonic() > deadline:
-            raise AssertionError(f"trainer stayed {status.trainer.phase!r} (step {status.trainer.step}), wanted {phase!r}")
+            raise AssertionError(f"trainer stayed {phase_name(status.trainer.phase)!r} (step {status.trainer.step}), wanted {phase!r}")
         time.sleep(0.05)

@@ -15,7 +15,7 @@ from collafuse.client.errors import ClientError
 from collafuse.common.codec import encode
 from collafuse.common.models import as_denoiser
 from collafuse.common.rpc import RetryPolicy, ServerUnreachable, call_with_retry
-from collafuse.common.sampling import server_half
+from collafuse.common.sampling import make_chain, server_half
 from collafuse.v1 import collafuse_pb2
 
 torch.set_num_threads(1)
@@ -123,7 +123,8 @@ def test_sample_assembles_the_streamed_hand_off_and_reports_progress():
         with ServerConnection(fake.target) as conn:
             result = conn.sample(request, (1, 8, 8), lambda d, t: progress.append((d, t)))
         expected = server_half(
-            as_denoiser(fake.servicer.model), fake.servicer.state.schedule, torch.tensor([0, 1, 2, 0, 1]), 3, 20, 10, "ddpm", (1, 8, 8),
+            as_denoiser(fake.servicer.model), make_chain(fake.servicer.state.schedule, "ddpm", 10),
+            torch.tensor([0, 1, 2, 0, 1]), 3, 20, (1, 8, 8),
         )
         torch.testing.assert_close(result.x_cut, expected, rtol=0, atol=0)
         assert result.server_steps == 6 and progress[-1] == (6, 6)

@@ -9,12 +9,16 @@ import numpy as np
 import pytest
 import torch
 from client_fake_server import FakeServer, FakeState, make_image_folder
+from sampling_reference import reference_sample, relative_difference
 
-from collafuse.client.errors import ClientError, FingerprintMismatch, LedgerRefusal
+from collafuse.client.errors import ClientError, LedgerRefusal, ServerFingerprintChanged
 from collafuse.client.lifecycle import ClientLifecycle, run_lifecycle
+from collafuse.client.local_data import map_labels
+from collafuse.client.trainer import model_dir
 from collafuse.common.config import ClientSettings
-from collafuse.common.models import as_denoiser, load_model
-from collafuse.common.sampling import split_sample
+from collafuse.common.data import UNLABELED, DataError
+from collafuse.common.models import load_model
+from collafuse.v1 import collafuse_pb2
 
 torch.set_num_threads(1)
 
@@ -34,14 +38,14 @@ def _settings(tmp_path, target, **overrides) -> ClientSettings:  # type: ignore[
     return ClientSettings(**values)
 
 
-def test_full_lifecycle_writes_outputs_and_matches_the_in_process_split_sampler(tmp_path):
+def test_full_lifecycle_writes_outputs_and_matches_the_reference_sampler(tmp_path):
     make_image_folder(tmp_path / "data", classes=("0", "2"), per_class=4)
     with FakeServer() as fake:
         settings = _settings(tmp_path, fake.target)
         metrics = run_lifecycle(settings, poll_interval=0.01)
         work = settings.workdir
-        for name in ("ledger.sqlite", "metrics.json", "loss.png", "server.json", "model/config.json",
-                     "model/collafuse.json", "model/train_state.safetensors", "samples/grid.png",
+        for name in ("ledger.sqlite", "metrics.json", "loss.png", "server.json", "checkpoints/latest/ema/config.json",
+                     "checkpoints/latest/ema/collafuse.json", "checkpoints/latest/trainer.pt", "samples/grid.png",
                      "samples/handoff.npy", "samples/samples.npy", "samples/labels.npy",
                      "samples/0000_0.png", "samples/0003_2.png"):
             assert (work / name).is_file(), name
@@ -54,20 +58,21 @@ def test_full_lifecycle_writes_outputs_and_matches_the_in_process_split_sampler(
         assert stored["bytes_sent"] > 0 and stored["bytes_received"] > 0
         assert stored["release"]["sent"] == 8 and len(fake.servicer.store) == 8
 
-        # Same seed, same weights, one process: the gRPC split equals common.sampling.split_sample.
+        # Same seed, same weights: the gRPC split equals one plain loop over the chain (tests/sampling_reference.py).
         labels = np.load(work / "samples/labels.npy")
         assert labels.tolist() == [0, 0, 2, 2]
         [request] = fake.servicer.sample_requests
         assert list(request.labels) == [0, 0, 2, 2] and request.seed == 5 and request.cut == 20
-        client_model, meta = load_model(work / "model")
+        client_model, meta = load_model(model_dir(work))
         assert meta["step"] == 3 and meta["cut"] == 20
-        x_cut, x0 = split_sample(
-            as_denoiser(fake.servicer.model), as_denoiser(client_model), fake.servicer.state.schedule,
-            torch.from_numpy(labels), 5, 20, 10, "ddpm", (1, 8, 8),
+        x_cut, x0 = reference_sample(
+            fake.servicer.model, client_model, num_train_timesteps=fake.servicer.state.schedule.num_train_timesteps,
+            kind="ddpm", num_inference_steps=10, cut=20, labels=labels.tolist(), seed=5, guidance=1.0,
+            image_shape=(1, 8, 8),
         )
         got_cut, got_x0 = np.load(work / "samples/handoff.npy"), np.load(work / "samples/samples.npy")
-        assert np.abs(got_cut - x_cut.numpy()).max() / np.abs(x_cut.numpy()).max() <= 1e-5
-        assert np.abs(got_x0 - x0.numpy()).max() / np.abs(x0.numpy()).max() <= 1e-5
+        assert relative_difference(torch.from_numpy(got_cut), x_cut) <= 1e-5
+        assert relative_difference(torch.from_numpy(got_x0), x0) <= 1e-5
 
         # A second run re-releases nothing, and training resumes up to a new target.
         again = run_lifecycle(settings.model_copy(update={"train_steps": 5}), poll_interval=0.01)
@@ -109,11 +114,16 @@ def test_refusals_and_mismatches_are_clear_and_keep_the_ledger(tmp_path):
             with pytest.raises(LedgerRefusal, match="forget"):
                 client.release()
             client.ledger.set_fingerprint("0" * 64, fake.target)
-            with pytest.raises(FingerprintMismatch, match="fresh --workdir"):
+            with pytest.raises(ServerFingerprintChanged, match="fresh --workdir"):
                 client.register()
             client.reset()
             client.register()
-            assert client.release().sent == 2
+            # Releases outlive forget and reset: sending them again takes its own confirmation, and is counted.
+            with pytest.raises(LedgerRefusal, match="forget.*--re-release-confirm"):
+                client.release()
+        with ClientLifecycle(settings.model_copy(update={"re_release_confirm": True})) as client:
+            assert client.release().re_released == 2
+            assert client.ledger.summary()["re_releases"] == 2
 
 
 def test_wait_for_server_times_out_with_advice(tmp_path):
@@ -128,7 +138,7 @@ def test_wait_for_server_times_out_with_advice(tmp_path):
     with FakeServer(FakeState(phases=["waiting", "training", "done"])) as fake:
         settings = _settings(tmp_path, fake.target, workdir=tmp_path / "w2")
         with ClientLifecycle(settings, poll_interval=0.01) as client:
-            assert client.wait_for_server().phase == "done"
+            assert client.wait_for_server().phase == collafuse_pb2.PHASE_DONE
             assert client.connection.traffic["Heartbeat"].calls == 3
 
 
@@ -163,10 +173,16 @@ def test_an_error_during_training_keeps_a_complete_resumable_model(tmp_path, mon
             pytest.raises(RuntimeError, match="simulated crash"),
         ):
             client.train()
-        _, meta = load_model(settings.workdir / "model")
+        _, meta = load_model(model_dir(settings.workdir))
         assert meta["step"] == 3  # the step finished before the crash was kept
-        assert not (settings.workdir / "model.tmp").exists() and not (settings.workdir / "model.old").exists()
+        assert sorted(p.name for p in (settings.workdir / "checkpoints").iterdir()) == ["latest"], "no tmp-* or previous"
         monkeypatch.setattr(trainer, "client_loss", real_loss)
         with ClientLifecycle(settings.model_copy(update={"train_steps": 6})) as client:
             result = client.train()
         assert (result.start_step, result.step, len(result.losses)) == (3, 6, 6)
+
+
+def test_labels_follow_the_servers_class_order_and_unknown_classes_are_named(tmp_path):
+    assert map_labels(["dog", "cat", UNLABELED], ["cat", "dog"], tmp_path).tolist() == [1, 0, 2]  # 2: the null label
+    with pytest.raises(DataError, match=r"classes \['bird'\] .* are not served"):
+        map_labels(["cat", "bird"], ["cat", "dog"], tmp_path)

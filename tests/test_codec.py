@@ -47,3 +47,19 @@ def test_rejects_bad_dtype_shape_and_values() -> None:
         decode(encode(torch.tensor([100.0])), value_range=(-50, 50))
     with pytest.raises(TensorError, match="cannot travel"):
         encode(torch.zeros(2, dtype=torch.complex64))
+
+
+@pytest.mark.parametrize(
+    "shape",
+    [
+        [2**62 + 1, 1, 8, 8],  # wraps to 64 elements in int64 arithmetic
+        [2**61, 2**3],  # wraps to 0
+        [0, 2**62],  # zero elements, yet no array can have that axis
+        [2**31, 2**31, 4],
+        [1] * 9,  # more axes than any tensor CollaFuse sends
+    ],
+)
+def test_rejects_shapes_whose_element_count_overflows(shape: list[int]) -> None:
+    for data in (b"", b"\0" * 256):
+        with pytest.raises(TensorError):  # the codec's own error, never numpy's ValueError
+            decode(tensor_pb2.Tensor(dtype="float32", shape=shape, data=data), shape=None)

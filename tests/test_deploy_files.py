@@ -1,20 +1,26 @@
-"""docker-compose.yml and the Dockerfiles are real: parsed and checked against the project.
+"""docker-compose.yml and the Dockerfiles checked against the project without an engine.
 
-There is no Docker engine on the CI machine; `collafuse-sim` runs the same topology.
+tests/test_docker_compose.py builds and runs them for real (slow, needs Docker: `make test-docker`).
 """
 
 from __future__ import annotations
 
+import fnmatch
 import re
 import shlex
 import tomllib
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
 
+from collafuse.deploy.docker.compose import compose_for
+
 ROOT = Path(__file__).resolve().parents[1]
-SCRIPTS = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
+PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
+SCRIPTS = PYPROJECT["project"]["scripts"]
+ROLES = ("server", "client")
 
 
 def dockerfile(name: str) -> list[tuple[str, str]]:
@@ -23,27 +29,76 @@ def dockerfile(name: str) -> list[tuple[str, str]]:
     return [(ln.split(None, 1)[0].upper(), ln.split(None, 1)[1] if " " in ln else "") for ln in lines]
 
 
-@pytest.mark.parametrize("name", ["Dockerfile.server", "Dockerfile.client"])
-def test_dockerfile_builds_from_the_tree(name: str) -> None:
+def build_args(name: str) -> dict[str, str]:
+    """The ARG defaults declared before the first FROM (the ones a user's plain `docker build` gets)."""
+    args: dict[str, str] = {}
+    for op, arg in dockerfile(name):
+        if op == "FROM":
+            break
+        if op == "ARG" and "=" in arg:
+            key, value = arg.split("=", 1)
+            args[key] = value
+    return args
+
+
+def load_compose() -> dict[str, Any]:
+    compose: dict[str, Any] = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+    return compose
+
+
+@pytest.mark.parametrize("role", ROLES)
+def test_dockerfile_builds_from_the_tree(role: str) -> None:
+    name = f"Dockerfile.{role}"
     instructions = dockerfile(name)
-    assert instructions[0][0] == "FROM"
+    stages = [arg for op, arg in instructions if op == "FROM"]
+    assert stages == ["${BASE_IMAGE} AS build", "${BASE_IMAGE}"], f"{name}: a build stage, then the runtime stage"
     for op, arg in instructions:
-        if op == "COPY":
+        if op == "COPY" and not arg.startswith("--from"):
             *sources, _dest = shlex.split(arg)
             for src in sources:
                 assert (ROOT / src).exists(), f"{name} copies {src}, which is not in the tree"
     runs = [arg for op, arg in instructions if op == "RUN"]
     torch_at = next(i for i, r in enumerate(runs) if "torch==" in r)
-    project_at = next(i for i, r in enumerate(runs) if re.search(r"pip install \.(\s|$)", r))
+    project_at = next(i for i, r in enumerate(runs) if re.search(r"pip install .*/src$", r))
     assert torch_at < project_at, "torch must be installed before the project (pinned build)"
     entry = [arg for op, arg in instructions if op == "ENTRYPOINT"]
     assert entry and yaml.safe_load(entry[0])[0] in SCRIPTS
-    for package_dir in ("common", "server", "client", "protos", "deploy"):
-        assert any(op == "COPY" and package_dir in arg for op, arg in instructions), f"{name} misses {package_dir}/"
+
+
+def test_build_context_holds_every_package() -> None:
+    """`COPY . /src` installs the project: .dockerignore must leave every package folder in the context."""
+    ignored = [ln.strip() for ln in (ROOT / ".dockerignore").read_text().splitlines()
+               if ln.strip() and not ln.startswith("#")]
+    folders = {"protos", "deploy", *PYPROJECT["tool"]["setuptools"]["package-dir"].values()}
+    for folder in sorted(folders):
+        top = folder.split("/")[0]
+        assert not [p for p in ignored if fnmatch.fnmatch(top, p)], f".dockerignore drops {top}/, which the image installs"
+    assert ".venv" in ignored and ".git" in ignored, "the build context must not carry the venv or the git history"
+
+
+def test_dockerfile_defaults_serve_a_machine_with_internet() -> None:
+    server, client = build_args("Dockerfile.server"), build_args("Dockerfile.client")
+    for args in (server, client):
+        assert args["BASE_IMAGE"] == "python:3.11-slim"
+        assert args["PIP_NO_INDEX"] == "0", "online by default; offline only where the build tool says so"
+    assert client["TORCH_INDEX_URL"].endswith("/whl/cpu"), "clients get the small CPU build of torch"
+    assert "cpu" not in server["TORCH_INDEX_URL"], "the GPU server gets a CUDA build of torch"
+    assert server["TORCH_VERSION"] == client["TORCH_VERSION"]
+
+
+def test_the_images_share_their_build_stage() -> None:
+    """Same build stage text in both files, so one image's layers are the other's build cache."""
+
+    def build_stage(name: str) -> list[tuple[str, str]]:
+        instructions = dockerfile(name)
+        froms = [i for i, (op, _) in enumerate(instructions) if op == "FROM"]
+        return instructions[froms[0]:froms[1]]
+
+    assert build_stage("Dockerfile.server") == build_stage("Dockerfile.client")
 
 
 def test_compose_topology() -> None:
-    compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+    compose = load_compose()
     services = compose["services"]
     server = services["server"]
     assert server["build"]["dockerfile"] == "deploy/Dockerfile.server"
@@ -51,13 +106,16 @@ def test_compose_topology() -> None:
     assert "collafuse.deploy.healthcheck" in " ".join(server["healthcheck"]["test"])
     clients = {name: svc for name, svc in services.items() if name.startswith("client-")}
     assert len(clients) >= 2
+    assert server["environment"]["COLLAFUSE_MIN_CLIENTS"] == str(len(clients))
     for name, svc in clients.items():
         assert svc["depends_on"]["server"]["condition"] == "service_healthy"
         assert svc["environment"]["COLLAFUSE_SERVER"] == "server:50051"
         data = [v for v in svc["volumes"] if isinstance(v, dict) and v["target"] == "/data/local"]
         assert data and data[0]["read_only"], f"{name} must mount its shard read-only"
-        assert data[0]["volume"]["subpath"] == name, f"{name} must see only its own shard"
+        assert data[0]["source"] == f"{name}-data", f"{name} must see only its own shard"
+        assert f"{name}-data:/shards/{name}" in services["prepare"]["volumes"], f"prepare must fill {name}'s shard"
         assert svc["command"][0] == "run" and "--data" in svc["command"]
+        assert svc["command"][svc["command"].index("--client-id") + 1] == name
     declared = set(compose["volumes"])
     for svc in services.values():
         for volume in svc.get("volumes", []):
@@ -66,7 +124,49 @@ def test_compose_topology() -> None:
 
 
 def test_compose_prepare_uses_real_commands() -> None:
-    compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+    compose = load_compose()
     command = " ".join(compose["services"]["prepare"]["command"])
     for tool in re.findall(r"(collafuse-[a-z]+)", command):
         assert tool in SCRIPTS
+    clients = [name for name in compose["services"] if name.startswith("client-")]
+    assert f"--clients {len(clients)}" in command, "one shard per client service"
+
+
+def test_compose_file_is_the_generated_one_for_three_clients() -> None:
+    """docker-compose.yml's clients follow client-0 exactly, so `compose_for` scales the same file."""
+    compose = load_compose()
+    assert compose_for(3, compose) == compose
+
+
+def test_compose_for_more_clients() -> None:
+    compose = compose_for(5, load_compose())
+    services = compose["services"]
+    names = [f"client-{k}" for k in range(5)]
+    assert [n for n in services if n.startswith("client-")] == names
+    shards = [v["source"] for n in names for v in services[n]["volumes"] if isinstance(v, dict)]
+    assert shards == [f"{n}-data" for n in names], "each client sees only its own shard"
+    assert services["prepare"]["volumes"] == [f"{n}-data:/shards/{n}" for n in names]
+    assert [services[n]["command"][services[n]["command"].index("--client-id") + 1] for n in names] == names
+    assert all(f"{n}:/work" in services[n]["volumes"] for n in names) and set(names) <= set(compose["volumes"])
+    assert "--clients 5" in " ".join(services["prepare"]["command"])
+    assert services["server"]["environment"]["COLLAFUSE_MIN_CLIENTS"] == "5"
+    with pytest.raises(ValueError, match="at least 1"):
+        compose_for(0, load_compose())
+
+
+class _ComposeLoader(yaml.SafeLoader):
+    """YAML with compose's `!reset` tag (drop the base file's value)."""
+
+
+_ComposeLoader.add_constructor("!reset", lambda loader, node: None)
+
+
+def test_smoke_override_only_shrinks_budgets() -> None:
+    """deploy/docker/compose.smoke.yml (CI's run) names only services of docker-compose.yml and sets tiny budgets."""
+    smoke = yaml.load((ROOT / "deploy" / "docker" / "compose.smoke.yml").read_text(), Loader=_ComposeLoader)
+    services = load_compose()["services"]
+    assert set(smoke["services"]) <= set(services)
+    assert int(smoke["services"]["server"]["environment"]["COLLAFUSE_MAX_STEPS"]) <= 50
+    for name, svc in smoke["services"].items():
+        if name.startswith("client-"):
+            assert int(svc["environment"]["COLLAFUSE_TRAIN_STEPS"]) <= 50

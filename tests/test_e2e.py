@@ -21,16 +21,18 @@ import torch
 from google.protobuf import descriptor_pool, message_factory
 from google.protobuf.message import Message
 from grpc_health.v1 import health_pb2  # noqa: F401  (registers the health messages the transcript holds)
+from sampling_reference import reference_sample, relative_difference
 
 from collafuse.client.ledger import Ledger
+from collafuse.client.trainer import model_dir
 from collafuse.common.codec import decode
-from collafuse.common.data import digits_arrays, load_image_folder, save_png
+from collafuse.common.data import load_image_folder, save_png
 from collafuse.common.diffusion import release, release_noise
-from collafuse.common.models import as_denoiser, load_model
-from collafuse.common.sampling import split_sample
+from collafuse.common.models import load_model
 from collafuse.common.schedule import ScheduleConfig
 from collafuse.deploy.healthcheck import check as health_check
 from collafuse.deploy.sim import SimSettings, free_port, run, server_command
+from collafuse.evaluation.data.digits import digits_arrays
 from collafuse.v1 import collafuse_pb2, tensor_pb2  # noqa: F401  (registers the CollaFuse messages)
 
 CLASSES = ["0", "1", "2", "3"]
@@ -111,7 +113,7 @@ def test_server_receives_only_x_cut(collaborative: SimSettings) -> None:
     for k in range(2):
         data = load_image_folder(_shard(collaborative, k), 1, SIZE)
         with Ledger(_client_dir(collaborative, k)) as ledger:
-            keys = ledger.image_keys(_shard(collaborative, k), data.paths)
+            keys = ledger.image_keys(data.images)
             for key, x0, path in zip(keys, data.images, data.paths):
                 records = ledger.releases(key)
                 assert len(records) == 1, f"{path} released {len(records)} times"
@@ -144,19 +146,20 @@ def test_server_receives_only_x_cut(collaborative: SimSettings) -> None:
     assert received == {key: 1 for key in private}, "every image reaches the server exactly once"
 
 
-def test_sampling_over_grpc_matches_in_process_split_sampler(collaborative: SimSettings) -> None:
+def test_sampling_over_grpc_matches_the_reference_loop(collaborative: SimSettings) -> None:
+    """Each client's hand-off and samples equal one plain loop over the chain with the same weights and seed."""
     server_model, _ = load_model(collaborative.out / "server" / "checkpoints" / "latest" / "ema")
     for k in range(2):
         samples = _client_dir(collaborative, k) / "samples"
-        client_model, _ = load_model(_client_dir(collaborative, k) / "model")
-        labels = torch.from_numpy(np.load(samples / "labels.npy")).long()
-        x_cut, x0 = split_sample(
-            as_denoiser(server_model), as_denoiser(client_model), SCHEDULE, labels,
-            seed=collaborative.seed + k, cut=200, num_inference_steps=10, image_shape=(1, SIZE, SIZE),
+        client_model, _ = load_model(model_dir(_client_dir(collaborative, k)))
+        labels = np.load(samples / "labels.npy").tolist()
+        x_cut, x0 = reference_sample(
+            server_model, client_model, num_train_timesteps=1000, kind="ddpm", num_inference_steps=10, cut=200,
+            labels=labels, seed=collaborative.seed + k, guidance=1.0, image_shape=(1, SIZE, SIZE),
         )
         for name, expected in (("handoff.npy", x_cut), ("samples.npy", x0)):
             got = torch.from_numpy(np.load(samples / name))
-            rel = float((got - expected).norm() / expected.norm())
+            rel = relative_difference(got, expected)
             assert rel <= 1e-5, f"client-{k} {name}: relative difference {rel:.2e}"
 
 

@@ -9,10 +9,11 @@ import numpy as np
 import pytest
 import torch
 
-from collafuse.common.data import ImageDataset, digits_arrays, load_image_folder, save_png
-from collafuse.common.metrics.classifier import conditional_accuracy, requested_labels, train_on_real
-from collafuse.common.metrics.cli import main
-from collafuse.common.metrics.errors import MetricsError
+from collafuse.common.data import ImageDataset, load_image_folder, save_png
+from collafuse.evaluation.data.digits import digits_arrays
+from collafuse.evaluation.metrics.classifier import conditional_accuracy, requested_labels, train_on_real
+from collafuse.evaluation.metrics.cli import main
+from collafuse.evaluation.metrics.errors import MetricsError
 
 
 def _dataset(images: np.ndarray, labels: np.ndarray) -> ImageDataset:

@@ -19,11 +19,11 @@ from safetensors.torch import save_file
 from torch import nn
 from torch.nn import functional as F
 
-from collafuse.common.data import digits_arrays
-from collafuse.common.metrics.clip import ClipFeatures, clip_preprocess
-from collafuse.common.metrics.clip_checkpoint import load_open_clip_vision
-from collafuse.common.metrics.errors import MetricsError
-from collafuse.common.metrics.features import folder_features
+from collafuse.evaluation.data.digits import digits_arrays
+from collafuse.evaluation.metrics.clip import ClipFeatures, clip_preprocess
+from collafuse.evaluation.metrics.clip_checkpoint import load_open_clip_vision
+from collafuse.evaluation.metrics.errors import MetricsError
+from collafuse.evaluation.metrics.features import folder_features
 
 WIDTH, DEPTH, PATCH, IMAGE, PROJ = 128, 2, 32, 224, 16  # 2 heads of 64, a 7x7 grid like ViT-B/32
 

@@ -2,11 +2,20 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
+
 import pytest
 import torch
 
 from collafuse.common.sampling import chain_timesteps, count_model_evaluations, split_timesteps
-from collafuse.common.schedule import ScheduleConfig, fingerprint, server_evaluates, validate_cut
+from collafuse.common.schedule import (
+    ScheduleConfig,
+    ScheduleError,
+    fingerprint,
+    server_evaluates,
+    validate_cut,
+)
 
 
 def test_alphas_cumprod_is_one_based_with_alpha_bar_zero_equal_one() -> None:
@@ -54,3 +63,71 @@ def test_fingerprint_changes_with_every_shared_part() -> None:
     assert base != fingerprint(ScheduleConfig(beta_end=0.03), (1, 16, 16), ["0", "1"])
     assert base != fingerprint(ScheduleConfig(), (1, 32, 32), ["0", "1"])
     assert base != fingerprint(ScheduleConfig(), (1, 16, 16), ["1", "0"])
+
+
+def _wire(config: dict[str, object]) -> tuple[str, str]:
+    text = json.dumps(config, sort_keys=True)
+    return text, hashlib.sha256(text.encode()).hexdigest()
+
+
+def test_wire_carries_diffusers_config_and_both_sides_rebuild_the_same_schedulers() -> None:
+    schedule = ScheduleConfig(num_train_timesteps=50, beta_end=0.03)
+    received = ScheduleConfig.from_wire(schedule.config_json(), schedule.config_fingerprint())
+    assert received == schedule
+    assert json.loads(schedule.config_json())["prediction_type"] == "epsilon"
+    for kind in ("ddpm", "ddim"):
+        assert torch.equal(received.scheduler(kind).alphas_cumprod, schedule.scheduler(kind).alphas_cumprod)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    "change,message",
+    [
+        ({"beta_start": 1e-9}, "alpha_bar_1 rounds to 1.0"),  # the NaN guard
+        ({"trained_betas": [0.1, 0.0, 0.2]}, "not strictly decreasing"),
+        ({"trained_betas": [0.1, float("nan")]}, "NaN or infinite"),
+        ({"prediction_type": "v_prediction"}, "options this side does not support"),
+        ({"rescale_betas_zero_snr": True}, "alpha_bar_T is 0"),
+        ({"num_train_timesteps": 12_000, "beta_end": 2e-4}, "num_train_timesteps"),
+        ({"beta_schedule": "bogus"}, "does not rebuild"),
+        ({"surprise": 1}, "surprise"),
+    ],
+)
+def test_a_bent_schedule_from_the_wire_is_refused(change: dict[str, object], message: str) -> None:
+    config = {**ScheduleConfig().diffusers_config(), **change}
+    with pytest.raises(ScheduleError, match=message):
+        ScheduleConfig.from_wire(*_wire(config))
+
+
+def test_wire_config_must_match_its_fingerprint_and_be_a_json_object() -> None:
+    schedule = ScheduleConfig()
+    with pytest.raises(ScheduleError, match="fingerprint"):
+        ScheduleConfig.from_wire(schedule.config_json(), ScheduleConfig(beta_end=0.03).config_fingerprint())
+    with pytest.raises(ScheduleError, match="not valid JSON"):
+        ScheduleConfig.from_wire(*_wire_text("{not json"))
+    with pytest.raises(ScheduleError, match="JSON object"):
+        ScheduleConfig.from_wire(*_wire_text("[1, 2]"))
+
+
+def _wire_text(text: str) -> tuple[str, str]:
+    return text, hashlib.sha256(text.encode()).hexdigest()
+
+
+def test_nan_guard_rejects_a_schedule_whose_first_alpha_bar_rounds_to_one() -> None:
+    with pytest.raises(ValueError, match="alpha_bar_1 rounds to 1.0 .*raise beta_start"):
+        ScheduleConfig(beta_start=1e-8)
+    assert ScheduleConfig(beta_start=3e-8).alphas_cumprod()[1] < 1.0
+
+
+def test_client_refuses_a_bent_server_schedule_with_a_clear_error() -> None:
+    from collafuse.client.connection import schedule_from_spec
+    from collafuse.client.errors import ClientError
+    from collafuse.v1 import collafuse_pb2
+
+    good = ScheduleConfig(num_train_timesteps=50)
+    spec = collafuse_pb2.ScheduleSpec(config_json=good.config_json(), fingerprint=good.config_fingerprint())
+    assert schedule_from_spec(spec) == good
+    text, digest = _wire({**good.diffusers_config(), "beta_start": 1e-9})
+    with pytest.raises(ClientError, match="server sent a schedule this client refuses: alpha_bar_1 rounds to 1.0"):
+        schedule_from_spec(collafuse_pb2.ScheduleSpec(config_json=text, fingerprint=digest))
+    with pytest.raises(ClientError, match="no scheduler config"):
+        schedule_from_spec(collafuse_pb2.ScheduleSpec())

@@ -78,7 +78,7 @@ def test_token_auth(tmp_path: Path) -> None:
     try:
         anonymous, wrong, member = stub(running), stub(running, token="guess"), stub(running, token="s3cret")
         for api in (anonymous, wrong):
-            err = rpc_error(api.Register, collafuse_pb2.RegisterRequest(client_id="x", cut=20, protocol="ambient"))
+            err = rpc_error(api.Register, collafuse_pb2.RegisterRequest(client_id="x", cut=20, protocol=collafuse_pb2.PROTOCOL_AMBIENT))
             assert err.code() == grpc.StatusCode.UNAUTHENTICATED and "token" in err.details()
             assert rpc_error(api.Release, iter(chunks("x", 20, 1, 1))).code() == grpc.StatusCode.UNAUTHENTICATED
             err = rpc_error(api.Sample, collafuse_pb2.SampleRequest(client_id="x", labels=[0]))

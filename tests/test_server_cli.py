@@ -56,3 +56,11 @@ def test_process_serves_until_sigterm(tmp_path: Path) -> None:
     assert f"CollaFuse server listening on 127.0.0.1:{info['port']} (device cpu)" in err
     assert "received SIGTERM" in err and "server stopped" in err
     assert not server_file.exists()
+
+
+def test_unusable_schedule_is_refused_at_start_up(tmp_path: Path, capsys: pytest.CaptureFixture[str], restore_logging: None) -> None:
+    # The NaN guard: alpha_bar_1 would round to 1 in float32 and the ambient weight would be NaN.
+    assert main(["--store", str(tmp_path), "--beta-start", "1e-8"]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and "alpha_bar_1 rounds to 1.0" in lines[0] and "raise beta_start" in lines[0]
+    assert not (tmp_path / "server.json").exists()

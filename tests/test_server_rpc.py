@@ -13,7 +13,7 @@ import torch
 from server_support import CLASSES, SHAPE, T, chunks, register, release_item, rpc_error, start, stub, upload
 
 from collafuse.common.codec import encode
-from collafuse.common.schedule import fingerprint
+from collafuse.common.schedule import ScheduleConfig, fingerprint
 from collafuse.server.app import CollaFuseServer
 from collafuse.v1 import collafuse_pb2, tensor_pb2
 
@@ -44,8 +44,9 @@ def test_register_reply_carries_the_servers_contract(api, server: CollaFuseServe
     assert reply.fingerprint == fingerprint(server.settings.schedule(), SHAPE, CLASSES)
     assert (reply.image_spec.channels, reply.image_spec.height, reply.image_spec.width) == SHAPE
     assert list(reply.class_names) == CLASSES and reply.releases_stored == 0
-    assert reply.schedule.num_train_timesteps == T and reply.schedule.beta_schedule == "linear"
     assert json.loads(reply.schedule.config_json)["num_train_timesteps"] == T
+    assert json.loads(reply.schedule.config_json)["beta_schedule"] == "linear"
+    assert ScheduleConfig.from_wire(reply.schedule.config_json, reply.schedule.fingerprint) == server.settings.schedule()
     assert reply.server_id.startswith("collafuse-")
     # Idempotent, and the client may pin the fingerprint it saw.
     again = register(api, "reg-ok", expected_fingerprint=reply.fingerprint)
@@ -56,7 +57,8 @@ def test_register_reply_carries_the_servers_contract(api, server: CollaFuseServe
     ("fields", "code", "needle"),
     [
         ({"client_id": ""}, INVALID, "client_id is empty"),
-        ({"protocol": "split"}, INVALID, "protocol 'split' is not supported"),
+        ({"protocol": collafuse_pb2.PROTOCOL_UNSPECIFIED}, INVALID, "protocol 'unspecified' is not supported"),
+        ({"protocol": 7}, INVALID, "protocol 'unknown-7' is not supported: this server speaks ambient"),
         ({"cut": -1}, INVALID, f"outside [0, {T}]"),
         ({"cut": T + 1}, INVALID, f"outside [0, {T}]"),
         ({"class_names": ["a", "zebra"]}, INVALID, "classes ['zebra'] are not served"),
@@ -66,7 +68,7 @@ def test_register_reply_carries_the_servers_contract(api, server: CollaFuseServe
     ],
 )
 def test_register_rejects(api, fields: dict, code: grpc.StatusCode, needle: str) -> None:  # type: ignore[no-untyped-def]
-    request = {"client_id": "bad-register", "cut": 20, "protocol": "ambient", "class_names": ["a"], **fields}
+    request = {"client_id": "bad-register", "cut": 20, "protocol": collafuse_pb2.PROTOCOL_AMBIENT, "class_names": ["a"], **fields}
     err = rpc_error(api.Register, collafuse_pb2.RegisterRequest(**request))
     assert err.code() == code
     assert needle in err.details()
@@ -76,7 +78,7 @@ def test_cut_change_needs_forget_first(api) -> None:  # type: ignore[no-untyped-
     register(api, "mover", cut=20)
     assert upload(api, chunks("mover", 20, 3, 2)).stored == 3
     assert register(api, "mover", cut=20).releases_stored == 3
-    err = rpc_error(api.Register, collafuse_pb2.RegisterRequest(client_id="mover", cut=30, protocol="ambient"))
+    err = rpc_error(api.Register, collafuse_pb2.RegisterRequest(client_id="mover", cut=30, protocol=collafuse_pb2.PROTOCOL_AMBIENT))
     assert err.code() == PRECONDITION and "run forget first" in err.details()
     assert api.Forget(collafuse_pb2.ForgetRequest(client_id="mover"), timeout=10).removed == 3
     assert register(api, "mover", cut=30).releases_stored == 0
@@ -124,10 +126,35 @@ def test_release_rejects(api) -> None:  # type: ignore[no-untyped-def]
     short = collafuse_pb2.ReleaseItem(image_key="k", label=0, x_cut=tensor_pb2.Tensor(dtype="float32", shape=list(SHAPE), data=b"x"))
     check(chunk("rel-bad", 20, short), INVALID, "bytes do not fit")
     check(chunk("rel-bad", 20, collafuse_pb2.ReleaseItem(image_key="k", label=0)), INVALID, "x_cut is missing")
-    # A bad chunk after a good one: the good one is stored (and a retry skips it).
+    # A bad chunk after a good one: the stream is all or nothing, so the good one is not stored either.
     err = rpc_error(api.Release, iter(chunk("rel-bad", 20, release_item("ok", 0)) + chunk("rel-bad", 20, release_item("k", 9))))
     assert err.code() == INVALID and "release chunk 1, item 0" in err.details()
-    assert register(api, "rel-bad", cut=20, classes=["a", "b"]).releases_stored == 1
+    assert "nothing of this stream was stored" in err.details()
+    assert register(api, "rel-bad", cut=20, classes=["a", "b"]).releases_stored == 0
+    # The same stream without the bad chunk is then stored whole.
+    assert upload(api, chunk("rel-bad", 20, release_item("ok", 0))).stored == 1
+
+
+def test_changed_payload_under_a_stored_key_is_a_counted_conflict(api, server: CollaFuseServer) -> None:  # type: ignore[no-untyped-def]
+    register(api, "changer", cut=20)
+    before = api.Status(collafuse_pb2.StatusRequest(), timeout=10).release_conflicts
+    original = release_item("img-0", 0, seed=1)
+    assert upload(api, chunk("changer", 20, original)).stored == 1
+    # An identical re-send (a retry) stays an idempotent duplicate.
+    again = upload(api, chunk("changer", 20, original))
+    assert (again.stored, again.duplicates) == (0, 1)
+    # Another payload under the stored key: ALREADY_EXISTS, and the new key in the same stream is not stored.
+    changed = release_item("img-0", 0, seed=2)
+    err = rpc_error(api.Release, iter(chunk("changer", 20, release_item("img-new", 1, seed=3), changed)))
+    assert err.code() == grpc.StatusCode.ALREADY_EXISTS, err.details()
+    assert "'img-0'" in err.details() and "nothing of this upload was stored" in err.details()
+    assert "forget this client" in err.details()
+    assert server.store.count("changer") == 1
+    # Two payloads for one new key within one stream conflict as well.
+    err = rpc_error(api.Release, iter(chunk("changer", 20, release_item("twice", 0, seed=4), release_item("twice", 0, seed=5))))
+    assert err.code() == grpc.StatusCode.ALREADY_EXISTS and server.store.count("changer") == 1
+    status = api.Status(collafuse_pb2.StatusRequest(), timeout=10)
+    assert status.release_conflicts == before + 2
 
 
 def test_forget_and_status(api, server: CollaFuseServer) -> None:  # type: ignore[no-untyped-def]
@@ -136,10 +163,11 @@ def test_forget_and_status(api, server: CollaFuseServer) -> None:  # type: ignor
     api.Heartbeat(collafuse_pb2.HeartbeatRequest(client_id="forgetful"), timeout=10)
     status = api.Status(collafuse_pb2.StatusRequest(), timeout=10)
     mine = {c.client_id: c for c in status.clients}["forgetful"]
-    assert (mine.cut, mine.protocol, mine.releases) == (15, "ambient", 4) and mine.last_seen > 0
+    assert (mine.cut, mine.protocol, mine.releases) == (15, collafuse_pb2.PROTOCOL_AMBIENT, 4) and mine.last_seen > 0
     assert status.fingerprint == server.fingerprint and status.device == "cpu"
     assert status.bytes_received > 4 * 256 and status.bytes_sent > 0
-    assert status.trainer.phase == "idle" and status.trainer.releases >= 4
+    assert status.trainer.phase == collafuse_pb2.PHASE_IDLE and status.trainer.releases >= 4
+    assert status.trainer.error == "" and status.trainer.skipped_steps == 0
     assert api.Forget(collafuse_pb2.ForgetRequest(client_id="forgetful"), timeout=10).removed == 4
     assert api.Forget(collafuse_pb2.ForgetRequest(client_id="forgetful"), timeout=10).removed == 0
     assert "forgetful" not in {c.client_id for c in api.Status(collafuse_pb2.StatusRequest(), timeout=10).clients}
@@ -180,7 +208,7 @@ def test_shutting_down_answers_unavailable(tmp_path: Path) -> None:
         register(api, "late", cut=20)
         running.servicer.begin_shutdown()
         for call, request in (
-            (api.Register, collafuse_pb2.RegisterRequest(client_id="late", cut=20, protocol="ambient")),
+            (api.Register, collafuse_pb2.RegisterRequest(client_id="late", cut=20, protocol=collafuse_pb2.PROTOCOL_AMBIENT)),
             (api.Status, collafuse_pb2.StatusRequest()),
             (api.Sample, collafuse_pb2.SampleRequest(client_id="late", labels=[0], cut=20)),
         ):

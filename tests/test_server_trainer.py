@@ -15,8 +15,10 @@ from server_support import tiny_settings
 
 from collafuse.common.models import load_model
 from collafuse.server.errors import FingerprintMismatch, StartupError
-from collafuse.server.store import NewRelease, ReleaseStore
+from collafuse.server.protocols.ambient import NewRelease, ReleaseTable
+from collafuse.server.store import ReleaseStore
 from collafuse.server.trainer import Trainer
+from collafuse.v1.collafuse_pb2 import PHASE_DONE, PHASE_IDLE, PHASE_WAITING
 
 torch.set_num_threads(1)
 CPU = torch.device("cpu")
@@ -25,7 +27,7 @@ CPU = torch.device("cpu")
 def add(store: ReleaseStore, client: str, cut: int, n: int = 4, seed: int = 0) -> None:
     store.register_client(client, cut, "ambient", ["a", "b", "c"], "fp")
     gen = torch.Generator().manual_seed(seed)
-    store.add_releases(client, cut, [NewRelease(f"{client}{i}", i % 3, torch.randn((1, 8, 8), generator=gen)) for i in range(n)])
+    ReleaseTable(store).add(client, cut, [NewRelease.of(f"{client}{i}", i % 3, torch.randn((1, 8, 8), generator=gen)) for i in range(n)])
 
 
 def wait_for(predicate, timeout: float = 30.0) -> None:  # type: ignore[no-untyped-def]
@@ -52,17 +54,17 @@ def test_trains_on_releases_of_two_clients_and_checkpoints(tmp_path: Path) -> No
     trainer = Trainer(tiny_settings(tmp_path, min_clients=2, max_steps=4, checkpoint_every=2), store, "fp", device=CPU, poll_interval=0.02)
     add(store, "alice", 10)
     trainer.start()
-    wait_for(lambda: trainer.state().phase == "waiting")
+    wait_for(lambda: trainer.state().phase == PHASE_WAITING)
     time.sleep(0.1)
     assert trainer.state().step == 0, "one client of min_clients=2 must not start training"
     add(store, "bob", 30, seed=1)
     assert trainer.wait_done(60)
     state = trainer.state()
-    assert (state.phase, state.step, state.max_steps) == ("done", 4, 4)
+    assert (state.phase, state.step, state.max_steps) == (PHASE_DONE, 4, 4)
     assert (state.releases, state.clients_with_releases) == (8, 2)
     assert state.last_loss is not None and math.isfinite(state.last_loss)
-    assert trainer._data is not None and trainer._data.client_ids == ["alice", "bob"]
-    assert sorted(set(trainer._data.cuts.tolist())) == [10, 30]
+    assert trainer.source.client_ids == ["alice", "bob"]
+    assert sorted(set(trainer.source.cuts.tolist())) == [10, 30]
 
     latest = tmp_path / "checkpoints" / "latest"
     for part in ("model", "ema"):
@@ -141,6 +143,6 @@ def test_start_timeout_and_stop_saves_a_checkpoint(tmp_path: Path) -> None:
     wait_for(lambda: trainer.state().step >= 2)
     trainer.stop()
     state = trainer.state()
-    assert state.phase == "idle"
+    assert state.phase == PHASE_IDLE
     meta = json.loads((tmp_path / "checkpoints" / "latest" / "ema" / "collafuse.json").read_text())
     assert meta["step"] == state.step >= 2

@@ -1,11 +1,32 @@
 from collafuse.v1 import tensor_pb2 as _tensor_pb2
 from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from collections.abc import Iterable as _Iterable, Mapping as _Mapping
 from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
+
+class Protocol(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    PROTOCOL_UNSPECIFIED: _ClassVar[Protocol]
+    PROTOCOL_AMBIENT: _ClassVar[Protocol]
+
+class Phase(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    PHASE_UNSPECIFIED: _ClassVar[Phase]
+    PHASE_IDLE: _ClassVar[Phase]
+    PHASE_WAITING: _ClassVar[Phase]
+    PHASE_TRAINING: _ClassVar[Phase]
+    PHASE_DONE: _ClassVar[Phase]
+PROTOCOL_UNSPECIFIED: Protocol
+PROTOCOL_AMBIENT: Protocol
+PHASE_UNSPECIFIED: Phase
+PHASE_IDLE: Phase
+PHASE_WAITING: Phase
+PHASE_TRAINING: Phase
+PHASE_DONE: Phase
 
 class ImageSpec(_message.Message):
     __slots__ = ("channels", "height", "width")
@@ -18,18 +39,12 @@ class ImageSpec(_message.Message):
     def __init__(self, channels: _Optional[int] = ..., height: _Optional[int] = ..., width: _Optional[int] = ...) -> None: ...
 
 class ScheduleSpec(_message.Message):
-    __slots__ = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "config_json")
-    NUM_TRAIN_TIMESTEPS_FIELD_NUMBER: _ClassVar[int]
-    BETA_START_FIELD_NUMBER: _ClassVar[int]
-    BETA_END_FIELD_NUMBER: _ClassVar[int]
-    BETA_SCHEDULE_FIELD_NUMBER: _ClassVar[int]
+    __slots__ = ("config_json", "fingerprint")
     CONFIG_JSON_FIELD_NUMBER: _ClassVar[int]
-    num_train_timesteps: int
-    beta_start: float
-    beta_end: float
-    beta_schedule: str
+    FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
     config_json: str
-    def __init__(self, num_train_timesteps: _Optional[int] = ..., beta_start: _Optional[float] = ..., beta_end: _Optional[float] = ..., beta_schedule: _Optional[str] = ..., config_json: _Optional[str] = ...) -> None: ...
+    fingerprint: str
+    def __init__(self, config_json: _Optional[str] = ..., fingerprint: _Optional[str] = ...) -> None: ...
 
 class RegisterRequest(_message.Message):
     __slots__ = ("client_id", "cut", "protocol", "class_names", "expected_fingerprint", "image_spec")
@@ -41,11 +56,11 @@ class RegisterRequest(_message.Message):
     IMAGE_SPEC_FIELD_NUMBER: _ClassVar[int]
     client_id: str
     cut: int
-    protocol: str
+    protocol: Protocol
     class_names: _containers.RepeatedScalarFieldContainer[str]
     expected_fingerprint: str
     image_spec: ImageSpec
-    def __init__(self, client_id: _Optional[str] = ..., cut: _Optional[int] = ..., protocol: _Optional[str] = ..., class_names: _Optional[_Iterable[str]] = ..., expected_fingerprint: _Optional[str] = ..., image_spec: _Optional[_Union[ImageSpec, _Mapping]] = ...) -> None: ...
+    def __init__(self, client_id: _Optional[str] = ..., cut: _Optional[int] = ..., protocol: _Optional[_Union[Protocol, str]] = ..., class_names: _Optional[_Iterable[str]] = ..., expected_fingerprint: _Optional[str] = ..., image_spec: _Optional[_Union[ImageSpec, _Mapping]] = ...) -> None: ...
 
 class RegisterReply(_message.Message):
     __slots__ = ("server_id", "image_spec", "schedule", "class_names", "fingerprint", "releases_stored")
@@ -78,20 +93,24 @@ class HeartbeatReply(_message.Message):
     def __init__(self, server_time: _Optional[float] = ..., trainer: _Optional[_Union[TrainerState, _Mapping]] = ...) -> None: ...
 
 class TrainerState(_message.Message):
-    __slots__ = ("phase", "step", "max_steps", "last_loss", "releases", "clients_with_releases")
+    __slots__ = ("phase", "step", "max_steps", "last_loss", "releases", "clients_with_releases", "error", "skipped_steps")
     PHASE_FIELD_NUMBER: _ClassVar[int]
     STEP_FIELD_NUMBER: _ClassVar[int]
     MAX_STEPS_FIELD_NUMBER: _ClassVar[int]
     LAST_LOSS_FIELD_NUMBER: _ClassVar[int]
     RELEASES_FIELD_NUMBER: _ClassVar[int]
     CLIENTS_WITH_RELEASES_FIELD_NUMBER: _ClassVar[int]
-    phase: str
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    SKIPPED_STEPS_FIELD_NUMBER: _ClassVar[int]
+    phase: Phase
     step: int
     max_steps: int
     last_loss: float
     releases: int
     clients_with_releases: int
-    def __init__(self, phase: _Optional[str] = ..., step: _Optional[int] = ..., max_steps: _Optional[int] = ..., last_loss: _Optional[float] = ..., releases: _Optional[int] = ..., clients_with_releases: _Optional[int] = ...) -> None: ...
+    error: str
+    skipped_steps: int
+    def __init__(self, phase: _Optional[_Union[Phase, str]] = ..., step: _Optional[int] = ..., max_steps: _Optional[int] = ..., last_loss: _Optional[float] = ..., releases: _Optional[int] = ..., clients_with_releases: _Optional[int] = ..., error: _Optional[str] = ..., skipped_steps: _Optional[int] = ...) -> None: ...
 
 class ReleaseItem(_message.Message):
     __slots__ = ("image_key", "label", "x_cut")
@@ -148,13 +167,13 @@ class ClientStatus(_message.Message):
     LAST_SEEN_FIELD_NUMBER: _ClassVar[int]
     client_id: str
     cut: int
-    protocol: str
+    protocol: Protocol
     releases: int
     last_seen: float
-    def __init__(self, client_id: _Optional[str] = ..., cut: _Optional[int] = ..., protocol: _Optional[str] = ..., releases: _Optional[int] = ..., last_seen: _Optional[float] = ...) -> None: ...
+    def __init__(self, client_id: _Optional[str] = ..., cut: _Optional[int] = ..., protocol: _Optional[_Union[Protocol, str]] = ..., releases: _Optional[int] = ..., last_seen: _Optional[float] = ...) -> None: ...
 
 class StatusReply(_message.Message):
-    __slots__ = ("server_id", "fingerprint", "trainer", "clients", "device", "bytes_received", "bytes_sent")
+    __slots__ = ("server_id", "fingerprint", "trainer", "clients", "device", "bytes_received", "bytes_sent", "release_conflicts")
     SERVER_ID_FIELD_NUMBER: _ClassVar[int]
     FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
     TRAINER_FIELD_NUMBER: _ClassVar[int]
@@ -162,6 +181,7 @@ class StatusReply(_message.Message):
     DEVICE_FIELD_NUMBER: _ClassVar[int]
     BYTES_RECEIVED_FIELD_NUMBER: _ClassVar[int]
     BYTES_SENT_FIELD_NUMBER: _ClassVar[int]
+    RELEASE_CONFLICTS_FIELD_NUMBER: _ClassVar[int]
     server_id: str
     fingerprint: str
     trainer: TrainerState
@@ -169,7 +189,8 @@ class StatusReply(_message.Message):
     device: str
     bytes_received: int
     bytes_sent: int
-    def __init__(self, server_id: _Optional[str] = ..., fingerprint: _Optional[str] = ..., trainer: _Optional[_Union[TrainerState, _Mapping]] = ..., clients: _Optional[_Iterable[_Union[ClientStatus, _Mapping]]] = ..., device: _Optional[str] = ..., bytes_received: _Optional[int] = ..., bytes_sent: _Optional[int] = ...) -> None: ...
+    release_conflicts: int
+    def __init__(self, server_id: _Optional[str] = ..., fingerprint: _Optional[str] = ..., trainer: _Optional[_Union[TrainerState, _Mapping]] = ..., clients: _Optional[_Iterable[_Union[ClientStatus, _Mapping]]] = ..., device: _Optional[str] = ..., bytes_received: _Optional[int] = ..., bytes_sent: _Optional[int] = ..., release_conflicts: _Optional[int] = ...) -> None: ...
 
 class SampleRequest(_message.Message):
     __slots__ = ("client_id", "labels", "seed", "num_inference_steps", "scheduler", "guidance_scale", "cut")

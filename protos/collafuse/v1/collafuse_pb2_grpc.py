@@ -89,8 +89,14 @@ class CollaFuseServicer:
         raise NotImplementedError('Method not implemented!')
 
     def Release(self, request_iterator, context):
-        """Client-streaming upload of x_cut releases. Acknowledged only after the
-        store has durably written every item; re-sending an image key is a no-op.
+        """Client-streaming upload of x_cut releases. All or nothing: the server
+        validates the whole stream first and stores it in one transaction, so a
+        rejected stream (any error status) stored none of its items and an OK ack
+        means every item is durably written. Re-sending an image key with the
+        same payload is an idempotent duplicate; a different payload under a
+        stored key is ALREADY_EXISTS (a release is never replaced: it would give
+        an observer two noise draws of one image) and nothing of the stream is
+        stored.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -1,0 +1,22 @@
+"""The client's protocols, one module each, and the registry from the ``--protocol`` name to them."""
+
+from __future__ import annotations
+
+from collafuse.client.protocols.ambient import AmbientClient
+from collafuse.client.protocols.base import ClientProtocol, ReleaseReport
+from collafuse.common.enums import protocol_names
+
+REGISTRY: dict[str, type[ClientProtocol]] = {AmbientClient.name: AmbientClient}
+
+__all__ = ["REGISTRY", "ClientProtocol", "ReleaseReport", "client_protocol"]
+
+
+def client_protocol(name: str) -> ClientProtocol:
+    """The protocol for a ``--protocol`` name; a ValueError that lists the choices otherwise."""
+    cls = REGISTRY.get(name)
+    if cls is None:
+        known = sorted(REGISTRY)
+        wire_only = sorted(set(protocol_names()) - set(REGISTRY))
+        extra = f" (the wire also names {wire_only}, which this client does not implement)" if wire_only else ""
+        raise ValueError(f"unknown protocol {name!r}: use one of {known}{extra}")
+    return cls()

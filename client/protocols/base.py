@@ -1,0 +1,67 @@
+"""What a protocol is on the client: what it sends the server, and with which guard (the ledger).
+
+A protocol (DESIGN 1a ambient, 1b split) is one class here plus one module beside this one; the
+registry in ``__init__`` maps the CLI's ``--protocol`` name and the wire's Protocol enum to it.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from typing import ClassVar
+
+import torch
+
+from collafuse.client.connection import ServerConnection
+from collafuse.client.ledger import Ledger
+from collafuse.common.schedule import ScheduleConfig
+from collafuse.v1 import collafuse_pb2
+
+
+@dataclass
+class ReleaseReport:
+    """What one contribution sent, as the client's metrics record it."""
+
+    images: int = 0
+    sent: int = 0
+    already_released: int = 0
+    stored: int = 0
+    duplicates: int = 0
+    total_for_client: int = 0
+    calls: int = 0
+    payload_bytes: int = 0
+    cut: int = 0
+    copies: int = 0  # not released: the same pixels as, or a near-duplicate of, another image (client/identity.py)
+    re_released: int = 0  # released again under --re-release-confirm
+
+    def to_json(self) -> dict[str, int]:
+        return asdict(self)
+
+
+class ClientProtocol(ABC):
+    """One protocol's client side. ``wire`` is its value of the proto's ``Protocol`` enum."""
+
+    name: ClassVar[str]
+    wire: ClassVar[collafuse_pb2.Protocol]
+
+    @abstractmethod
+    def contribute(
+        self,
+        connection: ServerConnection,
+        ledger: Ledger,
+        *,
+        client_id: str,
+        images: torch.Tensor,
+        labels: Sequence[int],
+        paths: Sequence[str] | None,
+        cut: int,
+        schedule: ScheduleConfig,
+        server: str,
+        resend: bool = False,
+        re_release: bool = False,
+    ) -> ReleaseReport:
+        """Send what this protocol sends for the server's training, each send recorded in the ledger before it goes.
+
+        ``images`` are the pixels as they would leave (the ledger keys them by those pixels, never by ``paths``,
+        which only name images in messages); ``re_release`` is the user's --re-release-confirm."""

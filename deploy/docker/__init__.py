@@ -1,0 +1,1 @@
+"""Building and running CollaFuse's Docker images on a machine without a container registry."""

@@ -1,0 +1,28 @@
+"""The server's protocols, one module each, and the registry that maps the wire's Protocol enum to them.
+
+Adding a protocol (the split protocol of DESIGN 1b is next) is a module here and one registry entry.
+"""
+
+from __future__ import annotations
+
+from collafuse.common.config import ServerSettings
+from collafuse.server.protocols.ambient import AmbientProtocol
+from collafuse.server.protocols.base import ServerProtocol, TrainingSource
+from collafuse.server.store import ReleaseStore, TableSpec
+from collafuse.v1 import collafuse_pb2
+
+REGISTRY: dict[int, type[ServerProtocol]] = {AmbientProtocol.wire: AmbientProtocol}
+# The protocol whose data the server's trainer learns from.
+TRAINING = collafuse_pb2.PROTOCOL_AMBIENT
+
+__all__ = ["REGISTRY", "TRAINING", "ServerProtocol", "TrainingSource", "build_protocols", "store_tables"]
+
+
+def store_tables() -> list[TableSpec]:
+    """The tables every registered protocol keeps in the store."""
+    return [p.table for p in REGISTRY.values() if p.table is not None]
+
+
+def build_protocols(settings: ServerSettings, store: ReleaseStore) -> dict[int, ServerProtocol]:
+    """One instance of each registered protocol, keyed by its wire value."""
+    return {wire: cls(settings, store) for wire, cls in REGISTRY.items()}
