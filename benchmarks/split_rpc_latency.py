@@ -32,8 +32,7 @@ def _handlers() -> grpc.GenericRpcHandler:
         return request  # eps_hat has the shape of x_t; the ack is small, so echo is an upper bound
 
     def stream(requests: Iterator[bytes], context: grpc.ServicerContext) -> Iterator[bytes]:
-        for request in requests:
-            yield request
+        yield from requests
 
     return grpc.method_handlers_generic_handler(SERVICE, {
         "Half": grpc.unary_unary_rpc_method_handler(half, _identity, _identity),
@@ -98,7 +97,7 @@ def main() -> None:
     parser.add_argument("--side", type=int, nargs="+", default=[8, 16])
     args = parser.parse_args()
     results = [measure(args.steps, 4 * b * s * s) | {"batch": b, "side": s} for b in args.batch for s in args.side]
-    print(json.dumps(results, indent=2))  # noqa: T201 -- the benchmark's output
+    print(json.dumps(results, indent=2))
 
 
 if __name__ == "__main__":

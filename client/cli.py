@@ -84,7 +84,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if command == "reset" and not confirmed:
             raise ClientError(
                 "reset lets this client join a server whose setup (image spec, schedule, classes) changed; "
-                "releases, the pinned schedule and the noise floor stay. Pass --yes to confirm"
+                "releases, the pinned schedule and the noise floor stay; pass --yes to confirm"
             )
         with ClientLifecycle(settings) as client:
             if command == "run":

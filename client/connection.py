@@ -290,6 +290,14 @@ class ServerConnection:
 
         return self._invoke("Sample", attempt)
 
+    def split_forward(self, request: collafuse_pb2.SplitForwardRequest) -> collafuse_pb2.SplitForwardReply:
+        """The first half of a split step; build ``request`` with client/protocols/split.py (its send guard)."""
+        return self._unary("SplitForward", self._stub.SplitForward, request)
+
+    def split_backward(self, request: collafuse_pb2.SplitBackwardRequest) -> collafuse_pb2.SplitBackwardReply:
+        """The second half: dL/d(eps_hat) for a step id (a retry of an applied step is acknowledged, not re-applied)."""
+        return self._unary("SplitBackward", self._stub.SplitBackward, request)
+
 
 def _decode_chunk(
     chunk: collafuse_pb2.SampleChunk, image_shape: tuple[int, int, int] | None, total: int

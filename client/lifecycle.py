@@ -32,6 +32,7 @@ from collafuse.client.connection import ServerConnection, ServerInfo, tls_creden
 from collafuse.client.generate import GenerateResult, generate_samples
 from collafuse.client.ledger import Ledger
 from collafuse.client.local_data import LocalData, load_local_data, map_labels
+from collafuse.client.privacy_ledger import privacy_report
 from collafuse.client.release import ReleaseReport, release_images
 from collafuse.client.report import RunReport
 from collafuse.client.trainer import TrainResult, train_local
@@ -175,8 +176,9 @@ class ClientLifecycle:
                 self.connection, self.ledger, client_id=self.client_id, images=data.dataset.images,
                 labels=data.labels.tolist(), paths=data.dataset.paths, cut=s.cut, protocol=s.protocol,
                 schedule=info.schedule, server=info.server_id, resend=resend, re_release=s.re_release_confirm,
+                settings=s,
             )
-            self.report.update(release=report.to_json())
+            self.report.update(release=report.to_json(), privacy=self.privacy())
         return report
 
     def train(self) -> TrainResult:
@@ -254,7 +256,13 @@ class ClientLifecycle:
             "client_id": self.client_id,
             "server": MessageToDict(reply, preserving_proto_field_name=True),
             "ledger": self.ledger.summary(),
+            "privacy": self.privacy(),
         }
+
+    def privacy(self) -> dict[str, Any] | None:
+        """Privacy spent, epsilon at --dp-delta (client/privacy_ledger.py); None before the server's image spec is known."""
+        info = self._info or joining.cached_server_info(self.workdir, self.ledger.fingerprint, self.settings.cut)
+        return None if info is None else privacy_report(self.ledger, self.settings.dp_delta, info.image_shape)
 
     def reset(self) -> None:
         """Forget the pinned server fingerprint, to join a server whose setup changed (releases, the pinned

@@ -51,7 +51,7 @@ def check_schedule(
         floor, origin = pinned.floor_alpha_bar, pinned.floor_origin
     else:
         floor, origin = level.alpha_bar, f"cut {cut} under the first schedule accepted ({describe_schedule(schedule)})"
-    if False:  # BUG
+    if level.alpha_bar > floor:
         asked = "server schedule" if pinned is None or pinned.fingerprint != schedule.config_fingerprint() else "schedule"
         was = ""
         if pinned is not None and pinned.fingerprint != schedule.config_fingerprint():

@@ -12,10 +12,13 @@ from collafuse.client.ledger import Ledger
 from collafuse.client.protocols import client_protocol
 from collafuse.client.protocols.ambient import CHUNK_LIMIT, ITEMS_PER_CALL, build_chunks
 from collafuse.client.protocols.base import ReleaseReport
+from collafuse.common.config import ClientSettings
 
 __all__ = ["CHUNK_LIMIT", "ITEMS_PER_CALL", "ReleaseReport", "build_chunks", "release_images"]
 
 
-def release_images(connection: ServerConnection, ledger: Ledger, *, protocol: str, **fields: Any) -> ReleaseReport:
-    """``ClientProtocol.contribute`` of the ``--protocol`` named ``protocol`` (its keyword ``fields``)."""
-    return client_protocol(protocol).contribute(connection, ledger, **fields)
+def release_images(
+    connection: ServerConnection, ledger: Ledger, *, protocol: str, settings: ClientSettings | None = None, **fields: Any
+) -> ReleaseReport:
+    """``ClientProtocol.contribute`` of the ``--protocol`` named ``protocol`` (configured by ``settings``)."""
+    return client_protocol(protocol, settings).contribute(connection, ledger, **fields)

@@ -11,7 +11,7 @@ import logging
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, field_validator
+from pydantic import BaseModel, Field, field_validator
 from pydantic_settings import CliVariadicArg
 
 from collafuse.common.schedule import ScheduleFields
@@ -25,11 +25,24 @@ from collafuse.common.settings import (
 
 log = logging.getLogger(__name__)
 
-Protocol = Literal["ambient"]
+Protocol = Literal["ambient", "split"]
 DIGIT_CLASSES = [str(i) for i in range(10)]
+# How the ambient server weighs releases of different cuts (common/diffusion.py::ambient_pooled_weights).
+AmbientWeighting = Literal["standard", "pooled"]
 
 
-class ServerSettings(CollafuseSettings, ScheduleFields, TrainingFields, RuntimeFields, TlsFields):
+class AmbientFields(BaseModel):
+    """How the ambient server weighs releases of different cuts (the server's and the simulation's)."""
+
+    ambient_weighting: AmbientWeighting = Field(
+        "standard", description="ambient loss with clients at different cuts: standard (unweighted; learns a "
+        "cut-skewed mix of the clients' posteriors) or pooled (per-release weights so that it learns the pooled "
+        "E[eps | x_t]; more gradient variance). Equal cuts: identical")
+    ambient_max_weight: float = Field(10.0, ge=1, description="with --ambient-weighting pooled: the largest "
+                                      "per-release weight (the t just above a cut are scaled down to it)")
+
+
+class ServerSettings(CollafuseSettings, ScheduleFields, TrainingFields, RuntimeFields, TlsFields, AmbientFields):
     host: str = Field("0.0.0.0", description="address to listen on")
     port: int = Field(50051, ge=0, le=65535, description="port to listen on (0 picks a free one)")
     metrics_port: int = Field(0, ge=0, le=65535, description="HTTP port of the Prometheus /metrics endpoint "
@@ -67,6 +80,12 @@ class ServerSettings(CollafuseSettings, ScheduleFields, TrainingFields, RuntimeF
                                 "collafuse-token); replaces the shared --token")
     operators: CliVariadicArg[list[str]] = Field([], description="client ids (token or certificate) that may see "
                                                  "every client in Status")
+    # The split protocol's pending steps (server/protocols/split.py): bounded in number and age.
+    split_max_pending: int = Field(32, ge=1, description="split steps waiting for their backward, over all clients "
+                                   "(more: RESOURCE_EXHAUSTED)")
+    split_pending_per_client: int = Field(4, ge=1, description="split steps one client may have waiting")
+    split_step_ttl: float = Field(120.0, gt=0, description="seconds a split step waits for its backward before "
+                                  "it is dropped")
 
     @field_validator("channels")
     @classmethod
@@ -130,3 +149,13 @@ class ClientSettings(CollafuseSettings, TrainingFields, RuntimeFields, TlsFields
                                                 "schedule accepted, kept in the ledger)")
     re_release_confirm: bool = Field(False, description="confirm releasing images again: at another noise level "
                                      "(independent noise) or after a forget; counted in the ledger")
+    # The split protocol (client/protocols/split.py) and its differential privacy (client/dp.py).
+    split_steps: int = Field(0, ge=0, description="split protocol: most split steps this client sends "
+                             "(0: until the server finished training or the privacy budget is spent)")
+    dp_clip: float | None = Field(None, gt=0, description="split protocol: clip each image's dL/d(eps_hat) to this "
+                                  "L2 norm before it leaves (unset: no clipping, no DP)")
+    dp_noise_multiplier: float = Field(0.0, ge=0, description="split protocol: Gaussian noise std on the clipped "
+                                       "gradients, in units of --dp-clip")
+    dp_epsilon: float | None = Field(None, gt=0, description="privacy budget: stop sending before the privacy "
+                                     "spent (epsilon at --dp-delta) would exceed it (unset: no limit, still reported)")
+    dp_delta: float = Field(1e-5, gt=0, lt=1, description="delta at which epsilon is reported and budgeted")

@@ -92,6 +92,55 @@ def ambient_renoise(
     return x_t, _bcast(c, x_cut)
 
 
+def ambient_pooled_weights(
+    cuts: torch.Tensor,
+    t: torch.Tensor,
+    present_cuts: torch.Tensor,
+    alphas_cumprod: torch.Tensor,
+    max_weight: float = 10.0,
+) -> torch.Tensor:
+    """Per-release weights that make the ambient minimiser the pooled E[eps | x_t] when cuts differ.
+
+    Unweighted, a release of client i lands at t with density 1/(T - cut_i) (t ~ U(cut_i, T]) and its
+    loss is scaled by c_i(t)^2, so at each t the minimiser weighs client i's posterior by
+    n_i c_i(t)^2 / (T - cut_i) instead of n_i. The weight r_i(t) = (T - cut_i) / c_i(t)^2 undoes both.
+
+    Only the ratio of weights at the same t decides the minimiser, so any lambda(t) > 0 may scale them:
+    lambda(t) = min(1 / r_min(t), max_weight / r_max(t)), the min and max taken over the cuts in
+    ``present_cuts`` (plus the batch's own) that lie below t. A release of the client with the smallest
+    r (the lowest cut) keeps weight 1 while the spread r_max / r_min at t is at most ``max_weight``; where it
+    is larger (t just above a cut, where c -> 0 and r explodes) every weight at that t is scaled down so
+    that none exceeds ``max_weight``. The per-t minimiser stays exactly the pooled posterior for any cap;
+    what the cap trades is the weight of the t just above the higher cuts in the whole loss (those t
+    are learned more slowly) against gradient variance (a release near its cut regresses onto eps'/c,
+    whose variance is 1/c^2). Where one cut lies below t, every weight is exactly 1.
+
+    ``cuts`` and ``t`` are per-release [N] (t > cut); returns float64 [N] on the CPU.
+    """
+    if max_weight < 1:
+        raise ValueError(f"max_weight {max_weight} is below 1: the lowest-cut release already has weight 1")
+    if bool((t <= cuts).any()):
+        raise ValueError("weights are defined for t > cut only")
+    num_train_timesteps = alphas_cumprod.shape[0] - 1
+    cuts, t = cuts.cpu().long(), t.cpu().long()
+    levels = torch.unique(torch.cat([present_cuts.cpu().long().reshape(-1), cuts]))  # [K]
+    ab_t = alphas_cumprod[t].to(torch.float64)[:, None]  # [N, 1]
+
+    def spread(cut: torch.Tensor) -> torch.Tensor:
+        """r = (T - cut) / c^2 with c^2 = (1 - ab_t / ab_cut) / (1 - ab_t), broadcast over [N, *]."""
+        c2 = (1 - ab_t / alphas_cumprod[cut].to(torch.float64)) / (1 - ab_t)
+        return (num_train_timesteps - cut).to(torch.float64) / c2
+
+    active = levels[None, :] < t[:, None]  # [N, K]; the batch's own cut is always active
+    with torch.no_grad():
+        r_all = spread(levels[None, :].expand(t.shape[0], -1).clamp(max=num_train_timesteps - 1))
+        r_min = torch.where(active, r_all, torch.inf).amin(dim=1)
+        r_max = torch.where(active, r_all, -torch.inf).amax(dim=1)
+        r_own = spread(cuts[:, None])[:, 0]
+        scale = torch.minimum(1 / r_min, max_weight / r_max)
+    return r_own * scale
+
+
 def ambient_server_loss(
     denoiser: Denoiser,
     x_cut: torch.Tensor,
@@ -101,10 +150,15 @@ def ambient_server_loss(
     generator: torch.Generator | None = None,
     t: torch.Tensor | None = None,
     noise: torch.Tensor | None = None,
+    weight: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """|| c eps_hat_s(x_t, t, y) - eps' ||^2 with t ~ U(cut, T] and eps' ~ N(0, I) unless given.
 
-    Its minimiser is the standard eps-predictor E[eps | x_t] whatever each release's cut.
+    With one cut for every release its minimiser is the standard eps-predictor E[eps | x_t]. With
+    several cuts (the "mixed cuts" caveat of DESIGN 1a) it is not: at each t client i's posterior is
+    weighted by n_i c_i(t)^2 / (T - cut_i) rather than n_i. ``weight`` (per release, from
+    ``ambient_pooled_weights``; the server's ``--ambient-weighting pooled``) restores n_i; the loss is
+    then mean(weight * squared error), so a slice of a batch with its weights is that slice's share.
     """
     num_train_timesteps = alphas_cumprod.shape[0] - 1
     if t is None:
@@ -113,4 +167,8 @@ def ambient_server_loss(
         noise = torch.randn(x_cut.shape, generator=generator, dtype=x_cut.dtype)
     noise = noise.to(x_cut.device)
     x_t, c = ambient_renoise(x_cut, cuts, t, noise, alphas_cumprod)
-    return torch.nn.functional.mse_loss(c * denoiser(x_t, t.to(x_cut.device), labels), noise)
+    prediction = c * denoiser(x_t, t.to(x_cut.device), labels)
+    if weight is None:
+        return torch.nn.functional.mse_loss(prediction, noise)
+    squared = (prediction.float() - noise.float()) ** 2
+    return (_bcast(weight, squared) * squared).mean()

@@ -16,7 +16,7 @@ import copy
 import logging
 import math
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Generic, Literal, Protocol, TypeVar
 
@@ -157,6 +157,9 @@ class TrainCore:
         self.skipped_steps = 0
         self.saved_step = -1  # the step of the last checkpoint written or resumed from
         self._lock = lock if lock is not None else threading.Lock()
+        # Held for a whole optimizer step by the background trainer and by split steps (server/protocols/split.py):
+        # both update this one model, and a copy of the weights must never see a half-applied step.
+        self.model_lock = threading.RLock()
         self._reduce_loss: Callable[[torch.Tensor], torch.Tensor] = lambda loss: loss
 
     def replicate(
@@ -179,6 +182,10 @@ class TrainCore:
 
         Raises ``NonFiniteLoss`` after ``max_nonfinite_steps`` skipped steps in a row.
         """
+        with self.model_lock:
+            return self._train_step(batches, loss_fn)
+
+    def _train_step(self, batches: BatchSource[B], loss_fn: Loss[B]) -> StepResult:
         batch = batches(self.generator)
         with self._autocast():
             loss = loss_fn(self.net, batch, self.generator)
@@ -197,6 +204,21 @@ class TrainCore:
                 )
             return StepResult(self.step, None)
         loss.backward()
+        return self._optimizer_step(value)
+
+    def step_with_gradients(self, gradients: Sequence[torch.Tensor], loss: float | None = None) -> StepResult:
+        """One optimizer step from parameter gradients computed elsewhere (a split step's server half), in
+        ``model.parameters()`` order; ``loss`` (None: not known here) goes to the loss history."""
+        with self.model_lock:
+            params = list(self.model.parameters())
+            if len(gradients) != len(params):
+                raise ValueError(f"{len(gradients)} gradients for {len(params)} parameters")
+            for param, grad in zip(params, gradients):
+                param.grad = grad.to(param.device, param.dtype)
+            return self._optimizer_step(loss)
+
+    def _optimizer_step(self, value: float | None) -> StepResult:
+        """Clip, step the optimizer and the lr schedule, update the EMA and the counters (gradients are set)."""
         if self.options.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.options.grad_clip)
         self.optimizer.step()
@@ -205,7 +227,8 @@ class TrainCore:
         with self._lock:
             self.ema.update(self.model, self.step)
             self.step += 1
-            self.losses.append((self.step, value))
+            if value is not None:
+                self.losses.append((self.step, value))
         return StepResult(self.step, value)
 
     def run(

@@ -25,12 +25,13 @@ import socket
 import sys
 import time
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 from pydantic import BaseModel, Field
+from pydantic_settings import CliVariadicArg
 from tqdm import tqdm
 
-from collafuse.common.config import DIGIT_CLASSES, ClientSettings, ServerSettings
+from collafuse.common.config import DIGIT_CLASSES, AmbientFields, ClientSettings, Protocol, ServerSettings
 from collafuse.common.data import DataError
 from collafuse.common.files import read_json
 from collafuse.common.images import save_curves
@@ -57,17 +58,19 @@ log = logging.getLogger("collafuse.sim")
 DIGITS_SIDE = 8  # the bundled digits' own size
 
 
-class SimSettings(CollafuseSettings, ScheduleFields, TrainingFields, RuntimeFields):
+class SimSettings(CollafuseSettings, ScheduleFields, TrainingFields, RuntimeFields, AmbientFields):
     """The simulation's own settings; the schedule, training and runtime fields pass to every process."""
 
     clients: int = Field(3, ge=1, le=64, description="number of client processes")
     cut: int = Field(200, ge=0, description="cut point zeta of every client (0 = GM, T = ICM)")
+    cuts: CliVariadicArg[list[int]] = Field([], description="per-client cut points, one per client (e.g. --cuts "
+                                            "100 200 500); replaces --cut")
     steps: int = Field(1000, ge=0, description="server training steps")
     client_steps: int = Field(500, ge=0, description="local training steps of each client")
     dataset: str = Field("digits", description="'digits' (bundled) or a folder with one sub-folder per class")
     partition: PartitionScheme = Field("classes", description="iid, classes (class groups) or dirichlet")
     alpha: float = Field(0.5, gt=0, description="Dirichlet concentration for --partition dirichlet")
-    protocol: Literal["ambient"] = Field("ambient", description="training protocol")
+    protocol: Protocol = Field("ambient", description="training protocol: ambient (releases) or split (split learning)")
     out: Path = Field(Path("runs/sim"), description="output folder")
     image_size: int | None = Field(None, ge=4, le=1024, description="served image side (default: the dataset's own, "
                                    f"rounded to one the models take; the bundled digits are {DIGITS_SIDE}x{DIGITS_SIDE})")
@@ -84,6 +87,14 @@ class SimSettings(CollafuseSettings, ScheduleFields, TrainingFields, RuntimeFiel
     launcher: LauncherKind = Field(default_factory=default_launcher,
                                    description="forkserver: fork the CLIs from one process that imported torch once; "
                                                "subprocess: start each CLI as `python -m` (see deploy/launcher.py)")
+
+    def cut_of(self, k: int) -> int:
+        """Client k's cut: its entry of --cuts, else --cut."""
+        return self.cuts[k] if self.cuts else self.cut
+
+
+def _cuts_text(settings: SimSettings) -> str:
+    return " ".join(str(c) for c in settings.cuts) if settings.cuts else str(settings.cut)
 
 
 def free_port() -> int:
@@ -161,7 +172,7 @@ def server_settings(settings: SimSettings, port: int, classes: list[str]) -> Ser
     settings = with_image_spec(settings)
     return build_settings(
         ServerSettings,
-        **_shared(settings, ScheduleFields, TrainingFields, RuntimeFields),
+        **_shared(settings, ScheduleFields, TrainingFields, RuntimeFields, AmbientFields),
         host="127.0.0.1", port=port, store=settings.out / "server",
         image_size=settings.image_size, channels=settings.channels, classes=classes,
         model_preset=settings.server_preset, max_steps=settings.steps, min_clients=settings.clients,
@@ -175,11 +186,11 @@ def client_settings(settings: SimSettings, k: int, shard: Path, port: int) -> Cl
         ClientSettings,
         **{**_shared(settings, TrainingFields, RuntimeFields), "seed": settings.seed + k},
         data=shard, server=f"127.0.0.1:{port}", client_id=f"client-{k}",
-        workdir=settings.out / "clients" / f"client-{k}", cut=settings.cut, protocol=settings.protocol,
+        workdir=settings.out / "clients" / f"client-{k}", cut=settings.cut_of(k), protocol=settings.protocol,
         model_preset=settings.client_preset, train_steps=settings.client_steps,
         samples_per_class=settings.samples_per_class, inference_steps=settings.inference_steps,
         # An independent client model needs nothing from the server's training.
-        wait_for_server=settings.cut < settings.num_train_timesteps,
+        wait_for_server=settings.cut_of(k) < settings.num_train_timesteps,
     )
 
 
@@ -262,7 +273,7 @@ def collect(settings: SimSettings, wall: float, shards: list[Path]) -> dict[str,
         grid = workdir / "samples" / "grid.png"
         if grid.is_file():
             shutil.copyfile(grid, grids / f"{name}.png")
-    save_curves(settings.out / "loss_curves.png", curves, f"training loss (cut {settings.cut})")
+    save_curves(settings.out / "loss_curves.png", curves, f"training loss (cuts {_cuts_text(settings)})")
 
     def total(key: str) -> int:
         return int(sum(int(m.get(key, 0) or 0) for m in clients.values()))
@@ -297,8 +308,11 @@ def _terminate_on_sigterm() -> None:
 
 
 def run(settings: SimSettings) -> dict[str, Any]:
-    if settings.cut > settings.num_train_timesteps:
-        raise ConfigError(f"--cut {settings.cut} exceeds T = {settings.num_train_timesteps}")
+    if settings.cuts and len(settings.cuts) != settings.clients:
+        raise ConfigError(f"--cuts gives {len(settings.cuts)} cut(s) for --clients {settings.clients}: give one per client")
+    for k in range(settings.clients):
+        if not 0 <= settings.cut_of(k) <= settings.num_train_timesteps:
+            raise ConfigError(f"cut {settings.cut_of(k)} of client-{k} is outside [0, T = {settings.num_train_timesteps}]")
     if settings.fresh:
         for sub in ("server", "clients", "logs", "grids"):
             shutil.rmtree(settings.out / sub, ignore_errors=True)
@@ -309,9 +323,9 @@ def run(settings: SimSettings) -> dict[str, Any]:
     port = free_port()
     env = _env(settings)
     logs = settings.out / "logs"
-    if settings.cut == 0:
+    if 0 in (settings.cut_of(k) for k in range(settings.clients)):
         log.warning("cut 0 is the global-model baseline: every client releases its raw images to the server")
-    log.info("starting the server on 127.0.0.1:%d and %d clients (cut %d)", port, settings.clients, settings.cut)
+    log.info("starting the server on 127.0.0.1:%d and %d clients (cut %s)", port, settings.clients, _cuts_text(settings))
     server = ChildProcess("server", server_command(settings, port, classes), logs / "server.log", env, settings.launcher)
     clients: list[ChildProcess] = []
     try:

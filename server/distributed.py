@@ -184,6 +184,7 @@ class Channel:
             )
 
 
+@torch.no_grad()
 def fingerprint(core: TrainCore) -> list[float]:
     """A few numbers that differ when two cores are not in the same training state."""
     optimizer_sum = sum(float(v.double().sum()) for s in core.optimizer.state.values()
@@ -278,7 +279,7 @@ def follow(settings: ServerSettings, world: World, device: torch.device) -> Trai
     while True:
         op, args = channel.receive()
         if op == Op.STEP:
-            core.train_step(lambda g: shard(source.batch(g), world.rank, world.size), source.loss)
+            core.train_step(lambda g: shard(source.batch(g), 0, world.size), source.loss)
         elif op == Op.ROWS:
             source.take(*channel.receive_rows(args))
         elif op == Op.STOP:

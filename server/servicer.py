@@ -18,9 +18,11 @@ from collafuse.common.config import ServerSettings
 from collafuse.common.enums import protocol_name, protocol_value
 from collafuse.common.rpc import CHUNK_BYTES
 from collafuse.common.schedule import validate_cut
+from collafuse.common.train_loop import StepResult
 from collafuse.server.auth import caller, sample_scope_error
 from collafuse.server.errors import RequestRefused
 from collafuse.server.protocols import ServerProtocol, build_protocols
+from collafuse.server.protocols.split import SplitEngine, SplitProtocol
 from collafuse.server.sampler import QueueFull, SampleCancelled, Sampler
 from collafuse.server.sampling_rpc import (
     RETRY_AFTER_KEY,
@@ -310,6 +312,37 @@ class CollaFuseServicer(collafuse_pb2_grpc.CollaFuseServicer):
             log.error("sampling failed: %r", exc)
             _abort(context, Code.INTERNAL, f"sampling failed on the server: {exc}")
         yield from handoff_chunks(handoff, self.chunk_bytes)
+
+    # ---- the split protocol (DESIGN 1b): validation and the engine live in server/protocols/split.py ----
+    def _split(self, client_id: str, context: grpc.ServicerContext, what: str) -> tuple[SplitProtocol, SplitEngine, ClientRecord]:
+        self._check_serving(context)
+        client = self._registered(self._client_id(client_id, context), context, what)
+        protocol = self.protocols.get(collafuse_pb2.PROTOCOL_SPLIT)
+        if not isinstance(protocol, SplitProtocol):
+            _abort(context, Code.FAILED_PRECONDITION, "this server does not speak the split protocol")
+        engine = protocol.engine(self.trainer.core, self.trainer.max_steps, self._after_split_step)
+        return protocol, engine, client
+
+    def _after_split_step(self, result: StepResult) -> None:
+        # Split steps are steps of the trainer's core: they checkpoint on the same schedule.
+        if result.step % self.settings.checkpoint_every == 0:
+            self.trainer.save_checkpoint()
+
+    def SplitForward(self, request: collafuse_pb2.SplitForwardRequest, context: grpc.ServicerContext) -> collafuse_pb2.SplitForwardReply:
+        protocol, engine, client = self._split(request.client_id, context, "SplitForward")
+        try:
+            reply = protocol.forward(engine, request, client, self._label_error)
+        except RequestRefused as exc:
+            _abort(context, exc.code, exc.message)
+        self.store.touch(client.client_id)
+        return reply
+
+    def SplitBackward(self, request: collafuse_pb2.SplitBackwardRequest, context: grpc.ServicerContext) -> collafuse_pb2.SplitBackwardReply:
+        protocol, engine, client = self._split(request.client_id, context, "SplitBackward")
+        try:
+            return protocol.backward(engine, request, client)
+        except RequestRefused as exc:
+            _abort(context, exc.code, exc.message)
 
 
 def _trainer_message(state: TrainerState) -> collafuse_pb2.TrainerState:

@@ -267,7 +267,8 @@ class Trainer:
 
     def save_checkpoint(self) -> Path:
         """Swap a complete checkpoint in as ``<store>/checkpoints/latest`` (common.checkpoint's format)."""
-        latest = checkpoint.save(self.checkpoint_dir, self.core, self._meta(), {"wall_time": self._wall_time})
+        with self.core.model_lock:  # split steps (server/protocols/split.py) step the model from other threads
+            latest = checkpoint.save(self.checkpoint_dir, self.core, self._meta(), {"wall_time": self._wall_time})
         self._write_metrics()
         log.info("trainer: checkpoint at step %d -> %s", self.core.step, latest)
         return latest

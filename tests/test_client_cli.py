@@ -91,7 +91,7 @@ def test_release_status_forget_and_ledger_subcommands_keep_the_ledger(tmp_path, 
         assert code == 0 and status["server"]["server_id"] == "fake-server" and status["ledger"]["releases"] == 4
         assert _run(capsys, "forget", "--server", fake.target, *common)[0] == 0
         code, _, err = _run(capsys, "release", "--server", fake.target, *common)
-        assert code == 2 and "reset --yes" in err
+        assert code == 2 and "--re-release-confirm" in err
         code, _, err = _run(capsys, "release", "--server", fake.target, *common, "--client-id", "bob")
         assert code == 2 and "belongs to client 'alice'" in err
     code, out, _ = _run(capsys, "ledger", *common)

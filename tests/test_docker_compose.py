@@ -100,7 +100,8 @@ def smoke_run(built: BuildSettings) -> Iterator[dict[str, Any]]:
         (STATE / "smoke-compose.log").write_text(logs)
         (STATE / "smoke-time.json").write_text(json.dumps({"compose_run_seconds": seconds}))
         log.info("compose smoke run: %.0fs", seconds)
-        files = {name: volume_files(name, built.base_image) for name in (*CLIENTS, "server-data")}
+        volumes = (*CLIENTS, *(f"{c}-data" for c in CLIENTS), "server-data")
+        files = {name: volume_files(name, built.base_image) for name in volumes}
         yield {"states": states, "logs": logs, "files": files, "seconds": seconds, "base_image": built.base_image}
     finally:
         compose("down", "--volumes", "--remove-orphans")
@@ -119,13 +120,28 @@ def test_every_client_finished(smoke_run: dict[str, Any]) -> None:
 def test_server_trained_on_the_releases(smoke_run: dict[str, Any]) -> None:
     metrics = volume_json("server-data", "server/metrics.json", smoke_run["base_image"])
     assert metrics.get("step") == 20, f"the server should have run its 20 smoke steps: {metrics}"
-    assert any("checkpoint" in path for path in smoke_run["files"]["server-data"]), "no server checkpoint written"
+    assert metrics.get("clients_with_releases") == len(CLIENTS), f"the server trained on every client's releases: {metrics}"
+    assert any("checkpoints/" in path for path in smoke_run["files"]["server-data"]), "no server checkpoint written"
 
 
 @pytest.mark.parametrize("client", CLIENTS)
 def test_client_released_trained_and_generated(smoke_run: dict[str, Any], client: str) -> None:
     files = smoke_run["files"][client]
     metrics = volume_json(client, "metrics.json", smoke_run["base_image"])
+    release, generate = metrics.get("release", {}), metrics.get("generate", {})
+    assert release.get("stored", 0) > 0 and release["stored"] == metrics["num_images"], f"{client} released: {release}"
     assert metrics.get("local_train_steps") == 10, f"{client} should have trained its 10 smoke steps: {metrics}"
-    assert metrics.get("num_images", 0) > 0 and metrics.get("bytes_sent", 0) > 0, f"{client} released nothing: {metrics}"
+    assert metrics.get("server_trainer_step") == 20, f"{client} should have waited for the server's training: {metrics}"
+    assert generate.get("images", 0) == len(metrics["classes"]), f"one sample per class of {client}: {generate}"
     assert files.get("samples/grid.png", 0) > 0, f"{client} wrote no sample grid: {sorted(files)}"
+
+
+def test_each_client_saw_only_its_own_shard(smoke_run: dict[str, Any]) -> None:
+    """The classes each client trained on are exactly its shard's, and the shards are disjoint (class groups)."""
+    seen: set[str] = set()
+    for client in CLIENTS:
+        shard = {path.split("/")[0] for path in smoke_run["files"][f"{client}-data"]}
+        classes = volume_json(client, "metrics.json", smoke_run["base_image"])["classes"]
+        assert shard and sorted(shard) == sorted(classes), f"{client} saw {classes}, its shard holds {sorted(shard)}"
+        assert not seen & shard, f"{client}'s shard overlaps another client's: {sorted(seen & shard)}"
+        seen |= shard

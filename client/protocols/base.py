@@ -9,12 +9,13 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
-from typing import ClassVar
+from typing import Any, ClassVar, Self
 
 import torch
 
 from collafuse.client.connection import ServerConnection
 from collafuse.client.ledger import Ledger
+from collafuse.common.config import ClientSettings
 from collafuse.common.schedule import ScheduleConfig
 from collafuse.v1 import collafuse_pb2
 
@@ -35,7 +36,7 @@ class ReleaseReport:
     copies: int = 0  # not released: the same pixels as, or a near-duplicate of, another image (client/identity.py)
     re_released: int = 0  # released again under --re-release-confirm
 
-    def to_json(self) -> dict[str, int]:
+    def to_json(self) -> dict[str, Any]:
         return asdict(self)
 
 
@@ -44,6 +45,11 @@ class ClientProtocol(ABC):
 
     name: ClassVar[str]
     wire: ClassVar[collafuse_pb2.Protocol]
+
+    @classmethod
+    def from_settings(cls, settings: ClientSettings | None) -> Self:
+        """The protocol configured by the client's settings (None: its defaults)."""
+        return cls()
 
     @abstractmethod
     def contribute(

@@ -11,7 +11,7 @@ Each step is skipped when already done:
 2. start ``dockerd`` when no engine answers, recording its pid so that ``--stop-engine`` stops only it;
 3. build the base image in place of ``python:3.11-slim``: Debian bookworm's Python 3.11 in a venv
    (``debootstrap --variant=minbase``, then ``docker import``);
-4. download every wheel the images need, torch included, into ``deploy/docker/wheels/``: pip inside a
+4. download every wheel the images need into ``deploy/docker/wheels/{torch,deps}``: pip inside a
    container reaches PyPI here, but through a TLS-intercepting proxy whose CA only the host trusts,
    so the images install offline (``PIP_NO_INDEX=1``) from the wheels the host's pip fetched;
 5. build ``collafuse-server`` and ``collafuse-client`` (the Dockerfiles' defaults serve a machine with
@@ -227,18 +227,27 @@ def image_requirements(torch_version: str) -> list[str]:
 
 
 def download_wheels(settings: BuildSettings) -> bool:
-    """Wheels for every requirement (and theirs) into WHEELS; False when the same set is there already."""
+    """Wheels for every requirement (and theirs) into WHEELS; False when the same set is there already.
+
+    torch and its dependencies go to WHEELS/torch, the rest to WHEELS/deps: two image layers, so that a new
+    dependency of the project does not reinstall torch.
+    """
     requirements = image_requirements(settings.torch_version)
-    stamp = WHEELS / ".requirements"
+    torch_dir, deps_dir = WHEELS / "torch", WHEELS / "deps"
+    stamp = STATE / "wheels.json"
     key = json.dumps({"python": sys.version_info[:2], "requirements": requirements})
-    if stamp.is_file() and stamp.read_text() == key and any(WHEELS.glob("torch-*.whl")):
+    if stamp.is_file() and stamp.read_text() == key and any(torch_dir.glob("torch-*.whl")):
         return False
     pip = [sys.executable, "-m", "pip", "--quiet"]
-    # torch alone first: its own index where one is given (elsewhere PyPI's Linux torch is the CUDA build).
+    # torch from its own index where one is given (elsewhere PyPI's Linux torch is the CUDA build).
     index = ["--index-url", settings.torch_index_url] if settings.torch_index_url else []
-    _run([*pip, "download", "--no-deps", "--dest", str(WHEELS), *index, f"torch=={settings.torch_version}"])
+    _run([*pip, "download", "--dest", str(torch_dir), *index, requirements[0]])
     # sdists become wheels here, so that the image needs no build tools; the host's Python must be the image's.
-    _run([*pip, "wheel", "--wheel-dir", str(WHEELS), "--find-links", str(WHEELS), *requirements])
+    _run([*pip, "wheel", "--wheel-dir", str(deps_dir), "--find-links", str(torch_dir), "--find-links", str(deps_dir),
+          *requirements])
+    for wheel in torch_dir.glob("*.whl"):
+        (deps_dir / wheel.name).unlink(missing_ok=True)
+    STATE.mkdir(parents=True, exist_ok=True)
     stamp.write_text(key)
     return True
 

@@ -1,6 +1,6 @@
 """The server's protocols, one module each, and the registry that maps the wire's Protocol enum to them.
 
-Adding a protocol (the split protocol of DESIGN 1b is next) is a module here and one registry entry.
+Adding a protocol is a module here and one registry entry (ambient: DESIGN 1a; split: DESIGN 1b).
 """
 
 from __future__ import annotations
@@ -8,10 +8,11 @@ from __future__ import annotations
 from collafuse.common.config import ServerSettings
 from collafuse.server.protocols.ambient import AmbientProtocol
 from collafuse.server.protocols.base import ServerProtocol, TrainingSource
+from collafuse.server.protocols.split import SplitProtocol
 from collafuse.server.store import ReleaseStore, TableSpec
 from collafuse.v1 import collafuse_pb2
 
-REGISTRY: dict[int, type[ServerProtocol]] = {AmbientProtocol.wire: AmbientProtocol}
+REGISTRY: dict[int, type[ServerProtocol]] = {p.wire: p for p in (AmbientProtocol, SplitProtocol)}
 # The protocol whose data the server's trainer learns from.
 TRAINING = collafuse_pb2.PROTOCOL_AMBIENT
 

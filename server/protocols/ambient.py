@@ -22,8 +22,13 @@ import numpy as np
 import torch
 
 from collafuse.common.codec import TensorError, decode
-from collafuse.common.config import ServerSettings
-from collafuse.common.diffusion import Denoiser, ambient_server_loss, sample_server_times
+from collafuse.common.config import AmbientWeighting, ServerSettings
+from collafuse.common.diffusion import (
+    Denoiser,
+    ambient_pooled_weights,
+    ambient_server_loss,
+    sample_server_times,
+)
 from collafuse.common.models import drop_labels
 from collafuse.common.schedule import validate_cut
 from collafuse.server.errors import RequestRefused, StoreError
@@ -190,6 +195,8 @@ class AmbientBatch:
     cuts: torch.Tensor
     t: torch.Tensor
     noise: torch.Tensor  # on the CPU: a rank moves only its slice to its device
+    # Per-release loss weights (--ambient-weighting pooled with several cuts held), else None: plain MSE.
+    weight: torch.Tensor | None = None
 
 
 class _Growing:
@@ -230,6 +237,8 @@ class AmbientSource(TrainingSource[AmbientBatch]):
         null_label: int,
         device: torch.device,
         incremental: bool = True,
+        weighting: AmbientWeighting = "standard",
+        max_weight: float = 10.0,
     ) -> None:
         self.table = table
         self.alphas_cumprod = alphas_cumprod
@@ -239,6 +248,9 @@ class AmbientSource(TrainingSource[AmbientBatch]):
         self.device = device
         # incremental=False reloads everything on every change (the old behaviour; benchmarks compare).
         self.incremental = incremental
+        # "pooled": per-release weights so that mixed cuts learn the pooled E[eps | x_t] (common/diffusion.py).
+        self.weighting = weighting
+        self.max_weight = max_weight
         self._reset()
         self.loads = 0
         self.rows_loaded = 0
@@ -250,6 +262,7 @@ class AmbientSource(TrainingSource[AmbientBatch]):
         self._labels = _Growing()
         self._cuts = _Growing()
         self._clients: set[str] = set()
+        self._cut_levels: set[int] = set()
         self._last_rowid = 0
         self._version = -1
         self._epoch = -1
@@ -277,6 +290,7 @@ class AmbientSource(TrainingSource[AmbientBatch]):
             self._labels.append(rows.labels)
             self._cuts.append(rows.cuts)
             self._clients.update(rows.client_ids)
+            self._cut_levels.update(int(c) for c in torch.unique(rows.cuts).tolist())
         self._last_rowid, self._version, self._epoch = rows.last_rowid, rows.version, rows.forget_epoch
         return full or bool(len(rows))
 
@@ -306,14 +320,21 @@ class AmbientSource(TrainingSource[AmbientBatch]):
         cuts = self._cuts.view[idx]
         t = sample_server_times(cuts, self.alphas_cumprod.shape[0] - 1, generator)
         noise = torch.randn(x_cut.shape, generator=generator, dtype=x_cut.dtype)
-        return AmbientBatch(x_cut, labels, cuts, t, noise)
+        weight = None
+        # One cut held: every pooled weight is 1, and the plain loss is kept bit for bit.
+        if self.weighting == "pooled" and len(self._cut_levels) > 1:
+            levels = torch.tensor(sorted(self._cut_levels), dtype=torch.long)
+            weight = ambient_pooled_weights(cuts, t, levels, self.alphas_cumprod, self.max_weight).float()
+        return AmbientBatch(x_cut, labels, cuts, t, noise, weight)
 
     def loss(self, net: Denoiser, batch: AmbientBatch, generator: torch.Generator) -> torch.Tensor:
         return ambient_server_loss(net, batch.x_cut, batch.labels, batch.cuts, self.alphas_cumprod, t=batch.t,
-                                   noise=batch.noise)
+                                   noise=batch.noise, weight=batch.weight)
 
     def describe(self) -> str:
-        return f"{len(self)} releases from {len(self._clients)} clients (cuts {sorted(set(self.cuts.tolist()))})"
+        weighting = f", {self.weighting} weighting" + (f" (max weight {self.max_weight:g})" if self.weighting == "pooled" else "")
+        return (f"{len(self)} releases from {len(self._clients)} clients (cuts {sorted(self._cut_levels)}"
+                f"{weighting})")
 
 
 class AmbientProtocol(ServerProtocol):
@@ -391,4 +412,5 @@ def ambient_source(
     return AmbientSource(
         table, settings.schedule().alphas_cumprod(), batch_size=settings.batch_size,
         label_dropout=settings.label_dropout, null_label=null_label, device=device,
+        weighting=settings.ambient_weighting, max_weight=settings.ambient_max_weight,
     )

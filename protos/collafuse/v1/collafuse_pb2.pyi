@@ -12,6 +12,7 @@ class Protocol(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
     PROTOCOL_UNSPECIFIED: _ClassVar[Protocol]
     PROTOCOL_AMBIENT: _ClassVar[Protocol]
+    PROTOCOL_SPLIT: _ClassVar[Protocol]
 
 class Phase(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -22,6 +23,7 @@ class Phase(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     PHASE_DONE: _ClassVar[Phase]
 PROTOCOL_UNSPECIFIED: Protocol
 PROTOCOL_AMBIENT: Protocol
+PROTOCOL_SPLIT: Protocol
 PHASE_UNSPECIFIED: Phase
 PHASE_IDLE: Phase
 PHASE_WAITING: Phase
@@ -235,3 +237,53 @@ class SampleEvent(_message.Message):
     progress: SampleProgress
     chunk: SampleChunk
     def __init__(self, progress: _Optional[_Union[SampleProgress, _Mapping]] = ..., chunk: _Optional[_Union[SampleChunk, _Mapping]] = ...) -> None: ...
+
+class SplitForwardRequest(_message.Message):
+    __slots__ = ("client_id", "x_t", "t", "labels")
+    CLIENT_ID_FIELD_NUMBER: _ClassVar[int]
+    X_T_FIELD_NUMBER: _ClassVar[int]
+    T_FIELD_NUMBER: _ClassVar[int]
+    LABELS_FIELD_NUMBER: _ClassVar[int]
+    client_id: str
+    x_t: _tensor_pb2.Tensor
+    t: _containers.RepeatedScalarFieldContainer[int]
+    labels: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, client_id: _Optional[str] = ..., x_t: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., t: _Optional[_Iterable[int]] = ..., labels: _Optional[_Iterable[int]] = ...) -> None: ...
+
+class SplitForwardReply(_message.Message):
+    __slots__ = ("step_id", "eps_hat", "server_step", "expires_in")
+    STEP_ID_FIELD_NUMBER: _ClassVar[int]
+    EPS_HAT_FIELD_NUMBER: _ClassVar[int]
+    SERVER_STEP_FIELD_NUMBER: _ClassVar[int]
+    EXPIRES_IN_FIELD_NUMBER: _ClassVar[int]
+    step_id: str
+    eps_hat: _tensor_pb2.Tensor
+    server_step: int
+    expires_in: float
+    def __init__(self, step_id: _Optional[str] = ..., eps_hat: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., server_step: _Optional[int] = ..., expires_in: _Optional[float] = ...) -> None: ...
+
+class SplitBackwardRequest(_message.Message):
+    __slots__ = ("client_id", "step_id", "grad", "loss")
+    CLIENT_ID_FIELD_NUMBER: _ClassVar[int]
+    STEP_ID_FIELD_NUMBER: _ClassVar[int]
+    GRAD_FIELD_NUMBER: _ClassVar[int]
+    LOSS_FIELD_NUMBER: _ClassVar[int]
+    client_id: str
+    step_id: str
+    grad: _tensor_pb2.Tensor
+    loss: float
+    def __init__(self, client_id: _Optional[str] = ..., step_id: _Optional[str] = ..., grad: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., loss: _Optional[float] = ...) -> None: ...
+
+class SplitBackwardReply(_message.Message):
+    __slots__ = ("server_step", "max_steps", "done", "applied", "duplicate")
+    SERVER_STEP_FIELD_NUMBER: _ClassVar[int]
+    MAX_STEPS_FIELD_NUMBER: _ClassVar[int]
+    DONE_FIELD_NUMBER: _ClassVar[int]
+    APPLIED_FIELD_NUMBER: _ClassVar[int]
+    DUPLICATE_FIELD_NUMBER: _ClassVar[int]
+    server_step: int
+    max_steps: int
+    done: bool
+    applied: bool
+    duplicate: bool
+    def __init__(self, server_step: _Optional[int] = ..., max_steps: _Optional[int] = ..., done: _Optional[bool] = ..., applied: _Optional[bool] = ..., duplicate: _Optional[bool] = ...) -> None: ...

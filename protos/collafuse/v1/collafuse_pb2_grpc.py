@@ -66,6 +66,16 @@ class CollaFuseStub:
                 request_serializer=collafuse_dot_v1_dot_collafuse__pb2.SampleRequest.SerializeToString,
                 response_deserializer=collafuse_dot_v1_dot_collafuse__pb2.SampleEvent.FromString,
                 _registered_method=True)
+        self.SplitForward = channel.unary_unary(
+                '/collafuse.v1.CollaFuse/SplitForward',
+                request_serializer=collafuse_dot_v1_dot_collafuse__pb2.SplitForwardRequest.SerializeToString,
+                response_deserializer=collafuse_dot_v1_dot_collafuse__pb2.SplitForwardReply.FromString,
+                _registered_method=True)
+        self.SplitBackward = channel.unary_unary(
+                '/collafuse.v1.CollaFuse/SplitBackward',
+                request_serializer=collafuse_dot_v1_dot_collafuse__pb2.SplitBackwardRequest.SerializeToString,
+                response_deserializer=collafuse_dot_v1_dot_collafuse__pb2.SplitBackwardReply.FromString,
+                _registered_method=True)
 
 
 class CollaFuseServicer:
@@ -124,6 +134,24 @@ class CollaFuseServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SplitForward(self, request, context):
+        """The split protocol (DESIGN 1b), one step in two unary calls. Forward: the
+        client sends x_t (every t above its registered cut), t and labels; the
+        server answers eps_hat and keeps the step for a while under a step id.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SplitBackward(self, request, context):
+        """Backward: the client sends dL/d(eps_hat) of its own loss; the server
+        back-propagates it, steps its optimizer and acknowledges. Idempotent: a
+        retried backward of a completed step is acknowledged again, not applied.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_CollaFuseServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -156,6 +184,16 @@ def add_CollaFuseServicer_to_server(servicer, server):
                     servicer.Sample,
                     request_deserializer=collafuse_dot_v1_dot_collafuse__pb2.SampleRequest.FromString,
                     response_serializer=collafuse_dot_v1_dot_collafuse__pb2.SampleEvent.SerializeToString,
+            ),
+            'SplitForward': grpc.unary_unary_rpc_method_handler(
+                    servicer.SplitForward,
+                    request_deserializer=collafuse_dot_v1_dot_collafuse__pb2.SplitForwardRequest.FromString,
+                    response_serializer=collafuse_dot_v1_dot_collafuse__pb2.SplitForwardReply.SerializeToString,
+            ),
+            'SplitBackward': grpc.unary_unary_rpc_method_handler(
+                    servicer.SplitBackward,
+                    request_deserializer=collafuse_dot_v1_dot_collafuse__pb2.SplitBackwardRequest.FromString,
+                    response_serializer=collafuse_dot_v1_dot_collafuse__pb2.SplitBackwardReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -322,6 +360,60 @@ class CollaFuse:
             '/collafuse.v1.CollaFuse/Sample',
             collafuse_dot_v1_dot_collafuse__pb2.SampleRequest.SerializeToString,
             collafuse_dot_v1_dot_collafuse__pb2.SampleEvent.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SplitForward(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/collafuse.v1.CollaFuse/SplitForward',
+            collafuse_dot_v1_dot_collafuse__pb2.SplitForwardRequest.SerializeToString,
+            collafuse_dot_v1_dot_collafuse__pb2.SplitForwardReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SplitBackward(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/collafuse.v1.CollaFuse/SplitBackward',
+            collafuse_dot_v1_dot_collafuse__pb2.SplitBackwardRequest.SerializeToString,
+            collafuse_dot_v1_dot_collafuse__pb2.SplitBackwardReply.FromString,
             options,
             channel_credentials,
             insecure,
