@@ -7,7 +7,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.collafuse-installed
 TORCH  := torch==2.13.0
 
-.PHONY: install demo test test-all test-docker test-fuzz protos lint typecheck bench-quick clean
+.PHONY: install demo test test-all test-docker test-fuzz test-faults protos lint typecheck bench-quick clean
 
 install: $(STAMP)
 
@@ -31,6 +31,11 @@ test-all: install
 # The long fuzz run (>= 1,000 malformed requests over every RPC); the default suite runs a short one.
 test-fuzz: install
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -m slow tests/test_fuzz.py
+
+# Real server and client processes on loopback: SIGKILL with restarts after 5 s and 60 s, SIGTERM during
+# training/sampling/uploads, a client killed mid-release (~6 min on 2 cores); the default suite runs a short one.
+test-faults: install
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -m slow tests/test_faults.py
 
 # Builds the images without a registry (installs and starts Docker as root if needed), then runs
 # `docker compose up` with tiny budgets; see tests/test_docker_compose.py. CI runs it.

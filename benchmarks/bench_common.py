@@ -79,7 +79,9 @@ class ServerProcess:
         info = self.store / SERVER_FILE
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
-                raise RuntimeError(f"collafuse-server exited with {self.process.returncode}; see {self._log.name}")
+                self._log.flush()
+                tail = Path(self._log.name).read_text().splitlines()[-5:]
+                raise RuntimeError(f"collafuse-server exited with {self.process.returncode}: " + " | ".join(tail))
             if info.is_file():
                 try:
                     return str(json.loads(info.read_text())["address"])

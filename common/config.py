@@ -53,7 +53,7 @@ class ServerSettings(CollafuseSettings, ScheduleFields, TrainingFields, RuntimeF
     image_size: int = Field(16, ge=4, le=1024, description="side of the square images served")
     channels: int = Field(1, description="1 (grey) or 3 (RGB)")
     classes: CliVariadicArg[list[str]] = Field(list(DIGIT_CLASSES), description="class names in label order")
-    model_preset: str = Field("small", description="server UNet size: tiny, small or base")
+    model_preset: str = Field("small", description="server UNet size: tiny, small, base or paper")
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay")
     mixed_precision: Literal["auto", "bf16", "off"] = Field(
         "auto", description="bf16 autocast in training: auto uses it on a GPU that supports bf16 (never on the "
@@ -128,7 +128,8 @@ class ClientSettings(CollafuseSettings, TrainingFields, RuntimeFields, TlsFields
     client_id: str | None = Field(None, description="stable id of this client (default: kept in the workdir)")
     workdir: Path = Field(Path("./collafuse-client"), description="ledger, local model, samples and metrics")
     cut: int = Field(200, ge=0, description="cut point zeta: 0 = global model, T = independent client model")
-    protocol: Protocol = Field("ambient", description="training protocol")
+    protocol: Protocol = Field("ambient", description="training protocol: ambient (release x_cut once per image) "
+                               "or split (split learning with gradient exchange; see --dp-clip)")
     image_size: int | None = Field(None, description="expected image side (default: the server's)")
     model_preset: str = Field("tiny", description="local UNet size: tiny, small or base")
     train_steps: int = Field(1000, ge=0, description="local training steps on t in [1, cut]")

@@ -107,8 +107,9 @@ def ambient_pooled_weights(
 
     Only the ratio of weights at the same t decides the minimiser, so any lambda(t) > 0 may scale them:
     lambda(t) = min(1 / r_min(t), max_weight / r_max(t)), the min and max taken over the cuts in
-    ``present_cuts`` (plus the batch's own) that lie below t. A release of the client with the smallest
-    r (the lowest cut) keeps weight 1 while the spread r_max / r_min at t is at most ``max_weight``; where it
+    ``present_cuts`` (plus the batch's own) that lie below t. The release with the smallest r at t
+    (far above the cuts, where c ~ 1: the highest cut, whose t draws are densest) keeps weight 1 while the
+    spread r_max / r_min at t is at most ``max_weight``; where it
     is larger (t just above a cut, where c -> 0 and r explodes) every weight at that t is scaled down so
     that none exceeds ``max_weight``. The per-t minimiser stays exactly the pooled posterior for any cap;
     what the cap trades is the weight of the t just above the higher cuts in the whole loss (those t
@@ -118,7 +119,8 @@ def ambient_pooled_weights(
     ``cuts`` and ``t`` are per-release [N] (t > cut); returns float64 [N] on the CPU.
     """
     if max_weight < 1:
-        raise ValueError(f"max_weight {max_weight} is below 1: the lowest-cut release already has weight 1")
+        raise ValueError(f"max_weight {max_weight} is below 1: that only scales the whole loss down (the learning "
+                         "rate does that); use 1 or more")
     if bool((t <= cuts).any()):
         raise ValueError("weights are defined for t > cut only")
     num_train_timesteps = alphas_cumprod.shape[0] - 1

@@ -18,13 +18,16 @@ from diffusers.models import UNet2DModel  # not `diffusers`: its TYPE_CHECKING i
 
 from collafuse.common.diffusion import Denoiser
 
-PresetName = Literal["tiny", "small", "base"]
+PresetName = Literal["tiny", "small", "base", "paper"]
 
 # Named sizes. The client's default is "tiny" (edge devices); the server's "small".
 PRESETS: dict[str, dict[str, Any]] = {
     "tiny": {"block_out_channels": (32, 64), "layers_per_block": 1, "attention": False, "norm_num_groups": 8},
     "small": {"block_out_channels": (32, 64), "layers_per_block": 1, "attention": True, "norm_num_groups": 8},
     "base": {"block_out_channels": (64, 128, 128), "layers_per_block": 2, "attention": True, "norm_num_groups": 32},
+    # DDPM's CIFAR-10 size (35.8 M parameters at 64x64x3): the GPU server benchmark's model.
+    "paper": {"block_out_channels": (128, 256, 256, 256), "layers_per_block": 2, "attention": True,
+              "norm_num_groups": 32},
 }
 
 

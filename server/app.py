@@ -108,6 +108,8 @@ class CollaFuseServer:
                 bound = (grace or 0.0) + STOP_MARGIN_S
                 if not self._grpc.stop(grace).wait(bound):
                     log.error("gRPC calls were still open %.0fs after shutdown began; stopping without them", bound)
+                if not self.sampler.join(STOP_MARGIN_S):
+                    log.error("a sampling worker was still in a model call %.0fs after shutdown", STOP_MARGIN_S)
                 self.trainer.stop()
             finally:  # whatever failed above, free the store for the next server
                 if self.metrics is not None:  # before the store it reads

@@ -279,7 +279,7 @@ def follow(settings: ServerSettings, world: World, device: torch.device) -> Trai
     while True:
         op, args = channel.receive()
         if op == Op.STEP:
-            core.train_step(lambda g: shard(source.batch(g), 0, world.size), source.loss)
+            core.train_step(lambda g: shard(source.batch(g), world.rank, world.size), source.loss)
         elif op == Op.ROWS:
             source.take(*channel.receive_rows(args))
         elif op == Op.STOP:

@@ -238,6 +238,14 @@ class Sampler:
                 self._finish(ticket, SampleCancelled("the server is shutting down; retry once it is back"))
             self._cond.notify_all()
 
+    def join(self, timeout: float) -> bool:
+        """After ``close``: wait up to ``timeout`` seconds for the workers to end their current step (True if
+        they did). A worker still inside a torch call when the interpreter exits aborts the process (SIGABRT)."""
+        deadline = time.monotonic() + timeout
+        for worker in list(self._workers):
+            worker.join(max(0.0, deadline - time.monotonic()))
+        return not any(worker.is_alive() for worker in self._workers)
+
     def _retry_after(self, ahead: int) -> float:
         # Little's law: with ``ahead`` requests in the server for the mean time each, one leaves every mean/ahead.
         estimate = self._mean_request_s / max(1, ahead)

@@ -51,7 +51,8 @@ def test_dockerfile_builds_from_the_tree(role: str) -> None:
     name = f"Dockerfile.{role}"
     instructions = dockerfile(name)
     stages = [arg for op, arg in instructions if op == "FROM"]
-    assert stages == ["${BASE_IMAGE} AS build", "${BASE_IMAGE}"], f"{name}: a build stage, then the runtime stage"
+    assert stages == ["${BASE_IMAGE} AS build", "build AS project", "${BASE_IMAGE}"], (
+        f"{name}: dependencies, the project's wheel, then the runtime stage")
     for op, arg in instructions:
         if op == "COPY" and not arg.startswith("--from"):
             *sources, _dest = shlex.split(arg)
@@ -59,8 +60,9 @@ def test_dockerfile_builds_from_the_tree(role: str) -> None:
                 assert (ROOT / src).exists(), f"{name} copies {src}, which is not in the tree"
     runs = [arg for op, arg in instructions if op == "RUN"]
     torch_at = next(i for i, r in enumerate(runs) if "torch==" in r)
-    project_at = next(i for i, r in enumerate(runs) if re.search(r"pip install .*/src$", r))
+    project_at = next(i for i, r in enumerate(runs) if re.search(r"pip wheel .*/src$", r))
     assert torch_at < project_at, "torch must be installed before the project (pinned build)"
+    assert re.search(r"pip install .*/dist/\*\.whl", runs[-1]), "the runtime stage installs the project's wheel"
     entry = [arg for op, arg in instructions if op == "ENTRYPOINT"]
     assert entry and yaml.safe_load(entry[0])[0] in SCRIPTS
 
@@ -87,12 +89,12 @@ def test_dockerfile_defaults_serve_a_machine_with_internet() -> None:
 
 
 def test_the_images_share_their_build_stage() -> None:
-    """Same build stage text in both files, so one image's layers are the other's build cache."""
+    """Same build stages in both files, so one image's layers are the other's build cache."""
 
     def build_stage(name: str) -> list[tuple[str, str]]:
         instructions = dockerfile(name)
         froms = [i for i, (op, _) in enumerate(instructions) if op == "FROM"]
-        return instructions[froms[0]:froms[1]]
+        return instructions[froms[0]:froms[-1] + 5]  # up to the runtime stage's install of the project
 
     assert build_stage("Dockerfile.server") == build_stage("Dockerfile.client")
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -18,7 +19,8 @@ import grpc
 import pytest
 import torch
 from client_fake_server import make_image_folder
-from server_support import CLASSES, chunks, register, start, stub, upload
+from fault_support import FreezingRelay, ledger_releases, store_meta, store_rows
+from server_support import CLASSES, chunks, register, start, stub, upload, wait_phase
 
 from collafuse.client.connection import ServerConnection
 from collafuse.common.rpc import RetryPolicy, open_channel
@@ -227,3 +229,220 @@ def test_client_run_rides_out_a_server_kill_and_a_late_restart(tmp_path: Path) -
     assert client.returncode == 0, log[-3000:]
     assert "waiting for the server at" in log
     assert (tmp_path / "work" / "samples" / "grid.png").is_file()
+
+
+# ---- SIGTERM during training, sampling and an upload -------------------------------------------------------
+
+def metrics_of(store: Path) -> dict[str, Any]:
+    """``<store>/metrics.json``, written with every checkpoint (server/trainer.py)."""
+    return dict(json.loads((store / "metrics.json").read_text()))
+
+
+def assert_continuous_losses(metrics: dict[str, Any]) -> None:
+    """One loss per step from 1 to the checkpoint's step: a resume neither lost nor repeated steps."""
+    steps = [int(s) for s, _ in metrics["losses"]]
+    assert steps == list(range(1, int(metrics["step"]) + 1)), steps
+
+
+def long_sample(api: collafuse_pb2_grpc.CollaFuseStub, running: threading.Event) -> grpc.StatusCode:
+    """A Sample call of 2,048 images over every server step: many seconds of work on the sampler's workers."""
+    request = collafuse_pb2.SampleRequest(client_id="c1", labels=[0, 1] * 1024, cut=20, num_inference_steps=0, seed=1)
+    try:
+        for event in api.Sample(request, timeout=120):
+            if event.HasField("progress"):
+                running.set()
+    except grpc.RpcError as exc:
+        return exc.code()  # type: ignore[no-any-return]
+    return grpc.StatusCode.OK
+
+
+@pytest.mark.parametrize("during", [pytest.param("training", marks=pytest.mark.slow), "sampling",
+                                    pytest.param("upload", marks=pytest.mark.slow)])
+def test_sigterm_exits_in_grace_with_final_checkpoint_and_free_lock(tmp_path: Path, during: str) -> None:
+    store = tmp_path / "store"
+    store.mkdir()
+    with server_process(store, "--max-steps", "0", "--checkpoint-every", "100000", "--min-clients", "1") as proc:
+        api = api_at(address(store))
+        register(api, "c1", cut=20)
+        assert upload(api, chunks("c1", 20, 6, 3)).stored == 6
+        wait_for(lambda: trainer_step(api) >= 2, "two training steps")
+        running, outcome = threading.Event(), []
+        call: Any = {
+            "training": None,
+            "sampling": lambda: outcome.append(long_sample(api, running)),
+            # One whole chunk of a stream that never ends: the server holds it, uncommitted, at SIGTERM.
+            "upload": lambda: outcome.append(stalled_upload(api, running)),
+        }[during]
+        worker = threading.Thread(target=call, daemon=True) if call else None
+        if worker is not None:
+            worker.start()
+            if during == "sampling":
+                wait_for(running.is_set, "the Sample call's first progress event")
+            else:
+                time.sleep(1.0)  # the chunk reaches the server
+        step_before = trainer_step(api)
+        started = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=GRACE_S + STOP_MARGIN_S + 30)
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"the server hung on SIGTERM during {during}")
+        took = time.monotonic() - started
+        running.set()
+        if worker is not None:
+            worker.join(30)
+            # The call in flight ends with an error the client retries (never OK, never a hang).
+            assert outcome and outcome[0] in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED), outcome
+    log = (tmp_path / "store-server.log").read_text()
+    assert proc.returncode == 0, log[-3000:]
+    assert took < GRACE_S + STOP_MARGIN_S, f"SIGTERM during {during} took {took:.1f}s"
+    assert "server stopped" in log
+    # The final checkpoint: every step trained before SIGTERM (and the few after it), losses without a gap.
+    metrics = metrics_of(store)
+    assert int(metrics["step"]) >= step_before >= 2
+    assert_continuous_losses(metrics)
+    assert {key for _, key in store_rows(store)} == {f"img-{i}" for i in range(6)}  # no row of the cut upload
+    again = start(store, start_trainer=False)  # the lock is free; the server resumes from that checkpoint
+    try:
+        assert again.trainer.state().step == int(metrics["step"])
+    finally:
+        again.stop(0)
+
+
+# ---- SIGKILL of the server, restarted after an outage; a client killed mid-release ----------------------
+
+CLIENT_ARGS = ["--cut", "20", "--train-steps", "3", "--batch-size", "4", "--samples-per-class", "1",
+               "--inference-steps", "5", "--device", "cpu", "--threads", "1", "--wait-timeout", "400",
+               "--rpc-timeout", "10"]
+# Images per client: 2 classes x 16 grey 8x8 releases are ~11 kB of Release stream, several times a Register.
+PER_CLASS = 16
+FREEZE_AFTER = 5_000
+
+
+@contextmanager
+def client_process(tmp_path: Path, name: str, target: str, command: str = "run") -> Iterator[subprocess.Popen[str]]:
+    """``collafuse-client <command>`` for client ``name`` (data ``data-<name>``, workdir ``work-<name>``,
+    log ``<name>.log``, appended over restarts); killed on the way out if still running."""
+    data = tmp_path / f"data-{name}"
+    if not data.exists():
+        make_image_folder(data, classes=("a", "b"), per_class=PER_CLASS, seed=sum(map(ord, name)))
+    cmd = [sys.executable, "-m", "collafuse.client", command, "--data", str(data), "--server", target,
+           "--workdir", str(tmp_path / f"work-{name}"), "--client-id", name, *CLIENT_ARGS]
+    with open(tmp_path / f"{name}.log", "a") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=log, text=True, env=ENV)
+        try:
+            yield proc
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+
+
+def acked(workdir: Path) -> dict[str, str]:
+    """image key -> payload SHA-256 of each release the client's ledger records as acknowledged."""
+    return {r.image_key: r.payload_sha256 for r in ledger_releases(workdir) if r.status == "acked"}
+
+
+def assert_ledger_matches_store(store: Path, workdir: Path, client_id: str, images: int) -> None:
+    """One acknowledged release per image in the ledger, one row per image in the store, with the same bytes."""
+    records = ledger_releases(workdir)
+    assert len(records) == images and all(r.status == "acked" for r in records), records
+    held = {key: sha for (client, key), sha in store_rows(store).items() if client == client_id}
+    assert held == {r.image_key: r.payload_sha256 for r in records}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("outage_s", [5, 60])
+def test_server_sigkill_during_training_and_uploads_then_restart(tmp_path: Path, outage_s: int) -> None:
+    """SIGKILL while the trainer steps, a client's upload is half sent and another stream holds an uncommitted
+    chunk; restart on the same store and port after ``outage_s``. Both clients finish without help, every
+    acknowledged release survives, the half uploads leave nothing, training resumes from its checkpoint."""
+    store = tmp_path / "store"
+    store.mkdir()
+    max_steps = 80
+    server_args = ("--max-steps", str(max_steps), "--checkpoint-every", "5", "--min-clients", "1")
+    with server_process(store, *server_args) as server:
+        port = int(json.loads((store / "server.json").read_text())["port"])
+        api = api_at(f"127.0.0.1:{port}")
+        with (FreezingRelay(port, "up", FREEZE_AFTER) as relay,
+              client_process(tmp_path, "direct", f"127.0.0.1:{port}") as direct,
+              client_process(tmp_path, "relayed", relay.address) as relayed):
+            wait_for(lambda: len(acked(tmp_path / "work-direct")) == 2 * PER_CLASS, "the direct client's acked releases")
+            wait_for(relay.triggered.is_set, "the relayed client's upload to stall")
+            wait_for(lambda: trainer_step(api) > 10, "a checkpointed training step")
+            register(api, "partial", cut=20)
+            held = threading.Event()
+            partial = threading.Thread(target=stalled_upload, args=(api, held), daemon=True)
+            partial.start()
+            time.sleep(1.0)  # its first chunk reaches the server
+            checkpoint_step = int(metrics_of(store)["step"])
+            acked_before = {name: acked(tmp_path / f"work-{name}") for name in ("direct", "relayed")}
+            assert trainer_step(api) < max_steps, "training finished before the kill: raise max_steps"
+            server.kill()
+            server.wait()
+            held.set()
+            assert direct.poll() is None and relayed.poll() is None  # still running, now retrying
+            time.sleep(outage_s)
+            with server_process(store, *server_args, port=port):
+                api = api_at(f"127.0.0.1:{port}")  # a fresh channel: the old one may be backing off
+                rows = store_rows(store)
+                for name, releases in acked_before.items():  # nothing acknowledged was lost
+                    assert {k: rows.get((name, k)) for k in releases} == releases, name
+                assert not any(client == "partial" for client, _ in rows), "a half-sent stream left rows"
+                assert trainer_step(api) >= checkpoint_step
+                for client in (direct, relayed):
+                    client.wait(timeout=300)
+                wait_phase(api, "done", timeout=120)
+    logs = {name: (tmp_path / f"{name}.log").read_text() for name in ("direct", "relayed")}
+    for name, client in (("direct", direct), ("relayed", relayed)):
+        assert client.returncode == 0, logs[name][-3000:]
+        assert (tmp_path / f"work-{name}" / "samples" / "grid.png").is_file()
+        assert_ledger_matches_store(store, tmp_path / f"work-{name}", name, 2 * PER_CLASS)
+    assert "waiting for the server at" in logs["direct"] + logs["relayed"]
+    server_log = (tmp_path / "store-server.log").read_text()
+    resumed = [int(m) for m in re.findall(r"resumed from \S+ at step (\d+)", server_log)]
+    assert len(resumed) == 1 and resumed[0] >= checkpoint_step, resumed
+    metrics = metrics_of(store)
+    assert int(metrics["step"]) == max_steps
+    assert_continuous_losses(metrics)
+
+
+@pytest.mark.slow
+def test_client_killed_mid_release_and_restarted_releases_each_image_once(tmp_path: Path) -> None:
+    """SIGKILL a client twice: mid-stream (the server stores nothing), then after the server committed the
+    upload but before the ack arrived (the ledger says 'sent'). The restarted client resends the identical
+    bytes: one row per image, the ledger agrees, and no conflict."""
+    store = tmp_path / "store"
+    store.mkdir()
+    images = 2 * PER_CLASS
+    with server_process(store, "--max-steps", "5", "--checkpoint-every", "100", "--min-clients", "1") as server:
+        port = int(json.loads((store / "server.json").read_text())["port"])
+        work = tmp_path / "work-c1"
+        # 1. Killed half-way through its upload: the server discards the broken stream.
+        with (FreezingRelay(port, "up", FREEZE_AFTER) as relay,
+              client_process(tmp_path, "c1", relay.address, command="release") as client):
+            wait_for(relay.triggered.is_set, "the upload to stall")
+            time.sleep(0.5)
+            client.kill()
+            client.wait()
+        assert [r.status for r in ledger_releases(work)] == ["sent"] * images
+        time.sleep(1.0)  # the server sees the cancelled stream
+        assert not store_rows(store)
+        # 2. Killed after the server stored the upload, before the ack reached it.
+        with (FreezingRelay(port, "down", FREEZE_AFTER) as relay,
+              client_process(tmp_path, "c1", relay.address, command="release") as client):
+            wait_for(lambda: len(store_rows(store)) == images, "the server to commit the upload")
+            client.kill()
+            client.wait()
+        assert [r.status for r in ledger_releases(work)] == ["sent"] * images  # no ack ever arrived
+        # 3. Restarted: the whole lifecycle finishes, resending the identical bytes.
+        with client_process(tmp_path, "c1", f"127.0.0.1:{port}") as client:
+            client.wait(timeout=300)
+        assert server.poll() is None
+    log = (tmp_path / "c1.log").read_text()
+    assert client.returncode == 0, log[-3000:]
+    assert_ledger_matches_store(store, work, "c1", images)
+    release = json.loads((work / "metrics.json").read_text())["release"]
+    assert (release["stored"], release["duplicates"]) == (0, images), release
+    assert store_meta(store, "release_conflicts") == "0"
+    assert "ALREADY_EXISTS" not in log and "already stored" not in log

@@ -146,7 +146,7 @@ def loss_gradient(eps_hat: torch.Tensor, eps: torch.Tensor) -> tuple[torch.Tenso
     eps_hat = eps_hat.detach().clone().requires_grad_(True)
     per_image = (eps_hat - eps).pow(2).flatten(1).mean(1)
     (rows,) = torch.autograd.grad(per_image.sum(), eps_hat)
-    return rows, float(per_image.mean())
+    return rows, float(per_image.detach().mean())
 
 
 @dataclass(frozen=True)

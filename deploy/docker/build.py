@@ -138,6 +138,8 @@ def ensure_tools(settings: BuildSettings, need_debootstrap: bool) -> None:
 # ---- 2. engine ------------------------------------------------------------------------------------
 
 ENGINE_PID = STATE / "dockerd.pid"
+# dockerd processes this process started: they must be waited for, or they linger as zombies after stopping.
+_STARTED: dict[int, subprocess.Popen[bytes]] = {}
 
 
 def engine_running() -> bool:
@@ -154,6 +156,7 @@ def start_engine(storage_driver: str, timeout: float = 60.0) -> int:
         proc = subprocess.Popen(["dockerd", "--storage-driver", storage_driver], stdout=out, stderr=subprocess.STDOUT,
                                 stdin=subprocess.DEVNULL, start_new_session=True)
     ENGINE_PID.write_text(str(proc.pid))
+    _STARTED[proc.pid] = proc
     deadline = time.monotonic() + timeout
     while not engine_running():
         if proc.poll() is not None or time.monotonic() > deadline:
@@ -164,10 +167,13 @@ def start_engine(storage_driver: str, timeout: float = 60.0) -> int:
 
 
 def _is_dockerd(pid: int) -> bool:
+    """A live (not zombie) dockerd has this pid."""
     try:
-        return Path(f"/proc/{pid}/comm").read_text().strip() == "dockerd"
+        stat = Path(f"/proc/{pid}/stat").read_text()
     except OSError:
         return False
+    name, state = stat[stat.index("(") + 1:stat.rindex(")")], stat[stat.rindex(")") + 2:].split()[0]
+    return name == "dockerd" and state != "Z"
 
 
 def stop_engine(timeout: float = 60.0) -> bool:
@@ -180,7 +186,13 @@ def stop_engine(timeout: float = 60.0) -> bool:
         return False
     os.kill(pid, signal.SIGTERM)  # dockerd stops its containers and its containerd on SIGTERM
     deadline = time.monotonic() + timeout
-    while _is_dockerd(pid):
+    child = _STARTED.pop(pid, None)
+    if child is not None:
+        try:
+            child.wait(timeout)
+        except subprocess.TimeoutExpired as exc:
+            raise DockerSetupError(f"dockerd (pid {pid}) did not stop within {timeout:.0f}s") from exc
+    while _is_dockerd(pid):  # started by an earlier run of this tool: not our child, so poll
         if time.monotonic() > deadline:
             raise DockerSetupError(f"dockerd (pid {pid}) did not stop within {timeout:.0f}s")
         time.sleep(0.5)

@@ -5,7 +5,9 @@ trainer re-noises them from each release's own cut to t > cut.
   came over the wire (float32 little-endian [C, H, W]) and their SHA-256, computed once.
 - ``AmbientProtocol`` validates a Release stream's items and commits a whole stream in one transaction.
 - ``AmbientSource`` is what the trainer learns from: the releases in memory, loaded incrementally
-  (rows after the last one seen; everything again only after a forget), and ``ambient_server_loss``.
+  (rows after the last one seen; everything again only after a forget), and ``ambient_server_loss``;
+  with ``--ambient-weighting pooled`` and releases at several cuts, each minibatch carries the per-release
+  weights of ``ambient_pooled_weights`` (the mixed-cuts correction of DESIGN 1a).
 """
 
 from __future__ import annotations

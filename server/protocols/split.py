@@ -25,13 +25,14 @@ Decisions, and why:
 - **Bounds**: at most ``max_pending`` steps in all and ``per_client`` per client; a step older than
   ``ttl`` seconds is dropped (swept on every call, so a vanished client's steps go without any timer
   thread). A full table is RESOURCE_EXHAUSTED. Memory is at most max_pending x (a batch of inputs + one
-  copy of the weights).
+  copy of the weights), plus two spare copies kept for reuse.
 - **Sharing the model with the background trainer**: every optimizer step (the trainer's ambient steps and
   split steps) runs under ``TrainCore.model_lock``; a weight copy is taken under it too, so it never sees
   a half-applied step. Split steps count as training steps of the one core: step counter, lr schedule,
   EMA, losses, checkpoints and max_steps are shared with ambient training.
 - **Idempotent backward**: the ids of recently completed steps are kept (bounded), so a retried backward
-  whose ack was lost is acknowledged again, not applied twice.
+  whose ack was lost is acknowledged again, not applied twice (a retry that arrives while the first attempt
+  is still being applied waits for it).
 
 Label drop-out (classifier-free guidance) is the server's, as in ambient training: the server's --label-dropout
 replaces labels by the null label at forward time, and the pending step keeps the labels it used.
@@ -188,6 +189,7 @@ class SplitEngine:
         self._stashes: dict[int, WeightStash] = {}
         self._spare: list[WeightStash] = []
         self._completed: OrderedDict[str, tuple[str, BackwardResult]] = OrderedDict()
+        self._running: dict[str, threading.Event] = {}  # taken steps whose backward is being applied
         self.expired = 0
 
     # ---- bookkeeping ----------------------------------------------------------------------------
@@ -221,11 +223,19 @@ class SplitEngine:
 
     def _drop_locked(self, step: PendingStep) -> None:
         del self._pending[step.step_id]
-        step.stash.refs -= 1
-        if step.stash.refs == 0:
-            del self._stashes[step.stash.version]
+        self._release_locked(step.stash)
+
+    def _release_locked(self, stash: WeightStash) -> None:
+        # A copy is recycled only when no pending step and no computation in flight uses it.
+        stash.refs -= 1
+        if stash.refs == 0:
+            del self._stashes[stash.version]
             if len(self._spare) < 2:
-                self._spare.append(step.stash)
+                self._spare.append(stash)
+
+    def _release(self, stash: WeightStash) -> None:
+        with self._lock:
+            self._release_locked(stash)
 
     def _stash_for_current(self) -> WeightStash:
         """The weights as they are now, shared with other steps of the same version (caller holds _lock)."""
@@ -267,7 +277,7 @@ class SplitEngine:
                     f"{self.limits.per_client}): send those first; unanswered ones expire after {self.limits.ttl:.0f}s",
                 )
             stash = self._stash_for_current()
-            stash.refs += 1
+            stash.refs += 2  # one for the pending step, one for the eps_hat computation below
             if self.label_dropout > 0:  # classifier-free drop-out, as the ambient trainer does it
                 labels = drop_labels(labels, self.null_label, self.label_dropout, generator=self._generator)
             step = PendingStep(
@@ -282,11 +292,17 @@ class SplitEngine:
                 if step.step_id in self._pending:
                     self._drop_locked(step)
             raise
+        finally:
+            self._release(stash)
         return ForwardResult(step.step_id, eps_hat, stash.version, self.limits.ttl)
 
     def _take(self, client_id: str, step_id: str, shape: Sequence[int] | None) -> PendingStep | BackwardResult:
         with self._lock:
             self._sweep_locked()
+            running = self._running.get(step_id)
+        if running is not None:  # a retry while the first attempt is still being applied: wait for its result
+            running.wait(self.limits.ttl)
+        with self._lock:
             completed = self._completed.get(step_id)
             if completed is not None and completed[0] == client_id:
                 return BackwardResult(completed[1].step, completed[1].max_steps, completed[1].applied, True)
@@ -305,7 +321,10 @@ class SplitEngine:
                     f"the gradient has shape {list(shape)} but the step's eps_hat has shape {list(step.shape)}: send "
                     "dL/d(eps_hat), one row per image of the forward",
                 )
-            self._drop_locked(step)  # taken: a concurrent duplicate backward cannot apply it twice
+            # Taken: a concurrent duplicate cannot apply it twice. Its weight copy stays referenced until the
+            # gradient is computed (backward releases it), so no forward can recycle it meanwhile.
+            del self._pending[step_id]
+            self._running[step_id] = threading.Event()
             return step
 
     def expected_shape(self, client_id: str, step_id: str) -> tuple[int, ...] | None:
@@ -319,22 +338,38 @@ class SplitEngine:
         taken = self._take(client_id, step_id, tuple(grad.shape))
         if isinstance(taken, BackwardResult):
             return taken
-        step = taken
-        if self.done():
-            result = BackwardResult(self.core.step, self.max_steps, applied=False, duplicate=False)
-        else:
-            grads = step.stash.gradients(step.x_t, step.t, step.labels, grad.to(self.core.device))
-            if self.observer is not None:
-                self.observer(step.step_id, grads)
-            applied = self.core.step_with_gradients(grads, loss)
-            result = BackwardResult(applied.step, self.max_steps, applied=True, duplicate=False)
-            if self.after_step is not None:
-                self.after_step(applied)
-        with self._lock:
-            self._completed[step_id] = (client_id, result)
-            while len(self._completed) > COMPLETED_KEPT:
-                self._completed.popitem(last=False)
+        try:
+            result = self._apply(taken, grad, loss)
+        except BaseException:
+            self._finish(step_id, client_id, None)  # a failed step is gone: its retry is told to run it again
+            raise
+        self._finish(step_id, client_id, result)
         return result
+
+    def _apply(self, step: PendingStep, grad: torch.Tensor, loss: float | None) -> BackwardResult:
+        if self.done():
+            self._release(step.stash)
+            return BackwardResult(self.core.step, self.max_steps, applied=False, duplicate=False)
+        try:
+            grads = step.stash.gradients(step.x_t, step.t, step.labels, grad.to(self.core.device))
+        finally:
+            self._release(step.stash)
+        if self.observer is not None:
+            self.observer(step.step_id, grads)
+        applied = self.core.step_with_gradients(grads, loss)
+        if self.after_step is not None:
+            self.after_step(applied)
+        return BackwardResult(applied.step, self.max_steps, applied=True, duplicate=False)
+
+    def _finish(self, step_id: str, client_id: str, result: BackwardResult | None) -> None:
+        with self._lock:
+            if result is not None:
+                self._completed[step_id] = (client_id, result)
+                while len(self._completed) > COMPLETED_KEPT:
+                    self._completed.popitem(last=False)
+            running = self._running.pop(step_id, None)
+        if running is not None:
+            running.set()
 
 
 # ---- the wire -----------------------------------------------------------------------------------
