@@ -105,7 +105,7 @@ def run(clients: int, args: argparse.Namespace, out: Path) -> dict[str, Any]:
     command = [
         str(Path(sys.executable).with_name("collafuse-sim")), "--clients", str(clients), "--out", str(out),
         "--steps", str(args.steps), "--client-steps", str(args.client_steps), "--batch-size", str(args.batch),
-        "--samples-per-class", "0", "--server-preset", "tiny", "--client-preset", "tiny", "--threads", "1",
+        "--samples-per-class", "0", "--partition", "iid", "--server-preset", "tiny", "--client-preset", "tiny", "--threads", "1",
         "--timeout", str(args.time_limit), "--log-level", "WARNING", "--fresh",
     ]
     started = time.monotonic()

@@ -8,6 +8,7 @@ see ``launcher.py``) talking gRPC over 127.0.0.1 on a free port. Outputs under `
     server/                the server's store (releases, checkpoints, metrics)
     clients/client-<k>/    each client's workdir (ledger, model, samples, metrics)
     logs/*.log             every process's log
+    certs/                 with --tls: the development CA, the server's and each client's certificate
     grids/client-<k>.png   server hand-off row above the client-finished row
     loss_curves.png        server and client training losses
     metrics.json           per client and pooled: losses, steps, wall times, bytes
@@ -27,6 +28,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import grpc
 from pydantic import BaseModel, Field
 from pydantic_settings import CliVariadicArg
 from tqdm import tqdm
@@ -47,8 +49,10 @@ from collafuse.common.settings import (
     parse_settings,
     to_cli_args,
 )
+from collafuse.common.tls import channel_credentials
 from collafuse.deploy.healthcheck import check as health_check
 from collafuse.deploy.launcher import ChildProcess, Command, LauncherKind, default_launcher
+from collafuse.deploy.tls import DevPki, dev_pki
 from collafuse.evaluation.data.digits import export_digits
 from collafuse.evaluation.data.partition import PartitionScheme, write_shards
 
@@ -56,6 +60,9 @@ log = logging.getLogger("collafuse.sim")
 
 
 DIGITS_SIDE = 8  # the bundled digits' own size
+# --tls: the identity of the simulation's own Status and health calls (an operator: it watches every client).
+SIM_IDENTITY = "sim"
+TLS_HOSTS = ("127.0.0.1", "localhost")
 
 
 class SimSettings(CollafuseSettings, ScheduleFields, TrainingFields, RuntimeFields, AmbientFields):
@@ -82,6 +89,8 @@ class SimSettings(CollafuseSettings, ScheduleFields, TrainingFields, RuntimeFiel
     # Not RuntimeFields' default (0: all cores): N processes share this machine's cores.
     threads: int = Field(1, ge=0, description="torch threads per process (0: torch's default)")
     transcript: bool = Field(False, description="record every payload the server receives in server/transcript.jsonl")
+    tls: bool = Field(False, description="mutual TLS between every process: a development CA and certificates "
+                      "(client-<k>, and 'sim' for the simulation's own calls) in <out>/certs")
     timeout: float = Field(3600.0, gt=0, description="most seconds the whole run may take")
     fresh: bool = Field(True, description="delete a previous run's server store and client workdirs first")
     launcher: LauncherKind = Field(default_factory=default_launcher,
@@ -167,12 +176,39 @@ def _shared(settings: SimSettings, *groups: type[BaseModel]) -> dict[str, Any]:
     return {name: getattr(settings, name) for name in names}
 
 
-def server_settings(settings: SimSettings, port: int, classes: list[str]) -> ServerSettings:
-    """The server's settings, built (and so checked) here in the parent."""
+def sim_pki(settings: SimSettings) -> DevPki | None:
+    """--tls: a fresh development CA in <out>/certs, the server's certificate and one per client and for the
+    simulation itself (None without --tls)."""
+    if not settings.tls:
+        return None
+    client_ids = [f"client-{k}" for k in range(settings.clients)]
+    pki = dev_pki(settings.out / "certs", TLS_HOSTS, [*client_ids, SIM_IDENTITY])
+    log.info("--tls: every process talks mutual TLS; development CA and certificates in %s", pki.ca.cert.parent)
+    return pki
+
+
+def _tls_pki(settings: SimSettings, pki: DevPki | None) -> DevPki | None:
+    if settings.tls and pki is None:
+        raise ConfigError("--tls: make the certificates first (sim_pki) and pass them to the settings builders")
+    return pki if settings.tls else None
+
+
+def _sim_credentials(pki: DevPki | None) -> grpc.ChannelCredentials | None:
+    """The channel credentials of the simulation's own Status and health calls (its operator certificate)."""
+    if pki is None:
+        return None
+    fields = pki.client_fields(SIM_IDENTITY)
+    return channel_credentials(fields["tls_cert"], fields["tls_key"], fields["tls_ca"])
+
+
+def server_settings(settings: SimSettings, port: int, classes: list[str], pki: DevPki | None = None) -> ServerSettings:
+    """The server's settings, built (and so checked) here in the parent; with --tls, ``pki`` (sim_pki)'s."""
     settings = with_image_spec(settings)
+    pki = _tls_pki(settings, pki)
+    tls: dict[str, Any] = {**pki.server_fields(), "operators": [SIM_IDENTITY]} if pki else {}
     return build_settings(
         ServerSettings,
-        **_shared(settings, ScheduleFields, TrainingFields, RuntimeFields, AmbientFields),
+        **_shared(settings, ScheduleFields, TrainingFields, RuntimeFields, AmbientFields), **tls,
         host="127.0.0.1", port=port, store=settings.out / "server",
         image_size=settings.image_size, channels=settings.channels, classes=classes,
         model_preset=settings.server_preset, max_steps=settings.steps, min_clients=settings.clients,
@@ -180,11 +216,14 @@ def server_settings(settings: SimSettings, port: int, classes: list[str]) -> Ser
     )
 
 
-def client_settings(settings: SimSettings, k: int, shard: Path, port: int) -> ClientSettings:
-    """Client k's settings, built (and so checked) here in the parent; its seed is the run's seed + k."""
+def client_settings(settings: SimSettings, k: int, shard: Path, port: int, pki: DevPki | None = None) -> ClientSettings:
+    """Client k's settings, built (and so checked) here in the parent; its seed is the run's seed + k; with
+    --tls, its certificate from ``pki`` (sim_pki)."""
+    pki = _tls_pki(settings, pki)
     return build_settings(
         ClientSettings,
         **{**_shared(settings, TrainingFields, RuntimeFields), "seed": settings.seed + k},
+        **(pki.client_fields(f"client-{k}") if pki else {}),
         data=shard, server=f"127.0.0.1:{port}", client_id=f"client-{k}",
         workdir=settings.out / "clients" / f"client-{k}", cut=settings.cut_of(k), protocol=settings.protocol,
         model_preset=settings.client_preset, train_steps=settings.client_steps,
@@ -194,22 +233,21 @@ def client_settings(settings: SimSettings, k: int, shard: Path, port: int) -> Cl
     )
 
 
-def server_command(settings: SimSettings, port: int, classes: list[str]) -> Command:
-    return Command("collafuse.server.cli", to_cli_args(server_settings(settings, port, classes)))
+def server_command(settings: SimSettings, port: int, classes: list[str], pki: DevPki | None = None) -> Command:
+    return Command("collafuse.server.cli", to_cli_args(server_settings(settings, port, classes, pki)))
 
 
-def client_command(settings: SimSettings, k: int, shard: Path, port: int) -> Command:
-    return Command("collafuse.client.cli", ["run", *to_cli_args(client_settings(settings, k, shard, port))])
+def client_command(settings: SimSettings, k: int, shard: Path, port: int, pki: DevPki | None = None) -> Command:
+    return Command("collafuse.client.cli", ["run", *to_cli_args(client_settings(settings, k, shard, port, pki))])
 
 
-def _server_status(port: int) -> dict[str, Any] | None:
-    import grpc
-
+def _server_status(port: int, credentials: grpc.ChannelCredentials | None = None) -> dict[str, Any] | None:
     from collafuse.common.enums import phase_name
+    from collafuse.common.rpc import open_channel
     from collafuse.v1 import collafuse_pb2, collafuse_pb2_grpc
 
     try:
-        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        with open_channel(f"127.0.0.1:{port}", credentials=credentials) as channel:
             reply = collafuse_pb2_grpc.CollaFuseStub(channel).Status(collafuse_pb2.StatusRequest(), timeout=5)
     except grpc.RpcError:
         return None
@@ -217,18 +255,20 @@ def _server_status(port: int) -> dict[str, Any] | None:
     return {"phase": phase_name(trainer.phase), "step": trainer.step, "max_steps": trainer.max_steps, "loss": trainer.last_loss}
 
 
-def _wait_healthy(server: ChildProcess, port: int, timeout: float) -> None:
+def _wait_healthy(server: ChildProcess, port: int, timeout: float,
+                  credentials: grpc.ChannelCredentials | None = None) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if server.poll() is not None:
             raise SimError(f"the server exited with code {server.poll()}:\n{server.tail()}")
-        if health_check(f"127.0.0.1:{port}", timeout=2.0):
+        if health_check(f"127.0.0.1:{port}", timeout=2.0, credentials=credentials):
             return
         time.sleep(0.5)
     raise SimError(f"the server did not become healthy within {timeout:.0f}s:\n{server.tail()}")
 
 
-def _watch(server: ChildProcess, clients: list[ChildProcess], port: int, settings: SimSettings) -> None:
+def _watch(server: ChildProcess, clients: list[ChildProcess], port: int, settings: SimSettings,
+           credentials: grpc.ChannelCredentials | None = None) -> None:
     """Progress bar over the server's training; fail fast when a process dies."""
     deadline = time.monotonic() + settings.timeout
     bar = tqdm(total=max(settings.steps, 1), desc="server training", unit="step", dynamic_ncols=True)
@@ -240,7 +280,7 @@ def _watch(server: ChildProcess, clients: list[ChildProcess], port: int, setting
                 raise SimError("\n".join(f"{c.name} exited with code {c.poll()}:\n{c.tail()}" for c in failed))
             if server.poll() is not None:
                 raise SimError(f"the server exited early with code {server.poll()}:\n{server.tail()}")
-            status = _server_status(port)
+            status = _server_status(port, credentials)
             if status and (status["step"] != bar.n or not running):
                 bar.n = min(status["step"], bar.total)
                 bar.set_postfix(phase=status["phase"], loss=f"{status['loss']:.4f}", clients_left=len(running))
@@ -323,17 +363,20 @@ def run(settings: SimSettings) -> dict[str, Any]:
     port = free_port()
     env = _env(settings)
     logs = settings.out / "logs"
+    pki = sim_pki(settings)
+    credentials = _sim_credentials(pki)
     if 0 in (settings.cut_of(k) for k in range(settings.clients)):
         log.warning("cut 0 is the global-model baseline: every client releases its raw images to the server")
     log.info("starting the server on 127.0.0.1:%d and %d clients (cut %s)", port, settings.clients, _cuts_text(settings))
-    server = ChildProcess("server", server_command(settings, port, classes), logs / "server.log", env, settings.launcher)
+    server = ChildProcess("server", server_command(settings, port, classes, pki), logs / "server.log", env,
+                          settings.launcher)
     clients: list[ChildProcess] = []
     try:
-        _wait_healthy(server, port, timeout=120)
+        _wait_healthy(server, port, timeout=120, credentials=credentials)
         for k, shard in enumerate(shards):
-            clients.append(ChildProcess(f"client-{k}", client_command(settings, k, shard, port), logs / f"client-{k}.log", env,
-                                        settings.launcher))
-        _watch(server, clients, port, settings)
+            clients.append(ChildProcess(f"client-{k}", client_command(settings, k, shard, port, pki),
+                                        logs / f"client-{k}.log", env, settings.launcher))
+        _watch(server, clients, port, settings, credentials)
     finally:
         for proc in clients:
             proc.stop()

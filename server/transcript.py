@@ -13,6 +13,12 @@ it, and Forget removes a client's releases from the store but not from the
 transcript (an audit record the audited server could edit would prove nothing).
 Requests denied by authentication never reach it (the auth interceptor runs first
 and only counts them); undecodable or over-limit messages are rejected before it.
+
+The server's own replies are not recorded, with one exception: ``SplitForward``'s eps_hat
+(``RECORDED_REPLIES``, lines with ``"direction": "reply"``; request lines have no direction or
+``"request"``). A curious server knows what it answered; the audit needs that eps_hat to run the
+split protocol's gradient inversion on the recorded backward (eps = eps_hat - s g), and it cannot be
+recomputed afterwards: the weights change every step and only the latest checkpoint is kept.
 """
 
 from __future__ import annotations
@@ -34,6 +40,8 @@ from collafuse.common.rpc import Behavior, rewrap_handler
 log = logging.getLogger(__name__)
 
 FORGET_METHOD = "/collafuse.v1.CollaFuse/Forget"
+# Replies recorded beside the requests (the audit's split gradient inversion needs the eps_hat the server sent).
+RECORDED_REPLIES = frozenset({"/collafuse.v1.CollaFuse/SplitForward"})
 
 
 def _size(message: Any) -> int:
@@ -74,25 +82,31 @@ class TranscriptInterceptor(grpc.ServerInterceptor):
         size = _size(message)
         with self._lock:
             self.bytes_received += size
-            if self._file is None:
-                return
-            self._seq += 1
-            line = {
-                "seq": self._seq,
-                "time": time.time(),
-                "method": method,
-                "request_type": message.DESCRIPTOR.full_name,
-                "peer": context.peer(),
-                "payload_b64": base64.b64encode(message.SerializeToString()).decode("ascii"),
-            }
-            self._file.write(json.dumps(line).encode() + b"\n")
-            self._file.flush()
-            os.fsync(self._file.fileno())
+            self._record_locked(method, message, context, "request")
 
-    def _sent(self, message: Any) -> None:
+    def _record_locked(self, method: str, message: Any, context: grpc.ServicerContext, direction: str) -> None:
+        if self._file is None:
+            return
+        self._seq += 1
+        line = {
+            "seq": self._seq,
+            "time": time.time(),
+            "method": method,
+            "direction": direction,
+            "request_type": message.DESCRIPTOR.full_name,
+            "peer": context.peer(),
+            "payload_b64": base64.b64encode(message.SerializeToString()).decode("ascii"),
+        }
+        self._file.write(json.dumps(line).encode() + b"\n")
+        self._file.flush()
+        os.fsync(self._file.fileno())
+
+    def _sent(self, message: Any, method: str = "", context: grpc.ServicerContext | None = None) -> None:
         size = _size(message)
         with self._lock:
             self.bytes_sent += size
+            if method in RECORDED_REPLIES and context is not None:
+                self._record_locked(method, message, context, "reply")
 
     def _stream_in(self, method: str, requests: Iterator[Any], context: grpc.ServicerContext) -> Iterator[Any]:
         for message in requests:
@@ -120,7 +134,7 @@ class TranscriptInterceptor(grpc.ServerInterceptor):
                 response = inner(request, context)
                 if handler.response_streaming:
                     return self._stream_out(response)
-                self._sent(response)
+                self._sent(response, method, context)
                 if method == FORGET_METHOD and self._file is not None:
                     log.warning("client %s was forgotten, but the audit transcript %s still holds what it sent",
                                 getattr(request, "client_id", "?"), self.path)
