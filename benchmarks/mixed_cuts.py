@@ -33,7 +33,7 @@ from tqdm import tqdm
 
 from collafuse.common.config import AmbientWeighting
 from collafuse.common.runtime import setup_logging
-from collafuse.deploy.sim import SimSettings, run
+from collafuse.deploy.sim import DIGITS_SIDE, SimSettings, run
 from collafuse.evaluation.metrics.classifier import conditional_accuracy
 
 log = logging.getLogger("collafuse.mixed_cuts")
@@ -48,6 +48,8 @@ def arm_settings(args: argparse.Namespace, weighting: AmbientWeighting, seed: in
         batch_size=args.batch_size, inference_steps=args.inference_steps, samples_per_class=args.samples_per_class,
         seed=seed, ambient_weighting=weighting, ambient_max_weight=args.max_weight,
         out=args.work / weighting / f"seed{seed}", threads=1, timeout=3600,
+        # Given, not inferred: the sim records its settings with these filled in, and --resume compares.
+        image_size=DIGITS_SIDE, channels=1,
     )
 
 

@@ -68,12 +68,14 @@ def decode(
         expected = ["*" if s is None else s for s in shape]
         raise TensorError(f"{what}: shape {dims} does not match the expected {expected}")
     dtype = _DTYPES[message.dtype]
-    if len(message.data) != count * dtype.itemsize:
+    # Read the field once: every access of a protobuf bytes field copies the whole payload.
+    data = message.data
+    if len(data) != count * dtype.itemsize:
         raise TensorError(
-            f"{what}: {len(message.data)} bytes do not fit shape {dims} of {message.dtype} "
+            f"{what}: {len(data)} bytes do not fit shape {dims} of {message.dtype} "
             f"({count * dtype.itemsize} bytes expected)"
         )
-    array = np.frombuffer(message.data, dtype=dtype).reshape(dims)
+    array = np.frombuffer(data, dtype=dtype).reshape(dims)
     if finite and array.dtype.kind == "f" and not np.isfinite(array).all():
         raise TensorError(f"{what}: contains NaN or Inf values")
     if value_range is not None and array.size:

@@ -122,7 +122,22 @@ class ServerSettings(CollafuseSettings, ScheduleFields, TrainingFields, RuntimeF
         return build_settings(ServerSettings, **{**self.model_dump(exclude_unset=True), **updates})
 
 
-class ClientSettings(CollafuseSettings, TrainingFields, RuntimeFields, TlsFields):
+class SplitFields(BaseModel):
+    """The split protocol's client options (client/protocols/split.py) and its differential privacy (client/dp.py):
+    the client's and the simulation's (which passes them to every client)."""
+
+    split_steps: int = Field(0, ge=0, description="split protocol: most split steps this client sends "
+                             "(0: until the server finished training or the privacy budget is spent)")
+    dp_clip: float | None = Field(None, gt=0, description="split protocol: clip each image's dL/d(eps_hat) to this "
+                                  "L2 norm before it leaves (unset: no clipping, no DP)")
+    dp_noise_multiplier: float = Field(0.0, ge=0, description="split protocol: Gaussian noise std on the clipped "
+                                       "gradients, in units of --dp-clip")
+    dp_epsilon: float | None = Field(None, gt=0, description="privacy budget: stop sending before the privacy "
+                                     "spent (epsilon at --dp-delta) would exceed it (unset: no limit, still reported)")
+    dp_delta: float = Field(1e-5, gt=0, lt=1, description="delta at which epsilon is reported and budgeted")
+
+
+class ClientSettings(CollafuseSettings, TrainingFields, RuntimeFields, TlsFields, SplitFields):
     data: Path | None = Field(None, description="folder of private images (one sub-folder per class)")
     server: str = Field("localhost:50051", description="HOST:PORT of collafuse-server")
     client_id: str | None = Field(None, description="stable id of this client (default: kept in the workdir)")
@@ -150,13 +165,3 @@ class ClientSettings(CollafuseSettings, TrainingFields, RuntimeFields, TlsFields
                                                 "schedule accepted, kept in the ledger)")
     re_release_confirm: bool = Field(False, description="confirm releasing images again: at another noise level "
                                      "(independent noise) or after a forget; counted in the ledger")
-    # The split protocol (client/protocols/split.py) and its differential privacy (client/dp.py).
-    split_steps: int = Field(0, ge=0, description="split protocol: most split steps this client sends "
-                             "(0: until the server finished training or the privacy budget is spent)")
-    dp_clip: float | None = Field(None, gt=0, description="split protocol: clip each image's dL/d(eps_hat) to this "
-                                  "L2 norm before it leaves (unset: no clipping, no DP)")
-    dp_noise_multiplier: float = Field(0.0, ge=0, description="split protocol: Gaussian noise std on the clipped "
-                                       "gradients, in units of --dp-clip")
-    dp_epsilon: float | None = Field(None, gt=0, description="privacy budget: stop sending before the privacy "
-                                     "spent (epsilon at --dp-delta) would exceed it (unset: no limit, still reported)")
-    dp_delta: float = Field(1e-5, gt=0, lt=1, description="delta at which epsilon is reported and budgeted")

@@ -6,8 +6,10 @@ import logging
 import os
 import sys
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:  # imported where used: CLIs without a model (collafuse-tls) start in well under a second
+    import torch
 
 log = logging.getLogger("collafuse")
 
@@ -25,12 +27,16 @@ def setup_logging(level: str = "INFO", name: str = "collafuse") -> None:
 
 
 def setup_torch(threads: int = 0) -> None:
+    import torch
+
     if threads > 0:
         torch.set_num_threads(threads)
 
 
 def resolve_device(choice: str) -> torch.device:
     """``auto`` takes CUDA when available; ``cuda`` without a GPU is a clear error."""
+    import torch
+
     if choice == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if choice == "cuda" and not torch.cuda.is_available():

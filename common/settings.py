@@ -83,6 +83,9 @@ class TrainingFields(BaseModel):
     ema_decay: float = Field(0.995, ge=0, lt=1, description="EMA decay of the model used for sampling")
     label_dropout: float = Field(0.1, ge=0, le=1, description="classifier-free label drop-out")
     seed: int = Field(0, description="seed of training and sampling")
+    warmup_steps: int = Field(0, ge=0, description="linear learning-rate warm-up steps (0: constant lr)")
+    grad_clip: float = Field(0.0, ge=0, description="clip the gradient norm to this (0: no clipping)")
+    max_nonfinite_steps: int = Field(10, ge=1, description="stop training after this many NaN/Inf losses in a row")
 
 
 class RuntimeFields(BaseModel):

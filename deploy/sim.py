@@ -26,14 +26,21 @@ import socket
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import grpc
 from pydantic import BaseModel, Field
 from pydantic_settings import CliVariadicArg
 from tqdm import tqdm
 
-from collafuse.common.config import DIGIT_CLASSES, AmbientFields, ClientSettings, Protocol, ServerSettings
+from collafuse.common.config import (
+    DIGIT_CLASSES,
+    AmbientFields,
+    ClientSettings,
+    Protocol,
+    ServerSettings,
+    SplitFields,
+)
 from collafuse.common.data import DataError
 from collafuse.common.files import read_json
 from collafuse.common.images import save_curves
@@ -65,7 +72,7 @@ SIM_IDENTITY = "sim"
 TLS_HOSTS = ("127.0.0.1", "localhost")
 
 
-class SimSettings(CollafuseSettings, ScheduleFields, TrainingFields, RuntimeFields, AmbientFields):
+class SimSettings(CollafuseSettings, ScheduleFields, TrainingFields, RuntimeFields, AmbientFields, SplitFields):
     """The simulation's own settings; the schedule, training and runtime fields pass to every process."""
 
     clients: int = Field(3, ge=1, le=64, description="number of client processes")
@@ -89,6 +96,10 @@ class SimSettings(CollafuseSettings, ScheduleFields, TrainingFields, RuntimeFiel
     # Not RuntimeFields' default (0: all cores): N processes share this machine's cores.
     threads: int = Field(1, ge=0, description="torch threads per process (0: torch's default)")
     transcript: bool = Field(False, description="record every payload the server receives in server/transcript.jsonl")
+    audit: bool = Field(False, description="privacy audit: record the transcript and, after the run, audit it "
+                        "(collafuse-audit: payload checks, reconstruction attacks, disclosure) into audit.json")
+    audit_features: Literal["inception", "pixels", "none"] = Field(
+        "inception", description="with --audit: features of the disclosure Frechet distance (pixels: fast, no weights)")
     tls: bool = Field(False, description="mutual TLS between every process: a development CA and certificates "
                       "(client-<k>, and 'sim' for the simulation's own calls) in <out>/certs")
     timeout: float = Field(3600.0, gt=0, description="most seconds the whole run may take")
@@ -212,7 +223,7 @@ def server_settings(settings: SimSettings, port: int, classes: list[str], pki: D
         host="127.0.0.1", port=port, store=settings.out / "server",
         image_size=settings.image_size, channels=settings.channels, classes=classes,
         model_preset=settings.server_preset, max_steps=settings.steps, min_clients=settings.clients,
-        transcript=settings.out / "server" / "transcript.jsonl" if settings.transcript else None,
+        transcript=settings.out / "server" / "transcript.jsonl" if settings.transcript or settings.audit else None,
     )
 
 
@@ -222,7 +233,7 @@ def client_settings(settings: SimSettings, k: int, shard: Path, port: int, pki: 
     pki = _tls_pki(settings, pki)
     return build_settings(
         ClientSettings,
-        **{**_shared(settings, TrainingFields, RuntimeFields), "seed": settings.seed + k},
+        **{**_shared(settings, TrainingFields, RuntimeFields, SplitFields), "seed": settings.seed + k},
         **(pki.client_fields(f"client-{k}") if pki else {}),
         data=shard, server=f"127.0.0.1:{port}", client_id=f"client-{k}",
         workdir=settings.out / "clients" / f"client-{k}", cut=settings.cut_of(k), protocol=settings.protocol,
@@ -347,6 +358,33 @@ def _terminate_on_sigterm() -> None:
     signal.signal(signal.SIGTERM, handler)
 
 
+def run_audit(settings: SimSettings) -> dict[str, Any]:
+    """collafuse-audit on the finished run (audit.json, audit.png, audit_grid.png in --out); its headline numbers."""
+    from collafuse.evaluation.audit.cli import AuditError, audit_run, build_parser
+    from collafuse.evaluation.audit.transcript import TranscriptError
+
+    args = build_parser().parse_args([str(settings.out), "--features", settings.audit_features, "--seed", str(settings.seed)])
+    try:
+        result = audit_run(args)
+    except (AuditError, TranscriptError) as exc:
+        raise SimError(f"the run finished but its privacy audit failed: {exc}") from exc
+    headline = {
+        "audit_json": str(settings.out / "audit.json"),
+        "groups": [
+            {"client_id": g["client_id"], "protocol": g.get("protocol", "ambient"), "cut": g["cut"],
+             "best_attack": (g.get("best_actual") or {}).get("attack"),
+             "best_psnr_db": (g.get("best_actual") or {}).get("psnr_db"),
+             "less_noisy_than_declared": g["noise_check"]["less_noisy_than_declared"],
+             "raw_findings": len(g["raw_findings"])}
+            for g in result["groups"]
+        ],
+        "unexpected_tensors": len(result["unexpected_tensors"]),
+    }
+    (settings.out / "metrics.json").write_text(json.dumps({**read_json(settings.out / "metrics.json"), "audit": headline},
+                                                          indent=2, default=str))
+    return headline
+
+
 def run(settings: SimSettings) -> dict[str, Any]:
     if settings.cuts and len(settings.cuts) != settings.clients:
         raise ConfigError(f"--cuts gives {len(settings.cuts)} cut(s) for --clients {settings.clients}: give one per client")
@@ -382,6 +420,8 @@ def run(settings: SimSettings) -> dict[str, Any]:
             proc.stop()
         server.stop()
     summary = collect(settings, time.monotonic() - started, shards)
+    if settings.audit:
+        summary["audit"] = run_audit(settings)
     log.info("done in %.0fs: %s", summary["pooled"]["wall_seconds"], settings.out / "metrics.json")
     for k in range(settings.clients):
         log.info("samples of client-%d: %s", k, settings.out / "grids" / f"client-{k}.png")

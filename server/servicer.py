@@ -224,6 +224,11 @@ class CollaFuseServicer(collafuse_pb2_grpc.CollaFuseServicer):
                 pending.extend(protocol.validate_release(chunk, client, where, self._label_error))
             except RequestRefused as exc:
                 _abort(context, exc.code, f"{exc.message}; nothing of this stream was stored")
+        # gRPC ends the request iterator of a call cancelled by shutdown (or by a vanished caller) as if the
+        # client had finished it: such a stream is never committed, so it stays all-or-nothing across faults.
+        if self._shutting_down.is_set() or not context.is_active():
+            _abort(context, Code.UNAVAILABLE, "the server is shutting down or the call was cancelled; nothing of "
+                   "this stream was stored: retry once the server is back")
         if client is None or protocol is None:
             return collafuse_pb2.ReleaseAck()
         try:

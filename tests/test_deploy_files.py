@@ -6,14 +6,19 @@ tests/test_docker_compose.py builds and runs them for real (slow, needs Docker: 
 from __future__ import annotations
 
 import fnmatch
+import os
 import re
 import shlex
+import stat
+import subprocess
+import sys
 import tomllib
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
+from cryptography import x509
 
 from collafuse.deploy.docker.compose import compose_for
 
@@ -117,12 +122,83 @@ def test_compose_topology() -> None:
         assert data[0]["source"] == f"{name}-data", f"{name} must see only its own shard"
         assert f"{name}-data:/shards/{name}" in services["prepare"]["volumes"], f"prepare must fill {name}'s shard"
         assert svc["command"][0] == "run" and "--data" in svc["command"]
-        assert svc["command"][svc["command"].index("--client-id") + 1] == name
+        assert svc["environment"]["COLLAFUSE_CLIENT_ID"] == name
     declared = set(compose["volumes"])
     for svc in services.values():
         for volume in svc.get("volumes", []):
             source = volume["source"] if isinstance(volume, dict) else volume.split(":")[0]
             assert source in declared
+
+
+def _mounts(svc: dict[str, Any]) -> dict[str, str]:
+    """Container path -> volume of a service's short-syntax mounts."""
+    return {v.split(":")[1]: v.split(":")[0] for v in svc.get("volumes", []) if isinstance(v, str)}
+
+
+def test_compose_mutual_tls() -> None:
+    """Every process talks mutual TLS; the CA key stays in the certs service; a client holds only its own key."""
+    services = load_compose()["services"]
+    server, certs = services["server"], services["certs"]
+    assert certs["image"] == services["prepare"]["image"], "the one-shot certs service runs a project image"
+    assert server["depends_on"]["certs"]["condition"] == "service_completed_successfully"
+    env = server["environment"]
+    assert (env["COLLAFUSE_TLS_CERT"], env["COLLAFUSE_TLS_KEY"], env["COLLAFUSE_TLS_CA"]) == (
+        "/certs/server.pem", "/certs/server.key", "/certs/ca.pem")
+    assert _mounts(server)["/certs"] == "server-certs"
+    probe = server["healthcheck"]["test"]
+    assert probe[probe.index("--tls-cert") + 1] == "/certs/probe.pem", "the healthcheck needs a client certificate"
+    assert "--operators" not in server["command"], "the health service is open to any valid certificate"
+    for name, svc in services.items():
+        # Keys are 0600: a container running as another user could not read its own key.
+        assert "user" not in svc, f"{name} sets `user:`; every container must run as the images' user"
+        if name != "certs":
+            assert "certs" not in _mounts(svc).values(), f"{name} mounts the CA's volume (its private key)"
+    clients = {name: svc for name, svc in services.items() if name.startswith("client-")}
+    for name, svc in clients.items():
+        env = svc["environment"]
+        assert (env["COLLAFUSE_TLS_CERT"], env["COLLAFUSE_TLS_KEY"]) == (f"/certs/{name}.pem", f"/certs/{name}.key")
+        assert env["COLLAFUSE_TLS_CA"] == "/certs/ca.pem"
+        assert f"{name}-certs:/certs:ro" in svc["volumes"], f"{name} must see only its own certificate"
+        assert f"{name}-certs:/out/{name}" in certs["volumes"], f"certs must fill {name}'s certificate volume"
+        assert svc["depends_on"]["certs"]["condition"] == "service_completed_successfully"
+    command = " ".join(certs["command"])
+    assert f'clients="{" ".join(clients)}"' in command, "one certificate per client service"
+    for tool in re.findall(r"(collafuse-[a-z]+)", command):
+        assert tool in SCRIPTS
+
+
+def _run_certs_script(root: Path, clients: list[str]) -> None:
+    """The certs service's script on this machine: its volumes are folders under ``root``."""
+    script = " ".join(load_compose()["services"]["certs"]["command"]).replace("$$", "$")
+    script = re.sub(r'clients="[^"]*"', f'clients="{" ".join(clients)}"', script)
+    script = script.replace("/pki", str(root / "pki")).replace("/out/", f"{root}/out/")
+    for name in ("server", *clients):
+        (root / "out" / name).mkdir(parents=True, exist_ok=True)
+    path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"  # collafuse-tls of this venv
+    done = subprocess.run(["sh", "-c", script], env={**os.environ, "PATH": path}, capture_output=True, text=True,
+                          timeout=120, check=False)
+    assert done.returncode == 0, done.stderr
+
+
+def test_compose_certs_script_issues_what_each_service_needs(tmp_path: Path) -> None:
+    clients = ["client-0", "client-1"]
+    _run_certs_script(tmp_path, clients)
+    out = tmp_path / "out"
+    assert sorted(p.name for p in (out / "server").iterdir()) == [
+        "ca.pem", "probe.key", "probe.pem", "server.key", "server.pem"]
+    ca = x509.load_pem_x509_certificate((tmp_path / "pki" / "ca.pem").read_bytes())
+    server = x509.load_pem_x509_certificate((out / "server" / "server.pem").read_bytes())
+    hosts = server.extensions.get_extension_for_class(x509.SubjectAlternativeName).value.get_values_for_type(x509.DNSName)
+    assert hosts == ["server", "localhost"], "clients dial server:50051, the healthcheck localhost:50051"
+    for name in clients:
+        assert sorted(p.name for p in (out / name).iterdir()) == ["ca.pem", f"{name}.key", f"{name}.pem"]
+        cert = x509.load_pem_x509_certificate((out / name / f"{name}.pem").read_bytes())
+        cert.verify_directly_issued_by(ca)
+        assert stat.S_IMODE((out / name / f"{name}.key").stat().st_mode) == 0o600
+    # A second `up` keeps the CA, so a server still running with it accepts the clients of the second run.
+    _run_certs_script(tmp_path, [*clients, "client-2"])
+    assert (tmp_path / "pki" / "ca.pem").read_bytes() == (out / "client-2" / "ca.pem").read_bytes()
+    assert x509.load_pem_x509_certificate((tmp_path / "pki" / "ca.pem").read_bytes()) == ca
 
 
 def test_compose_prepare_uses_real_commands() -> None:
@@ -148,8 +224,13 @@ def test_compose_for_more_clients() -> None:
     shards = [v["source"] for n in names for v in services[n]["volumes"] if isinstance(v, dict)]
     assert shards == [f"{n}-data" for n in names], "each client sees only its own shard"
     assert services["prepare"]["volumes"] == [f"{n}-data:/shards/{n}" for n in names]
-    assert [services[n]["command"][services[n]["command"].index("--client-id") + 1] for n in names] == names
+    assert [services[n]["environment"]["COLLAFUSE_CLIENT_ID"] for n in names] == names
+    assert [services[n]["environment"]["COLLAFUSE_TLS_CERT"] for n in names] == [f"/certs/{n}.pem" for n in names]
     assert all(f"{n}:/work" in services[n]["volumes"] for n in names) and set(names) <= set(compose["volumes"])
+    assert all(f"{n}-certs:/certs:ro" in services[n]["volumes"] for n in names)
+    assert services["certs"]["volumes"] == ["certs:/pki", "server-certs:/out/server",
+                                            *(f"{n}-certs:/out/{n}" for n in names)]
+    assert f'clients="{" ".join(names)}"' in " ".join(services["certs"]["command"])
     assert "--clients 5" in " ".join(services["prepare"]["command"])
     assert services["server"]["environment"]["COLLAFUSE_MIN_CLIENTS"] == "5"
     with pytest.raises(ValueError, match="at least 1"):

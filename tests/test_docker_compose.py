@@ -145,3 +145,16 @@ def test_each_client_saw_only_its_own_shard(smoke_run: dict[str, Any]) -> None:
         assert shard and sorted(shard) == sorted(classes), f"{client} saw {classes}, its shard holds {sorted(shard)}"
         assert not seen & shard, f"{client}'s shard overlaps another client's: {sorted(seen & shard)}"
         seen |= shard
+
+
+def test_the_federation_talks_mutual_tls(smoke_run: dict[str, Any]) -> None:
+    """Inside the compose network the server refuses plaintext; the probe certificate of its healthcheck works."""
+    plaintext = ("import sys; from collafuse.deploy.healthcheck import check; "
+                 "sys.exit(0 if check('localhost:50051') else 1)")
+    refused = compose("exec", "-T", "server", "python", "-c", plaintext, timeout=120)
+    assert refused.returncode == 1, f"a plaintext health probe should be refused: {refused.stdout}{refused.stderr}"
+    probe = compose("exec", "-T", "server", "python", "-m", "collafuse.deploy.healthcheck", "localhost:50051",
+                    "--tls-cert", "/certs/probe.pem", "--tls-key", "/certs/probe.key", "--tls-ca", "/certs/ca.pem",
+                    timeout=120)
+    assert probe.returncode == 0, f"the probe certificate should be served: {probe.stdout}{probe.stderr}"
+    assert smoke_run["states"]["certs"]["ExitCode"] == 0

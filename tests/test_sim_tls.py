@@ -15,6 +15,7 @@ from test_e2e import SIZE, _digits_folder
 from collafuse.common.rpc import open_channel
 from collafuse.common.settings import ConfigError, to_cli_args
 from collafuse.common.tls import channel_credentials
+from collafuse.deploy import healthcheck
 from collafuse.deploy.healthcheck import check as health_check
 from collafuse.deploy.sim import (
     SIM_IDENTITY,
@@ -110,3 +111,19 @@ def test_plaintext_is_refused_and_the_sim_certificate_is_an_operator(
     assert health_check(server.address, timeout=5, credentials=credentials(SIM_IDENTITY))
     assert seen(SIM_IDENTITY) == {"client-0", "client-1"}
     assert seen("client-1") == {"client-1"}, "a client sees only its own entry"
+
+
+def test_healthcheck_cli_takes_a_certificate_from_flags_or_the_environment(
+    tls_run: tuple[SimSettings, DevPki, CollaFuseServer], monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
+) -> None:
+    _, pki, server = tls_run
+    probe = pki.client_fields(SIM_IDENTITY)
+    for name in probe:
+        monkeypatch.delenv(f"COLLAFUSE_{name.upper()}", raising=False)
+    assert healthcheck.main([server.address, "--timeout", "3"]) == 1, "plaintext against mTLS is not healthy"
+    flags = [arg for name, path in probe.items() for arg in (f"--{name.replace('_', '-')}", str(path))]
+    assert healthcheck.main([server.address, *flags]) == 0
+    for name, path in probe.items():  # what the Docker healthcheck of a TLS server container reads
+        monkeypatch.setenv(f"COLLAFUSE_{name.upper()}", str(path))
+    assert healthcheck.main([server.address]) == 0
+    assert healthcheck.main([server.address, "--tls-key", str(tmp_path / "missing.key")]) == 2

@@ -1,9 +1,11 @@
 """docker-compose.yml for N clients: ``python -m collafuse.deploy.docker.compose --clients 8 -o compose.8.yml``.
 
 Each client of docker-compose.yml is a service of its own: its own client id, its own shard volume
-(``client-<k>-data``, mounted read-only) and its own work volume. ``docker compose --scale`` makes identical
+(``client-<k>-data``, mounted read-only), its own certificate volume (``client-<k>-certs``: mutual TLS, the
+certificate names the client id) and its own work volume. ``docker compose --scale`` makes identical
 replicas, which cannot have that, so this writes the same file for N clients, with ``client-0`` as the
-template, the data preparation split into N shards and the server waiting for N clients. Write it beside
+template, the data preparation split into N shards, a certificate issued for each client and the server
+waiting for N clients. Write it beside
 docker-compose.yml (compose resolves the build context from the file's folder), then
 ``docker compose -f compose.8.yml up``.
 """
@@ -47,16 +49,20 @@ def compose_for(clients: int, base: dict[str, Any]) -> dict[str, Any]:
         del services[name]
     for volume in [v for v in volumes if v.startswith("client-")]:
         del volumes[volume]
-    prepare = services["prepare"]
-    prepare["command"] = [re.sub(r"--clients \d+", f"--clients {clients}", part) for part in prepare["command"]]
-    prepare["volumes"] = []
     names = [f"client-{k}" for k in range(clients)]
+    prepare, certs = services["prepare"], services["certs"]
+    prepare["command"] = [re.sub(r"--clients \d+", f"--clients {clients}", part) for part in prepare["command"]]
+    certs["command"] = [re.sub(r'clients="[^"]*"', f'clients="{" ".join(names)}"', part) for part in certs["command"]]
+    prepare["volumes"] = []
+    certs["volumes"] = [v for v in certs["volumes"] if not v.startswith("client-")]  # the CA's and the server's
     for name in names:
         services[name] = _renamed(template, name)
         prepare["volumes"].append(f"{name}-data:/shards/{name}")
-        volumes[f"{name}-data"] = None
-    for name in names:  # the order of docker-compose.yml: data volumes, then work volumes
-        volumes[name] = None
+        certs["volumes"].append(f"{name}-certs:/out/{name}")
+    # The order of docker-compose.yml: data volumes, certificate volumes, then work volumes.
+    for suffix in ("-data", "-certs", ""):
+        for name in names:
+            volumes[f"{name}{suffix}"] = None
     services["server"].setdefault("environment", {})["COLLAFUSE_MIN_CLIENTS"] = str(clients)
     return compose
 

@@ -5,10 +5,16 @@ Reads, relative to RUN_DIR (the layout of ``collafuse-sim --transcript``; each p
     server/transcript.jsonl          every request the server read (server --transcript)
     server/checkpoints/latest/ema    the server's model (attacks with a model are skipped without it)
     data/shards/<client-id>/         each client's images (the truth the attacks are scored against)
-    clients/<client-id>/             each client's ledger (maps image keys to files; else correlation)
+    clients/<client-id>/             each client's ledger (image keys, the pinned schedule and noise floor)
+                                     and metrics.json (its release report: refused copies, DP settings)
+
+Both protocols: ambient releases are audited per (client, cut) (``core.audit_group``), split steps per
+client (``split.audit_split``: the real gradient inversion on the recorded x_t, eps_hat and gradients).
+The noise check uses the schedule the client pinned in its ledger (what it actually used), not the
+server's.
 
 Writes RUN_DIR/audit.json, RUN_DIR/audit.png (PSNR per attack per cut) and RUN_DIR/audit_grid.png
-(x0, the release, and the best reconstructions).
+(x0, the payload, and the best reconstructions).
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ import json
 import logging
 import math
 from collections import defaultdict
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -39,11 +46,14 @@ from collafuse.evaluation.audit.disclosure import (
     server_side_images,
 )
 from collafuse.evaluation.audit.payloads import match_to_originals
+from collafuse.evaluation.audit.split import DpParams, audit_split
 from collafuse.evaluation.audit.transcript import (
     ReleasePayload,
+    SplitPayload,
     TranscriptError,
     read_transcript,
     release_payloads,
+    split_payloads,
     unexpected_tensors,
 )
 
@@ -118,20 +128,59 @@ def _figure(path: Path, groups: list[dict[str, Any]]) -> None:
     series: dict[str, list[tuple[int, float]]] = defaultdict(list)
     for group in groups:
         for attack in group["attacks"]:
-            series[attack["attack"]].append((group["cut"], min(attack["psnr_db"], 150.0)))
+            name = f"{group.get('protocol', 'ambient')}: {attack['attack']}" + (" (sim)" if attack["simulated"] else "")
+            series[name].append((group["cut"], min(attack["psnr_db"], 150.0)))
     fig, ax = plt.subplots(figsize=(8, 5))
     for name, points in sorted(series.items()):
         points.sort()
         ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=name,
-                linestyle="--" if name.startswith(("average", "two_level", "split")) else "-")
+                linestyle="--" if name.startswith(("average", "two_level")) or name.endswith("(sim)") else "-")
     ax.set_xlabel("cut ζ")
     ax.set_ylabel("PSNR of the reconstruction vs x0 (dB, capped at 150)")
-    ax.set_title("What a curious server reconstructs (dashed: simulated misbehaviour / split)")
+    ax.set_title("What a curious server reconstructs (dashed: simulated misbehaviour)")
     ax.legend(fontsize=7, ncol=2)
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+@dataclass
+class ClientRecords:
+    """What the audit reads from a client's workdir: the schedule it pinned, its floor, its own report."""
+
+    schedule: ScheduleConfig | None = None
+    floor_alpha_bar: float | None = None
+    metrics: dict[str, Any] = field(default_factory=dict)
+    ledger: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def read(cls, client_dir: Path) -> ClientRecords:
+        from collafuse.client.ledger import LEDGER_FILE, Ledger
+
+        out = cls()
+        if (client_dir / "metrics.json").is_file():
+            out.metrics = json.loads((client_dir / "metrics.json").read_text())
+        if (client_dir / LEDGER_FILE).is_file():
+            with Ledger(client_dir) as ledger:
+                pinned = ledger.pinned_schedule()
+                out.ledger = ledger.summary()
+            if pinned is not None:
+                out.schedule = ScheduleConfig.from_wire(pinned.config_json, pinned.fingerprint)
+                out.floor_alpha_bar = pinned.floor_alpha_bar
+        return out
+
+    def dp(self) -> DpParams:
+        release = self.metrics.get("release") or {}
+        return DpParams(release.get("dp_clip"), float(release.get("dp_noise_multiplier") or 0.0))
+
+    def refusals(self) -> dict[str, Any]:
+        """The client's own record of what its guard kept back (client/protocols/ambient.py, client/ledger.py)."""
+        release = self.metrics.get("release") or {}
+        keys = ("copies", "already_released", "re_released", "sent")
+        return {**{k: release.get(k) for k in keys},
+                **{k: self.ledger.get(k) for k in ("max_releases_per_image", "max_levels_per_image", "re_releases",
+                                                    "resets", "forgets")}}
 
 
 def audit_run(args: argparse.Namespace) -> dict[str, Any]:
@@ -141,8 +190,9 @@ def audit_run(args: argparse.Namespace) -> dict[str, Any]:
     transcript = args.transcript or run_dir / "server" / "transcript.jsonl"
     entries = read_transcript(transcript)
     payloads = release_payloads(entries)
-    if not payloads:
-        raise AuditError(f"{transcript} holds no Release payloads: nothing to audit")
+    steps, split_counts = split_payloads(entries)
+    if not payloads and not steps:
+        raise AuditError(f"{transcript} holds no Release payloads and no complete split steps: nothing to audit")
     denoiser, schedule, model_path = _load_server(args.model or run_dir / "server" / "checkpoints" / "latest" / "ema")
     if schedule is None:
         schedule = ScheduleConfig()
@@ -154,26 +204,36 @@ def audit_run(args: argparse.Namespace) -> dict[str, Any]:
     for p in payloads:
         by_group[(p.client_id, p.cut)].append(p)
         by_key[(p.client_id, p.image_key)].append(p)
+    split_by_client: dict[str, list[SplitPayload]] = defaultdict(list)
+    for step in steps:
+        split_by_client[step.client_id].append(step)
     repeated = {f"{c}/{k[:12]}": sorted({p.cut for p in ps}) for (c, k), ps in by_key.items() if len(ps) > 1}
-    shards = _data_paths(args, sorted({c for c, _ in by_group}))
-    image_shape = tuple(payloads[0].x_cut.shape)
+    client_ids = sorted({c for c, _ in by_group} | set(split_by_client))
+    shards = _data_paths(args, client_ids)
+    records = {c: ClientRecords.read(run_dir / "clients" / c) for c in client_ids}
+    first = payloads[0].x_cut if payloads else steps[0].x_t[0]
+    image_shape = tuple(first.shape)
     extractor = None
     if args.features == "pixels":
         extractor = PixelFeatures(image_shape)  # type: ignore[arg-type]
     elif args.features == "inception":
         extractor = inception_features()
 
-    groups: list[dict[str, Any]] = []
-    grid_rows: list[torch.Tensor] = []
-    grid_titles: list[str] = []
-    for (client, cut), group in tqdm(sorted(by_group.items()), desc="audit", unit="group"):
+    def load(client: str) -> tuple[Path, Any]:
         shard = shards[client]
         if not shard.is_dir():
             raise AuditError(f"no images for {client} at {shard}: pass --data {client}=PATH")
         try:
-            data = load_image_folder(shard, image_shape[0], image_shape[1])
+            return shard, load_image_folder(shard, image_shape[0], image_shape[1])
         except DataError as exc:
             raise AuditError(f"cannot load {client}'s images from {shard}: {exc}") from exc
+
+    groups: list[dict[str, Any]] = []
+    grid_rows: list[torch.Tensor] = []
+    grid_titles: list[str] = []
+    for (client, cut), group in tqdm(sorted(by_group.items()), desc="audit releases", unit="group"):
+        shard, data = load(client)
+        mine = records[client]
         group = group[: args.max_images]
         index = _match(group, run_dir / "clients" / client, shard, data.paths, data.images)
         x0 = data.images[index].float()
@@ -181,8 +241,18 @@ def audit_run(args: argparse.Namespace) -> dict[str, Any]:
         labels = torch.tensor([p.label for p in group], dtype=torch.long)
         files = {data.paths[i]: (shard / data.paths[i]).read_bytes() for i in sorted(set(index))}
         wire = b"".join({p.seq: p.wire_bytes for p in group}.values())
-        report, recs = audit_group(x0, x_cut, labels, cut, schedule, denoiser, config, wire, files)
-        report["client_id"] = client
+        # The level the client declared: alpha_bar at its cut under the schedule it pinned (what it used).
+        declared = float(mine.schedule.alphas_cumprod()[cut]) if mine.schedule is not None else None
+        report, recs = audit_group(x0, x_cut, labels, cut, schedule, denoiser, config, wire, files, declared)
+        report.update(protocol="ambient", client_id=client, floor_alpha_bar=mine.floor_alpha_bar,
+                      schedule_source="client ledger (pinned)" if declared is not None else "server model")
+        report["averaging"] = {
+            "releases_of_one_image_seen_by_server": max(
+                (len(ps) for (c, _), ps in by_key.items() if c == client), default=0),
+            "client_guard": mine.refusals(),
+            "note": "the average_k* attacks are simulated: they need several noisy copies of one image, which the "
+                    "client's guard refuses to send (copies skipped, re-release needs --re-release-confirm)",
+        }
         if extractor is not None:
             sets = {"release": x_cut}
             if denoiser is not None:
@@ -196,10 +266,43 @@ def audit_run(args: argparse.Namespace) -> dict[str, Any]:
         grid_titles += [f"{client} x0", f"x_cut (ζ={cut})"] + [f"{r.attack} {r.psnr_db:.1f} dB" for r in shown]
         _log_group(report, recs)
 
+    for client, mine_steps in tqdm(sorted(split_by_client.items()), desc="audit split steps", unit="client"):
+        shard, data = load(client)
+        mine = records[client]
+        cuts = {int(s.t.min()) for s in mine_steps}
+        cut = int(mine.metrics.get("cut", min(cuts) - 1))
+        ab = (mine.schedule or schedule).alphas_cumprod()
+        files = {path: (shard / path).read_bytes() for path in data.paths}
+        report, recs, x0 = audit_split(mine_steps, data.images.float(), cut, ab, mine.dp(), mine.floor_alpha_bar, files)
+        report.update(client_id=client, schedule_source="client ledger (pinned)" if mine.schedule else "server model",
+                      epsilon_spent=(mine.metrics.get("release") or {}).get("epsilon"),
+                      epsilon_unbounded=(mine.metrics.get("release") or {}).get("epsilon_unbounded"))
+        low = torch.cat([s.t for s in mine_steps]) <= report["t"]["low_band_max"]
+        order = torch.nonzero(low).flatten()[: args.max_images]
+        if extractor is not None and len(order) >= 2:
+            x_t = torch.cat([s.x_t for s in mine_steps])[order].float()
+            labels = torch.cat([s.labels for s in mine_steps])[order]
+            sets = {"x_t_low_band": x_t, "split_inversion": recs[-1].x0_hat[order]}
+            if denoiser is not None:
+                sets.update(server_side_images(denoiser, schedule, labels, cut, image_shape, seed=args.seed))  # type: ignore[arg-type]
+            report["disclosure"] = {"features": extractor.name, "frechet": disclosure(extractor, x0[order], sets)}
+        groups.append(report)
+        show = order[:8]
+        grid_rows += [x0[show], torch.cat([s.x_t for s in mine_steps])[show].float()] + [r.x0_hat[show] for r in recs[1:]]
+        grid_titles += [f"{client} x0 (split)", f"x_t (t <= {report['t']['low_band_max']})"] + [
+            f"{r.attack} {r.psnr_db:.1f} dB" for r in recs[1:]]
+        log.info("%s split, cut %d: %d steps, %d images; %d t <= cut, %d less noisy than declared, %d raw; gradient "
+                 "inversion %.1f dB (low t %.1f dB), Tweedie %.1f dB; matched confidently %.0f%%", client, cut,
+                 report["steps"], report["images"], report["t_at_or_below_cut"],
+                 report["noise_check"]["less_noisy_than_declared"], report["raw_findings_count"],
+                 report["attacks"][2]["psnr_db"], report["attacks"][2].get("psnr_db_low_t", math.nan),
+                 report["attacks"][1]["psnr_db"], 100 * report["match"]["confident"])
+
     result = {
         "run_dir": str(run_dir), "transcript": str(transcript), "model": model_path,
         "schedule": schedule.model_dump(), "config": config.model_dump(),
-        "payloads": len(payloads), "repeated_releases": repeated,
+        "payloads": len(payloads), "split_steps": len(steps), "split_counts": split_counts,
+        "repeated_releases": repeated,
         "unexpected_tensors": unexpected_tensors(entries), "groups": groups,
     }
     (run_dir / "audit.json").write_text(json.dumps(_strict(result), indent=2, default=str, allow_nan=False))

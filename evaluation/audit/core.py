@@ -77,10 +77,15 @@ def audit_group(
     config: AuditConfig,
     wire_bytes: bytes | None = None,
     files: dict[str, bytes] | None = None,
+    declared_alpha_bar: float | None = None,
 ) -> tuple[dict[str, Any], list[Reconstruction]]:
-    """Audit N releases ``x_cut`` (rows matched to ``x0``) of one client at one cut."""
+    """Audit N releases ``x_cut`` (rows matched to ``x0``) of one client at one cut.
+
+    ``declared_alpha_bar``: the level the client declared, alpha_bar at its cut under the schedule it pinned
+    (its ledger); the noise check tests against it (default: ``schedule``'s, the server's).
+    """
     ab = schedule.alphas_cumprod()
-    ab_cut = float(ab[cut])
+    ab_cut = float(ab[cut]) if declared_alpha_bar is None else declared_alpha_bar
     d = x0[0].numel()
     gen = torch.Generator().manual_seed(config.seed)
     report: dict[str, Any] = {"cut": cut, "alpha_bar": ab_cut, "images": int(x0.shape[0])}

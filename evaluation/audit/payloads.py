@@ -61,13 +61,18 @@ def estimate_known(
     residual = x - a[:, None] * ref
     b2 = (residual * residual).sum(dim=1) / max(d - 1, 1)
     total = (a * a + b2).clamp_min(1e-300)
-    ab = a * a / total
+    # a_hat^2 over-estimates a^2 by Var(a_hat) = b^2/|x_0|^2: negligible at low noise, but at high noise
+    # (ab -> 0, the split protocol's t near T) it is the whole estimate. Subtract it (unbiased, may dip < 0).
+    ab = (a * a - b2 / energy) / total
     if reference_alpha_bar is not None:
         ref_ab = torch.as_tensor(reference_alpha_bar, dtype=torch.float64).to(x.device).expand(x.shape[0])
         a, b2 = torch.sqrt(ref_ab * total), (1 - ref_ab) * total  # same power, the reference's split
     d_a = 2 * a * b2 / total**2
     d_b2 = -(a * a) / total**2
-    stderr = torch.sqrt(d_a**2 * b2 / energy + d_b2**2 * 2 * b2**2 / d)
+    # First order (delta method) plus the second-order spread of a_hat^2 (std sqrt(2) b^2/|x_0|^2), which
+    # is what is left when a -> 0.
+    second = math.sqrt(2.0) * b2 / (energy * total)
+    stderr = torch.sqrt(d_a**2 * b2 / energy + d_b2**2 * 2 * b2**2 / d + second**2)
     return NoiseEstimate(a, b2, ab, stderr)
 
 

@@ -1,7 +1,9 @@
 """Read the server's transcript (``server/transcript.py``: one JSON line per request message it read).
 
-Each line is ``{seq, time, method, request_type, peer, payload_b64}``; the payload is the serialised
-request. Messages are parsed by their full type name from the protobuf pool (CollaFuse's and gRPC
+Each line is ``{seq, time, method, direction, request_type, peer, payload_b64}``; the payload is the
+serialised request (``direction`` "request", or absent in older transcripts) or, for ``SplitForward``
+only, the server's serialised reply (``direction`` "reply": the eps_hat the server sent, which the split
+gradient inversion needs). Messages are parsed by their full type name from the protobuf pool (CollaFuse's and gRPC
 health's types are registered on import). Every tensor anywhere in a message is found, so a tensor the
 audit has no rule for (a future RPC, a field added by mistake) is reported instead of ignored.
 """
@@ -26,8 +28,15 @@ from collafuse.v1 import collafuse_pb2, tensor_pb2
 
 log = logging.getLogger(__name__)
 
-# The only image-derived tensor the ambient protocol sends (DESIGN 2): Release's items[].x_cut.
+# The image-derived tensors each protocol sends (DESIGN 2): ambient Release's items[].x_cut; split's x_t and
+# dL/d(eps_hat); and the server's own SplitForward reply eps_hat (recorded beside the requests).
 RELEASE_FIELD = "items.x_cut"
+COVERED_TENSORS = {
+    ("Release", "request", RELEASE_FIELD),
+    ("SplitForward", "request", "x_t"),
+    ("SplitBackward", "request", "grad"),
+    ("SplitForward", "reply", "eps_hat"),
+}
 
 
 class TranscriptError(ValueError):
@@ -39,10 +48,11 @@ class TranscriptEntry:
     seq: int
     time: float
     method: str  # the RPC's short name, e.g. "Release"
-    request_type: str
+    request_type: str  # the recorded message's full type name (a reply's too)
     peer: str
     payload: bytes
     message: Message | None  # None where the type is unknown (e.g. raw bytes of a denied call)
+    direction: str = "request"  # or "reply" (the server's own SplitForward answers)
 
 
 @dataclass
@@ -74,7 +84,7 @@ def read_transcript(path: Path) -> list[TranscriptEntry]:
             request_type = str(raw["request_type"])
             entry = TranscriptEntry(
                 int(raw["seq"]), float(raw["time"]), str(raw["method"]).rsplit("/", 1)[-1], request_type,
-                str(raw.get("peer", "")), payload, None,
+                str(raw.get("peer", "")), payload, None, str(raw.get("direction", "request")),
             )
         except (ValueError, KeyError, TypeError, binascii.Error) as exc:
             raise TranscriptError(f"{path}:{number}: not a transcript line ({exc})") from exc
@@ -103,7 +113,7 @@ def tensors_of(message: Message, path: str = "") -> Iterator[tuple[str, tensor_p
 def release_payloads(entries: list[TranscriptEntry]) -> list[ReleasePayload]:
     out: list[ReleasePayload] = []
     for entry in entries:
-        if entry.method != "Release" or not isinstance(entry.message, collafuse_pb2.ReleaseChunk):
+        if entry.direction != "request" or not isinstance(entry.message, collafuse_pb2.ReleaseChunk):
             continue
         chunk = entry.message
         for item in chunk.items:
@@ -119,7 +129,7 @@ def release_payloads(entries: list[TranscriptEntry]) -> list[ReleasePayload]:
 
 
 def unexpected_tensors(entries: list[TranscriptEntry]) -> list[dict[str, object]]:
-    """Tensors outside Release.items.x_cut, and lines the audit could not parse."""
+    """Tensors no audit rule covers (``COVERED_TENSORS``), and lines the audit could not parse."""
     out: list[dict[str, object]] = []
     for entry in entries:
         if entry.message is None:
@@ -127,7 +137,74 @@ def unexpected_tensors(entries: list[TranscriptEntry]) -> list[dict[str, object]
                         "detail": f"unparsed payload of type {entry.request_type!r} ({len(entry.payload)} bytes)"})
             continue
         for name, _ in tensors_of(entry.message):
-            if not (entry.method == "Release" and name == RELEASE_FIELD):
+            if (entry.method, entry.direction, name) not in COVERED_TENSORS:
                 out.append({"seq": entry.seq, "method": entry.method, "field": name,
                             "detail": "a tensor no audit rule covers"})
     return out
+
+
+@dataclass
+class SplitPayload:
+    """One split step as the server saw it: the client's x_t, t, labels and gradient, and its own eps_hat."""
+
+    forward_seq: int
+    backward_seq: int
+    client_id: str
+    step_id: str
+    x_t: torch.Tensor  # (N, C, H, W)
+    t: torch.Tensor  # (N,) 1-based
+    labels: torch.Tensor  # (N,) as the client sent them (before the server's label drop-out)
+    eps_hat: torch.Tensor  # (N, C, H, W): the server's reply
+    grad: torch.Tensor  # (N, C, H, W): dL/d(eps_hat) as received
+    wire_bytes: bytes  # the forward and backward requests, serialised
+
+
+def split_payloads(entries: list[TranscriptEntry]) -> tuple[list[SplitPayload], dict[str, int]]:
+    """Complete split steps (forward request, the server's reply, backward request), and counts of the rest.
+
+    A reply is paired with the oldest unanswered forward of the same peer (a client sends its next forward
+    only after the reply: one channel per client process, calls in order); a backward with its reply by step
+    id and client id. Forwards without a reply (refused) or backward (expired), and backwards of unknown
+    steps, are counted, not audited.
+    """
+    waiting: dict[str, list[TranscriptEntry]] = {}
+    by_step: dict[str, tuple[TranscriptEntry, TranscriptEntry]] = {}
+    counts = {"forwards": 0, "unanswered_forwards": 0, "forwards_without_backward": 0, "orphan_backwards": 0,
+              "undecodable": 0}
+    out: list[SplitPayload] = []
+    for entry in entries:
+        message = entry.message
+        if isinstance(message, collafuse_pb2.SplitForwardRequest) and entry.direction == "request":
+            counts["forwards"] += 1
+            waiting.setdefault(entry.peer, []).append(entry)
+        elif isinstance(message, collafuse_pb2.SplitForwardReply) and entry.direction == "reply":
+            queue = waiting.get(entry.peer)
+            if queue:
+                by_step[message.step_id] = (queue.pop(0), entry)
+        elif isinstance(message, collafuse_pb2.SplitBackwardRequest) and entry.direction == "request":
+            pair = by_step.pop(message.step_id, None)
+            if pair is None or not isinstance(pair[0].message, collafuse_pb2.SplitForwardRequest):
+                counts["orphan_backwards"] += 1
+                continue
+            forward, reply = pair
+            request = pair[0].message
+            if request.client_id != message.client_id:
+                counts["orphan_backwards"] += 1
+                continue
+            assert isinstance(reply.message, collafuse_pb2.SplitForwardReply)
+            try:
+                x_t = decode(request.x_t, what="x_t", finite=False)
+                eps_hat = decode(reply.message.eps_hat, what="eps_hat", finite=False, shape=tuple(x_t.shape))
+                grad = decode(message.grad, what="grad", finite=False, shape=tuple(x_t.shape))
+            except TensorError as exc:
+                log.warning("transcript seq %d: undecodable split step (%s)", entry.seq, exc)
+                counts["undecodable"] += 1
+                continue
+            out.append(SplitPayload(
+                forward.seq, entry.seq, request.client_id, message.step_id, x_t,
+                torch.tensor(list(request.t), dtype=torch.long), torch.tensor(list(request.labels), dtype=torch.long),
+                eps_hat, grad, forward.payload + entry.payload,
+            ))
+    counts["unanswered_forwards"] = sum(len(q) for q in waiting.values())
+    counts["forwards_without_backward"] = len(by_step)
+    return out, counts
