@@ -16,8 +16,6 @@ import argparse
 import datetime as dt
 import json
 import logging
-import os
-import platform
 import tempfile
 import time
 from pathlib import Path
@@ -25,6 +23,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from bench_common import machine
 
 from collafuse.common.schedule import ScheduleConfig
 from collafuse.server.protocols.ambient import AmbientSource, NewRelease, ReleaseTable
@@ -32,17 +31,6 @@ from collafuse.server.store import ReleaseStore
 
 log = logging.getLogger("collafuse.benchmarks.store_load")
 RESULTS = Path(__file__).resolve().parent / "results"
-
-
-def machine() -> dict[str, Any]:
-    return {
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "cpus": os.cpu_count(),
-        "processor": platform.processor() or platform.machine(),
-        "torch_threads": torch.get_num_threads(),
-    }
 
 
 def campaign(root: Path, clients: int, releases: int, per_call: int, side: int) -> dict[str, Any]:
@@ -109,7 +97,7 @@ def main(argv: list[str] | None = None) -> None:
         "date": dt.date.today().isoformat(),
         "settings": {"clients": args.clients, "releases_per_client": args.releases, "per_call": args.per_call,
                      "image": f"{args.side}x{args.side}x1 float32"},
-        "machine": machine(),
+        "machine": {**machine(), "torch_threads": torch.get_num_threads()},
         **result,
     }
     args.out.mkdir(parents=True, exist_ok=True)

@@ -11,7 +11,6 @@ import json
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +18,6 @@ import numpy as np
 import pytest
 import torch
 from google.protobuf import descriptor_pool, message_factory
-from google.protobuf.message import Message
 from grpc_health.v1 import health_pb2  # noqa: F401  (registers the health messages the transcript holds)
 from sampling_reference import reference_sample, relative_difference
 
@@ -32,6 +30,7 @@ from collafuse.common.models import load_model
 from collafuse.common.schedule import ScheduleConfig
 from collafuse.deploy.healthcheck import check as health_check
 from collafuse.deploy.sim import SimSettings, free_port, run, server_command
+from collafuse.evaluation.audit.transcript import tensors_of
 from collafuse.evaluation.data.digits import digits_arrays
 from collafuse.v1 import collafuse_pb2, tensor_pb2  # noqa: F401  (registers the CollaFuse messages)
 
@@ -94,17 +93,6 @@ def test_server_trained_on_every_clients_releases(collaborative: SimSettings) ->
     assert metrics["releases"] == 48 and metrics["clients_with_releases"] == 2
 
 
-def _walk_tensors(message: Message, path: str = "") -> Iterator[tuple[str, tensor_pb2.Tensor]]:
-    for field, value in message.ListFields():
-        name = f"{path}.{field.name}" if path else field.name
-        values = value if field.is_repeated else [value]
-        for v in values:
-            if isinstance(v, tensor_pb2.Tensor):
-                yield name, v
-            elif isinstance(v, Message):
-                yield from _walk_tensors(v, name)
-
-
 def test_server_receives_only_x_cut(collaborative: SimSettings) -> None:
     """Every image tensor the server received is a client's x_cut, recomputed here from x0 and the ledger seed."""
     ab = SCHEDULE.alphas_cumprod()
@@ -130,7 +118,7 @@ def test_server_receives_only_x_cut(collaborative: SimSettings) -> None:
         assert not any(secret in payload for secret in secrets), f"{method} carried raw x0 or eps bytes"
         request = message_factory.GetMessageClass(descriptor_pool.Default().FindMessageTypeByName(entry["request_type"]))()
         request.ParseFromString(payload)
-        tensors = list(_walk_tensors(request))
+        tensors = list(tensors_of(request))
         if method != "Release":
             assert not tensors, f"{method} carried tensors {[n for n, _ in tensors]}"
             continue
