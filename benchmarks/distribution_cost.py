@@ -11,7 +11,8 @@
 - ``client``: the client's seconds per generated image at cuts 100, 200, 500 against ICM (cut = T),
   beside the expected fraction (client steps / all steps, ~ cut / T).
 
-Arms alternate (A, B, A, B, ...) and the best round of each is kept: the machine is shared.
+Arms alternate (A, B, A, B, ...) and the best round of each is kept: the machine is shared. ``train`` also
+reports the median of the per-round ratios (each round's two arms ran back to back under about the same load).
 
     python benchmarks/distribution_cost.py                    # all four
     python benchmarks/distribution_cost.py --only codec client --rounds 2
@@ -21,6 +22,8 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
+import statistics
 import tempfile
 import time
 from collections.abc import Callable
@@ -61,14 +64,18 @@ def settings_for(root: Path, args: argparse.Namespace, **overrides: Any) -> Serv
     return ServerSettings(**{**values, **overrides})
 
 
-def alternate(rounds: int, arms: dict[str, Callable[[], float]]) -> dict[str, float]:
-    """Best (smallest) seconds of each arm over ``rounds`` alternating rounds."""
+def alternate(
+    rounds: int, arms: dict[str, Callable[[], float]], every: dict[str, list[float]] | None = None
+) -> dict[str, float]:
+    """Best (smallest) seconds of each arm over ``rounds`` alternating rounds (all of them into ``every``)."""
     best = {name: float("inf") for name in arms}
     for r in range(rounds):
         for name, arm in arms.items():
             seconds = arm()
             best[name] = min(best[name], seconds)
-            log.info("round %d %s: %.3fs", r, name, seconds)
+            if every is not None:
+                every.setdefault(name, []).append(seconds)
+            log.info("round %d %s: %.3fs (load average %.1f)", r, name, seconds, os.getloadavg()[0])
     return best
 
 
@@ -114,11 +121,20 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
             ema.step(model.parameters())
         return time.perf_counter() - started
 
-    best = alternate(args.rounds, {"plain_diffusers": plain_arm, "server_trainer": trainer_arm})
+    every: dict[str, list[float]] = {}
+    loads = [os.getloadavg()[0]]
+    best = alternate(args.rounds, {"plain_diffusers": plain_arm, "server_trainer": trainer_arm}, every)
+    loads.append(os.getloadavg()[0])
+    # Each round's two arms ran back to back under about the same load: their ratios are paired samples.
+    paired = [p / t for p, t in zip(every["plain_diffusers"], every["server_trainer"])]
     return {
         "steps": args.steps, "batch": args.batch, "preset": args.preset, "image_shape": list(shape),
-        "steps_per_s": {k: args.steps / v for k, v in best.items()},
+        "threads": args.threads, "steps_per_s": {k: args.steps / v for k, v in best.items()},
         "ratio_trainer_over_plain": best["plain_diffusers"] / best["server_trainer"], "target": ">= 0.95",
+        "round_seconds": every, "paired_ratios": paired, "paired_ratio_median": statistics.median(paired),
+        "load_average_1m_start_end": loads,
+        "plain_loop_omits": "label drop-out, the ambient re-noise from the cut and its weight c, the lr schedule, "
+                            "the non-finite-loss check; uses unfused AdamW (the trainer: fused)",
     }
 
 

@@ -363,7 +363,9 @@ def run_audit(settings: SimSettings) -> dict[str, Any]:
     from collafuse.evaluation.audit.cli import AuditError, audit_run, build_parser
     from collafuse.evaluation.audit.transcript import TranscriptError
 
-    args = build_parser().parse_args([str(settings.out), "--features", settings.audit_features, "--seed", str(settings.seed)])
+    # The attacker's chains run as long as the run's own sampling chain (--inference-steps).
+    args = build_parser().parse_args([str(settings.out), "--features", settings.audit_features, "--seed", str(settings.seed),
+                                      "--chain-steps", str(settings.inference_steps)])
     try:
         result = audit_run(args)
     except (AuditError, TranscriptError) as exc:

@@ -56,6 +56,9 @@ def _split(full_method: str) -> tuple[str, str]:
     return service or "unknown", method
 
 
+DEADLINE_SLACK_S = 0.1
+
+
 def final_code(context: grpc.ServicerContext, error: BaseException | None) -> grpc.StatusCode:
     """The status a call ended with, as far as the handler's side can see it.
 
@@ -67,7 +70,10 @@ def final_code(context: grpc.ServicerContext, error: BaseException | None) -> gr
     if isinstance(code, grpc.StatusCode):
         return code
     if not context.is_active():
-        return grpc.StatusCode.DEADLINE_EXCEEDED if context.time_remaining() <= 0 else grpc.StatusCode.CANCELLED
+        # gRPC's deadline timer can fire a few ms before time_remaining() reaches 0 on its clock.
+        remaining = context.time_remaining()
+        expired = remaining is not None and remaining <= DEADLINE_SLACK_S
+        return grpc.StatusCode.DEADLINE_EXCEEDED if expired else grpc.StatusCode.CANCELLED
     return grpc.StatusCode.UNKNOWN if error is not None else grpc.StatusCode.OK
 
 

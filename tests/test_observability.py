@@ -177,7 +177,10 @@ def test_dropped_streams_and_deadlines_are_counted_by_their_code() -> None:
             yield b"tick"
             release.wait(0.2)
 
+    entered = threading.Event()
+
     def slow(_request: bytes, _context: grpc.ServicerContext) -> bytes:
+        entered.set()
         release.wait(5.0)
         return b"late"
 
@@ -195,7 +198,11 @@ def test_dropped_streams_and_deadlines_are_counted_by_their_code() -> None:
             assert next(stream) == b"tick"
             stream.cancel()
             with pytest.raises(grpc.RpcError) as late:
-                channel.unary_unary("/test.Slow/Wait")(b"", timeout=0.3)
+                # A future, so the test knows the handler ran: on a loaded machine a call can expire before
+                # it is dispatched, and a call no handler saw is not the server's to count.
+                call = channel.unary_unary("/test.Slow/Wait").future(b"", timeout=2.0)
+                assert entered.wait(10.0), "the server never dispatched the call"
+                call.result()
             assert late.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
         release.set()
 
@@ -205,7 +212,9 @@ def test_dropped_streams_and_deadlines_are_counted_by_their_code() -> None:
 
         deadline = time.monotonic() + 10
         while (count("Ticks", "CANCELLED"), count("Wait", "DEADLINE_EXCEEDED")) != (1, 1):
-            assert time.monotonic() < deadline, "the dropped calls were not recorded with their codes"
+            assert time.monotonic() < deadline, (
+                f"the dropped calls were not recorded with their codes: {count('Ticks', 'CANCELLED')=}, "
+                f"{count('Wait', 'DEADLINE_EXCEEDED')=}, {count('Wait', 'CANCELLED')=}")
             time.sleep(0.05)
         assert count("Ticks", "OK") == 0 and count("Wait", "OK") == 0
     finally:

@@ -256,7 +256,8 @@ def audit_run(args: argparse.Namespace) -> dict[str, Any]:
         if extractor is not None:
             sets = {"release": x_cut}
             if denoiser is not None:
-                sets.update(server_side_images(denoiser, schedule, labels, cut, image_shape, seed=args.seed))  # type: ignore[arg-type]
+                sets.update(server_side_images(denoiser, schedule, labels, cut, image_shape, seed=args.seed,
+                                                 num_inference_steps=args.chain_steps or 100))  # type: ignore[arg-type]
             report["disclosure"] = {"features": extractor.name, "frechet": disclosure(extractor, x0, sets)}
         groups.append(report)
         best = sorted(recs, key=lambda r: -r.psnr_db)
@@ -284,7 +285,8 @@ def audit_run(args: argparse.Namespace) -> dict[str, Any]:
             labels = torch.cat([s.labels for s in mine_steps])[order]
             sets = {"x_t_low_band": x_t, "split_inversion": recs[-1].x0_hat[order]}
             if denoiser is not None:
-                sets.update(server_side_images(denoiser, schedule, labels, cut, image_shape, seed=args.seed))  # type: ignore[arg-type]
+                sets.update(server_side_images(denoiser, schedule, labels, cut, image_shape, seed=args.seed,
+                                                 num_inference_steps=args.chain_steps or 100))  # type: ignore[arg-type]
             report["disclosure"] = {"features": extractor.name, "frechet": disclosure(extractor, x0[order], sets)}
         groups.append(report)
         show = order[:8]

@@ -145,16 +145,19 @@ def audit_split(
     }
     if cut == 0:
         report["note"] = "cut 0 is the global-model baseline: x_t at t = 1 is nearly x0 (no privacy, by design)"
-    # (a) every x_t at least as noisy as its declared t, every t above the cut and within the pinned floor.
+    # (a) every t above the cut and within the pinned floor; every x_t at least as noisy as the cut.
     report["t_at_or_below_cut"] = int((batch.t <= cut).sum())
     if floor_alpha_bar is not None:
         report["floor_alpha_bar"] = floor_alpha_bar
         report["above_floor"] = int((ab_t > floor_alpha_bar * (1 + 1e-9)).sum())
-    # Only rows matched with confidence: picking the likeliest of many images selects the one that happens to
-    # correlate most with x_t, which would make an honest payload look less noisy than it is.
+    # Each x_t against the sender's level zeta (alpha_bar at its cut under its pinned schedule, its floor): no
+    # payload may carry more signal than that. Only rows matched with confidence are tested: picking the
+    # likeliest of many images selects the one that happens to correlate most with x_t, which would make an
+    # honest payload look less noisy than it is.
+    declared = floor_alpha_bar if floor_alpha_bar is not None else float(alphas_cumprod[cut])
     sure = posterior > 0.99
     if bool(sure.any()):
-        report["noise_check"] = check_noise(batch.x_t[sure], ab_t[sure], x0[sure]).summary()
+        report["noise_check"] = check_noise(batch.x_t[sure], declared, x0[sure]).summary()
     else:
         report["noise_check"] = {"payloads": 0, "less_noisy_than_declared": 0, "group_less_noisy": False,
                                  "note": "no row matched with confidence: nothing to test against"}
