@@ -153,7 +153,6 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
     floors = [r["quality"]["pooled"]["floor_fid"] for r in rows if r["quality"]["pooled"].get("floor_fid")]
     if floors:
         ax.axvline(sum(floors) / len(floors), linestyle=":", color="grey", label="real-vs-real FID floor")
-    ax.set_yscale("symlog", linthresh=40)
     ax.set_xlabel("FID of the clients' samples (lower: the system learned more)")
     ax.set_ylabel("best reconstruction PSNR vs x0, dB (capped at 150)")
     ax.set_title("What the server learns vs what it can reconstruct (digits, one point per arm)", fontsize=10)
