@@ -66,15 +66,32 @@ def final_code(context: grpc.ServicerContext, error: BaseException | None) -> gr
     CANCELLED (or DEADLINE_EXCEEDED once its deadline passed); any other exception is UNKNOWN, which
     is what gRPC answers for it.
     """
-    code = context.code() if hasattr(context, "code") else None
-    if isinstance(code, grpc.StatusCode):
+    code = _set_code(context)
+    if code is not None:
         return code
-    if not context.is_active():
-        # gRPC's deadline timer can fire a few ms before time_remaining() reaches 0 on its clock.
-        remaining = context.time_remaining()
-        expired = remaining is not None and remaining <= DEADLINE_SLACK_S
-        return grpc.StatusCode.DEADLINE_EXCEEDED if expired else grpc.StatusCode.CANCELLED
+    remaining = context.time_remaining()
+    # A handler that returns after its deadline answers nobody: the client already has DEADLINE_EXCEEDED,
+    # though is_active() can still read True then.
+    if not context.is_active() or (remaining is not None and remaining <= 0):
+        return dropped_code(context)
     return grpc.StatusCode.UNKNOWN if error is not None else grpc.StatusCode.OK
+
+
+def _set_code(context: grpc.ServicerContext) -> grpc.StatusCode | None:
+    """A non-OK code left by abort() or set_code(); gRPC may report OK for a call it terminated itself."""
+    code = context.code() if hasattr(context, "code") else None
+    return code if isinstance(code, grpc.StatusCode) and code != grpc.StatusCode.OK else None
+
+
+def dropped_code(context: grpc.ServicerContext) -> grpc.StatusCode:
+    """The status of a call that terminated before its handler finished: the client went away."""
+    code = _set_code(context)
+    if code is not None:
+        return code
+    # gRPC's deadline timer can fire a few ms before time_remaining() reaches 0 on its clock.
+    remaining = context.time_remaining()
+    expired = remaining is not None and remaining <= DEADLINE_SLACK_S
+    return grpc.StatusCode.DEADLINE_EXCEEDED if expired else grpc.StatusCode.CANCELLED
 
 
 class _Call:
@@ -132,8 +149,10 @@ class RpcMetricsInterceptor(grpc.ServerInterceptor):
         def wrap(inner: Behavior) -> Behavior:
             def behavior(request: Any, context: grpc.ServicerContext) -> Any:
                 call = _Call(self, labels)
-                # Fallback for calls that end without the handler returning or raising here (a dropped stream).
-                context.add_callback(lambda: call.finish(final_code(context, None)))
+                # Fallback for calls that terminate before the handler returns or raises here (a dropped
+                # stream, a passed deadline). It runs as the call terminates, when is_active() may still
+                # read True, so it never reports OK.
+                context.add_callback(lambda: call.finish(dropped_code(context)))
                 try:
                     response = inner(request, context)
                 except BaseException as exc:  # abort() raises too: its code is on the context

@@ -71,10 +71,13 @@ def test_counters_move_during_a_short_run(observed: CollaFuseServer) -> None:
     port = observed.metrics.port
     api = stub(observed, token=TOKEN)
 
-    before = scrape(port)
+    # The trainer thread leaves "idle" for "waiting" a moment after the server starts.
+    waited = time.monotonic() + 10
+    while value(before := scrape(port), "collafuse_training_phase", collafuse_training_phase="waiting") != 1:
+        assert time.monotonic() < waited, "the exported phase never became 'waiting'"
+        time.sleep(0.05)
     assert value(before, "collafuse_training_step") == 0
     assert value(before, "collafuse_releases") == 0
-    assert value(before, "collafuse_training_phase", collafuse_training_phase="waiting") == 1
     assert value(before, "process_resident_memory_bytes") > 0
     assert value(before, "collafuse_sampling_queue_depth") == 0
 
@@ -204,6 +207,9 @@ def test_dropped_streams_and_deadlines_are_counted_by_their_code() -> None:
                 assert entered.wait(10.0), "the server never dispatched the call"
                 call.result()
             assert late.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        # The server's copy of the deadline ends a few ms after the client's: let it pass too, so the handler
+        # really returns past its deadline (before it, the server would rightly count the call OK).
+        time.sleep(0.3)
         release.set()
 
         def count(method: str, code: str) -> float:
@@ -214,7 +220,8 @@ def test_dropped_streams_and_deadlines_are_counted_by_their_code() -> None:
         while (count("Ticks", "CANCELLED"), count("Wait", "DEADLINE_EXCEEDED")) != (1, 1):
             assert time.monotonic() < deadline, (
                 f"the dropped calls were not recorded with their codes: {count('Ticks', 'CANCELLED')=}, "
-                f"{count('Wait', 'DEADLINE_EXCEEDED')=}, {count('Wait', 'CANCELLED')=}")
+                f"{count('Wait', 'DEADLINE_EXCEEDED')=}, {count('Wait', 'CANCELLED')=}, {count('Wait', 'OK')=}, "
+                f"{count('Wait', 'UNKNOWN')=}")
             time.sleep(0.05)
         assert count("Ticks", "OK") == 0 and count("Wait", "OK") == 0
     finally:
