@@ -3,20 +3,30 @@ and end where one process ends with the same global minibatch."""
 
 from __future__ import annotations
 
+import json
 import os
+import signal
 import socket
+import subprocess
+import sys
+import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
 import torch.multiprocessing as mp
-from server_support import tiny_settings
+from client_fake_server import make_image_folder
+from server_support import tiny_settings, wait_phase
 
+from collafuse.common.rpc import open_channel
 from collafuse.server import distributed
+from collafuse.server.app import STOP_MARGIN_S
+from collafuse.server.cli import GRACE_S
 from collafuse.server.protocols.ambient import AmbientBatch, NewRelease, ReleaseTable
 from collafuse.server.store import ReleaseStore
 from collafuse.server.trainer import Trainer
+from collafuse.v1 import collafuse_pb2_grpc
 
 CPU = torch.device("cpu")
 STEPS = 3
@@ -116,3 +126,108 @@ def test_shard_splits_every_tensor_of_the_batch() -> None:
     assert parts[0].t.tolist() == [0, 1, 2, 3] and parts[1].noise.tolist() == [4, 5, 6, 7]
     with pytest.raises(distributed.DistributedError, match="not divisible"):
         distributed.shard(batch, 0, 3)
+
+
+# ---- torchrun through the real CLI, with a real client -----------------------------------------------------
+
+CLI_STEPS = 10
+TORCHRUN = Path(sys.executable).with_name("torchrun")
+
+
+def wait_until(condition: Any, what: str, timeout: float, proc: subprocess.Popen[str], log: Path) -> None:
+    """Poll ``condition`` until true; fails at once when ``proc`` has exited (with its log)."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert proc.poll() is None, f"torchrun exited {proc.returncode} before {what}:\n{log.read_text()[-4000:]}"
+        assert time.monotonic() < deadline, f"timed out waiting for {what}:\n{log.read_text()[-4000:]}"
+        time.sleep(0.2)
+
+
+def _stat(pid: int) -> list[str] | None:
+    """The fields of /proc/<pid>/stat after the command name (state first, then the parent's pid)."""
+    try:
+        return (Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+
+
+def children(pid: int) -> list[int]:
+    """Pids of ``pid``'s running children: torchrun's ranks (Linux /proc; they run in sessions of their own)."""
+    pids = (int(p.name) for p in Path("/proc").iterdir() if p.name.isdigit())
+    return [c for c in pids if (fields := _stat(c)) is not None and int(fields[1]) == pid]
+
+
+def running(pid: int) -> bool:
+    fields = _stat(pid)
+    return fields is not None and fields[0] != "Z"
+
+
+@pytest.mark.slow
+def test_torchrun_cli_trains_for_a_real_client_and_stops_on_sigterm(tmp_path: Path) -> None:
+    """``torchrun --nproc-per-node 2 -m collafuse.server.cli``: rank 0 serves a real client, both ranks train
+    to --max-steps, and SIGTERM to torchrun ends every rank within the grace period."""
+    store, port = tmp_path / "store", free_port()
+    make_image_folder(tmp_path / "data", classes=("a", "b"), per_class=4)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    server_cmd = [
+        str(TORCHRUN), "--nproc-per-node", "2", "--master-addr", "127.0.0.1", "--master-port", str(free_port()),
+        "-m", "collafuse.server.cli", "--host", "127.0.0.1", "--port", str(port), "--device", "cpu",
+        "--store", str(store), "--max-steps", str(CLI_STEPS), "--checkpoint-every", "5", "--batch-size", "4",
+        "--min-clients", "1", "--image-size", "8", "--channels", "1", "--model-preset", "tiny",
+        "--num-train-timesteps", "50", "--classes", "a", "b", "--threads", "1",
+    ]
+    client_cmd = [
+        sys.executable, "-m", "collafuse.client", "run", "--data", str(tmp_path / "data"),
+        "--server", f"127.0.0.1:{port}", "--workdir", str(tmp_path / "work"), "--cut", "20",
+        "--train-steps", "3", "--batch-size", "4", "--samples-per-class", "1", "--inference-steps", "5",
+        "--device", "cpu", "--threads", "1", "--wait-timeout", "120", "--rpc-timeout", "10",
+    ]
+    server_log, client_log = tmp_path / "server.log", tmp_path / "client.log"
+    with open(server_log, "w") as slog, open(client_log, "w") as clog:
+        server = subprocess.Popen(server_cmd, stdout=slog, stderr=subprocess.STDOUT, text=True, env=env)
+        client: subprocess.Popen[str] | None = None
+        ranks: list[int] = []
+        try:
+            wait_until((store / "server.json").exists, "rank 0 serving", 90, server, server_log)
+            ranks = children(server.pid)
+            assert len(ranks) == 2, ranks
+            client = subprocess.Popen(client_cmd, stdout=clog, stderr=subprocess.STDOUT, text=True, env=env)
+            client.wait(timeout=120)
+            assert client.returncode == 0, client_log.read_text()[-4000:]
+            api = collafuse_pb2_grpc.CollaFuseStub(open_channel(f"127.0.0.1:{port}"))
+            status = wait_phase(api, "done", timeout=60)
+            assert status.trainer.step == CLI_STEPS
+            wait_until(lambda: json.loads((store / "metrics.json").read_text())["step"] == CLI_STEPS
+                       if (store / "metrics.json").exists() else False, "the final checkpoint", 30, server, server_log)
+            assert server.poll() is None, "rank 0 still serves after training ends"
+            started = time.monotonic()
+            server.send_signal(signal.SIGTERM)
+            try:
+                server.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                pytest.fail(f"torchrun hung on SIGTERM:\n{server_log.read_text()[-4000:]}")
+            took = time.monotonic() - started
+            left = [r for r in ranks if running(r)]
+        finally:
+            # torchrun killed outright leaves its ranks running (each in a session of its own): kill them too.
+            leftover = set(ranks) | set(children(server.pid) if server.poll() is None else [])
+            for proc in (client, server):
+                if proc is not None and proc.poll() is None:
+                    proc.kill()
+                    proc.wait()
+            for rank in leftover:
+                if running(rank):
+                    os.kill(rank, signal.SIGKILL)
+    log = server_log.read_text()
+    assert "rank 0 leads 2 data-parallel ranks" in log and "rank 1 follows rank 0" in log, log[-4000:]
+    assert f"rank 1: rank 0 stopped training at step {CLI_STEPS}" in log, log[-4000:]
+    assert "server stopped" in log, log[-4000:]
+    # Within rank 0's own bound plus torchrun's polling; torchrun SIGKILLs ranks only after 30 s.
+    assert took < GRACE_S + STOP_MARGIN_S + 5, f"SIGTERM to torchrun took {took:.1f}s"
+    assert not left, f"ranks still running after torchrun exited: {left}"
+    # torchrun answers SIGTERM with exit 1 (its agent raises SignalException) whatever its ranks do; a rank
+    # that failed shows as torchrun's ChildFailedError.
+    assert server.returncode in (0, 1) and "ChildFailedError" not in log, log[-4000:]
+    metrics = json.loads((store / "metrics.json").read_text())
+    assert [int(s) for s, _ in metrics["losses"]] == list(range(1, CLI_STEPS + 1))
+    assert (tmp_path / "work" / "samples" / "grid.png").is_file()
