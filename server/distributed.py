@@ -1,28 +1,28 @@
 """Data-parallel training of the server denoiser over several processes: ``torchrun --nproc-per-node N``.
 
 Rank 0 is the server as with one process: gRPC, the release store, checkpoints, sampling and the trainer
-thread. Ranks 1..N-1 hold a replica of the model and of the release rows and follow rank 0's trainer:
-before each action rank 0 broadcasts a command (``Op``): ROWS (new release rows, or all of them again
-after a forget), STEP (one training step), IDLE (a heartbeat while it waits for data) or STOP.
+thread. Ranks 1..N-1 hold a replica of the model and follow rank 0's trainer: before each action rank 0
+broadcasts a command (``Op``): ROWS (new release rows, or all of them again after a forget), STEP (one
+training step), IDLE (a heartbeat while it waits for data) or STOP.
 
-Every rank draws the same global minibatch from the same generator (same seed, same rows in the same
-order, with every random draw of the loss in the batch) and trains on its slice of ``batch_size / N``
-rows; DistributedDataParallel averages the gradients, so after each step every rank holds the model one
-process would have after the same step on the whole minibatch. What is sharded is the work; each rank
-keeps every release row (48 KiB per 64x64x3 image) so that any rank can draw any row.
+The releases are sharded: row ``p`` of the table (rowid order) lives on rank ``p % N`` only
+(``protocols/ambient.py::Partition``). With ROWS rank 0 broadcasts the new rows' labels and cuts (16 bytes
+a row) and sends each rank just its part's x_cut (48 KiB a 64x64x3 row), keeping its own part. Every rank
+draws the same global minibatch from the same generator (``batch_size / N`` rows from each part, with every
+random draw of the loss) and trains on its own part's group; DistributedDataParallel averages the gradients,
+so after each step every rank holds the model one process has after the same step on the whole minibatch.
 
 NCCL on GPUs (rank r uses ``cuda:LOCAL_RANK``), gloo on the CPU.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import datetime as dt
 import enum
 import logging
 import os
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -34,13 +34,12 @@ from collafuse.common.models import build_unet, null_label
 from collafuse.common.runtime import resolve_device
 from collafuse.common.train_loop import TrainCore, TrainOptions, seeded
 from collafuse.server.errors import StartupError
-from collafuse.server.protocols.ambient import AmbientSource, ReleaseRows, ambient_source
+from collafuse.server.protocols.ambient import AmbientSource, Partition, ReleaseRows, ambient_source
 from collafuse.server.protocols.base import TrainingSource
 from collafuse.server.trainer import CHECKPOINTS, Trainer
 
 log = logging.getLogger(__name__)
 
-B = TypeVar("B")
 # Waiting for the first releases may take long; rank 0 sends IDLE every poll, so this only bounds a hang.
 TIMEOUT = dt.timedelta(minutes=30)
 # [op, full, n, last_rowid, version, forget_epoch, C, H, W]
@@ -106,22 +105,6 @@ def shutdown() -> None:
         dist.destroy_process_group()
 
 
-def shard(batch: B, rank: int, size: int) -> B:
-    """Rank ``rank``'s slice of a dataclass batch: every tensor field split along dim 0."""
-    if size == 1:
-        return batch
-    values: dict[str, Any] = {}
-    for field in dataclasses.fields(batch):  # type: ignore[arg-type]
-        value = getattr(batch, field.name)
-        if isinstance(value, torch.Tensor):
-            rows = value.shape[0] // size
-            if rows * size != value.shape[0]:
-                raise DistributedError(f"batch field {field.name} has {value.shape[0]} rows, not divisible by {size}")
-            value = value[rank * rows:(rank + 1) * rows]
-        values[field.name] = value
-    return dataclasses.replace(batch, **values)  # type: ignore[type-var]
-
-
 class Channel:
     """Rank 0's commands and release rows, broadcast to the other ranks; the loss mean over ranks."""
 
@@ -144,22 +127,34 @@ class Channel:
         header = self._header()
         return Op(header[0]), header[1:]
 
-    def send_rows(self, rows: ReleaseRows, full: bool) -> None:
+    def send_rows(self, rows: ReleaseRows, full: bool, start: int) -> None:
+        """Rows ``start .. start + len(rows)`` of the table: labels and cuts to all, x_cut to its part's rank."""
         n = len(rows)
         shape = list(rows.x_cut.shape[1:]) if n else [0, 0, 0]
         self.send(Op.ROWS, int(full), n, rows.last_rowid, rows.version, rows.forget_epoch, *shape)
-        if n:
-            for tensor in (rows.x_cut, rows.labels, rows.cuts):
-                dist.broadcast(tensor.to(self.device).contiguous(), src=0)
+        if not n:
+            return
+        for tensor in (rows.labels, rows.cuts):
+            dist.broadcast(tensor.to(self.device).contiguous(), src=0)
+        parts = Partition(self.world.size)
+        for rank in range(1, self.world.size):
+            mine = parts.positions(start, n, rank)
+            if len(mine):
+                dist.send(rows.x_cut[mine].to(self.device).contiguous(), dst=rank)
 
-    def receive_rows(self, args: list[int]) -> tuple[ReleaseRows, bool]:
+    def receive_rows(self, args: list[int], start: int) -> tuple[ReleaseRows, bool]:
+        """This rank's share of what ``send_rows`` sent; ``start``: the rows it held before (0 after a full)."""
         full, n, last_rowid, version, epoch, *shape = args
-        x_cut = torch.empty((n, *shape) if n else (0,), device=self.device)
+        start = 0 if full else start
         labels = torch.empty((n,), dtype=torch.long, device=self.device)
         cuts = torch.empty((n,), dtype=torch.long, device=self.device)
+        held = len(Partition(self.world.size).positions(start, n, self.world.rank))
+        x_cut = torch.empty((held, *shape) if n else (0,), device=self.device)
         if n:
-            for tensor in (x_cut, labels, cuts):
+            for tensor in (labels, cuts):
                 dist.broadcast(tensor, src=0)
+            if held:
+                dist.recv(x_cut, src=0)
         # client ids stay on rank 0: only its trainer decides when to start (min_clients).
         rows = ReleaseRows(x_cut.cpu(), labels.cpu(), cuts.cpu(), [], last_rowid, version, epoch)
         return rows, bool(full)
@@ -205,9 +200,11 @@ def replicate(core: TrainCore, world: World, channel: Channel) -> None:
 
 
 class LeaderSource(TrainingSource[Any]):
-    """Rank 0's training source: the protocol's, telling the other ranks what it does and sharding batches."""
+    """Rank 0's training source: the protocol's (holding part 0 of the rows), telling the other ranks what it does."""
 
     def __init__(self, inner: AmbientSource, world: World, channel: Channel) -> None:
+        if inner.partition != Partition(world.size, world.rank):
+            raise DistributedError(f"rank 0's source holds {inner.partition}, not part 0 of {world.size}")
         self.inner = inner
         self.world = world
         self.channel = channel
@@ -215,7 +212,7 @@ class LeaderSource(TrainingSource[Any]):
         inner.on_rows = self._rows
 
     def _rows(self, rows: ReleaseRows, full: bool) -> None:
-        self.channel.send_rows(rows, full)
+        self.channel.send_rows(rows, full, 0 if full else len(self.inner))
         self._sent_rows = True
 
     def refresh(self) -> bool:
@@ -226,7 +223,8 @@ class LeaderSource(TrainingSource[Any]):
         return changed
 
     def __len__(self) -> int:
-        return len(self.inner)
+        # Every part needs a row before a minibatch can be drawn: until then the trainer waits as for no rows.
+        return len(self.inner) if len(self.inner) >= self.world.size else 0
 
     @property
     def client_ids(self) -> list[str]:
@@ -234,7 +232,7 @@ class LeaderSource(TrainingSource[Any]):
 
     def batch(self, generator: torch.Generator) -> Any:
         self.channel.send(Op.STEP)
-        return shard(self.inner.batch(generator), self.world.rank, self.world.size)
+        return self.inner.batch(generator)
 
     def loss(self, net: Any, batch: Any, generator: torch.Generator) -> torch.Tensor:
         return self.inner.loss(net, batch, generator)
@@ -247,6 +245,9 @@ def lead(trainer: Trainer, world: World) -> None:
     """Make rank 0's (not yet started) trainer drive the other ranks; call before ``trainer.start()``."""
     if not isinstance(trainer.source, AmbientSource):
         raise StartupError("data-parallel training needs the ambient protocol's training source")
+    if len(trainer.source):
+        raise DistributedError("lead() must run before rank 0's trainer takes in any release rows")
+    trainer.source.partition = Partition(world.size, world.rank)
     channel = Channel(world, trainer.device)
     channel.send(Op.READY, trainer.core.step)
     replicate(trainer.core, world, channel)
@@ -264,8 +265,9 @@ def lead(trainer: Trainer, world: World) -> None:
              world.size, trainer.settings.batch_size, trainer.settings.batch_size // world.size)
 
 
-def follow(settings: ServerSettings, world: World, device: torch.device) -> TrainCore:
-    """A rank > 0: replicate rank 0's model and rows and train in lockstep until rank 0 says STOP."""
+def follow(settings: ServerSettings, world: World, device: torch.device) -> tuple[TrainCore, AmbientSource]:
+    """A rank > 0: replicate rank 0's model, take its part of the rows and train in lockstep until rank 0 says
+    STOP; returns the trained core and the rows it held."""
     settings = settings.for_dataset()
     channel = Channel(world, device)
     op, args = channel.receive()
@@ -274,17 +276,18 @@ def follow(settings: ServerSettings, world: World, device: torch.device) -> Trai
     core = build_core(settings, device)
     replicate(core, world, channel)
     channel.agree(core)
-    source = ambient_source(settings, None, device, null_label(core.model))
+    source = ambient_source(settings, None, device, null_label(core.model), Partition(world.size, world.rank))
     log.info("rank %d follows rank 0 from step %d", world.rank, core.step)
     while True:
         op, args = channel.receive()
         if op == Op.STEP:
-            core.train_step(lambda g: shard(source.batch(g), world.rank, world.size), source.loss)
+            core.train_step(source.batch, source.loss)
         elif op == Op.ROWS:
-            source.take(*channel.receive_rows(args))
+            source.take(*channel.receive_rows(args, len(source)))
         elif op == Op.STOP:
-            log.info("rank %d: rank 0 stopped training at step %d", world.rank, core.step)
-            return core
+            log.info("rank %d: rank 0 stopped training at step %d (it held %d of %d releases)",
+                     world.rank, core.step, source.x_cut.shape[0], len(source))
+            return core, source
         elif op != Op.IDLE:
             raise DistributedError(f"rank {world.rank}: unexpected command {op.name} from rank 0")
 

@@ -1,5 +1,5 @@
-"""Data-parallel server training (server/distributed.py): two gloo ranks on the CPU keep identical replicas
-and end where one process ends with the same global minibatch."""
+"""Data-parallel server training (server/distributed.py): two gloo ranks on the CPU each hold half of the
+releases, keep identical replicas and end where one process ends with the same global minibatch."""
 
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ from collafuse.common.rpc import open_channel
 from collafuse.server import distributed
 from collafuse.server.app import STOP_MARGIN_S
 from collafuse.server.cli import GRACE_S
-from collafuse.server.protocols.ambient import AmbientBatch, NewRelease, ReleaseTable
+from collafuse.server.protocols.ambient import NewRelease, Partition, ReleaseTable
 from collafuse.server.store import ReleaseStore
 from collafuse.server.trainer import Trainer
 from collafuse.v1 import collafuse_pb2_grpc
@@ -64,11 +64,12 @@ def rank_main(rank: int, root: str, port: int) -> None:
             trainer.start()
             assert trainer.wait_done(120)
             trainer.stop()
-            core = trainer.core
+            core, held = trainer.core, trainer.source.inner.x_cut  # type: ignore[attr-defined]
         else:
-            core = distributed.follow(settings, world, device)
+            core, source = distributed.follow(settings, world, device)
+            held = source.x_cut
         torch.save({"model": state(core.model), "ema": state(core.ema.model), "losses": core.losses,
-                    "step": core.step}, Path(root) / f"rank{rank}.pt")
+                    "step": core.step, "held": held.clone()}, Path(root) / f"rank{rank}.pt")
     finally:
         distributed.shutdown()
 
@@ -91,12 +92,16 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     mp.spawn(rank_main, args=(str(root), free_port()), nprocs=2, join=True)
     ranks = [torch.load(root / f"rank{r}.pt") for r in (0, 1)]
     single_root = tmp_path_factory.mktemp("single") / "store"
-    trainer = Trainer(tiny_settings(single_root, **SETTINGS), fill(single_root), "fp", device=CPU, poll_interval=0.02)
+    store = fill(single_root)
+    trainer = Trainer(tiny_settings(single_root, **SETTINGS), store, "fp", device=CPU, poll_interval=0.02)
+    # One process holding every row, drawing the minibatch as two ranks do (half from each part).
+    trainer.source.partition = Partition(2)  # type: ignore[attr-defined]
     trainer.start()
     assert trainer.wait_done(120)
     trainer.stop()
     single = {"model": state(trainer.core.model), "ema": state(trainer.core.ema.model), "losses": trainer.core.losses}
-    return {"ranks": ranks, "single": single, "root": root}
+    rows = ReleaseTable(store).load().x_cut
+    return {"ranks": ranks, "single": single, "root": root, "rows": rows}
 
 
 def test_replicas_are_identical_after_training(runs: dict[str, Any]) -> None:
@@ -120,12 +125,11 @@ def test_two_ranks_equal_one_process_with_the_same_global_batch(runs: dict[str, 
         assert s1 == s2 and v1 == pytest.approx(v2, rel=1e-5)
 
 
-def test_shard_splits_every_tensor_of_the_batch() -> None:
-    batch = AmbientBatch(*(torch.arange(8) for _ in range(5)))
-    parts = [distributed.shard(batch, r, 2) for r in (0, 1)]
-    assert parts[0].t.tolist() == [0, 1, 2, 3] and parts[1].noise.tolist() == [4, 5, 6, 7]
-    with pytest.raises(distributed.DistributedError, match="not divisible"):
-        distributed.shard(batch, 0, 3)
+def test_each_rank_holds_only_its_half_of_the_releases(runs: dict[str, Any]) -> None:
+    rows = runs["rows"]
+    assert rows.shape[0] == 24
+    for rank, saved in enumerate(runs["ranks"]):
+        assert torch.equal(saved["held"], rows[rank::2]), f"rank {rank} holds rows {rank}, {rank + 2}, ... only"
 
 
 # ---- torchrun through the real CLI, with a real client -----------------------------------------------------
@@ -220,7 +224,8 @@ def test_torchrun_cli_trains_for_a_real_client_and_stops_on_sigterm(tmp_path: Pa
                     os.kill(rank, signal.SIGKILL)
     log = server_log.read_text()
     assert "rank 0 leads 2 data-parallel ranks" in log and "rank 1 follows rank 0" in log, log[-4000:]
-    assert f"rank 1: rank 0 stopped training at step {CLI_STEPS}" in log, log[-4000:]
+    # The client's 8 releases are sharded: rank 1 held 4 of them.
+    assert f"rank 1: rank 0 stopped training at step {CLI_STEPS} (it held 4 of 8 releases)" in log, log[-4000:]
     assert "server stopped" in log, log[-4000:]
     # Within rank 0's own bound plus torchrun's polling; torchrun SIGKILLs ranks only after 30 s.
     assert took < GRACE_S + STOP_MARGIN_S + 5, f"SIGTERM to torchrun took {took:.1f}s"
