@@ -48,8 +48,14 @@ protos: install
 lint: install
 	$(PY) -m ruff check common server client deploy evaluation tests benchmarks
 
+# The package maps collafuse.<part> onto top-level folders (pyproject's package-dir), which mypy cannot follow
+# through the editable install: without this tree every `collafuse.*` import would type as Any.
+MYPY_ROOT := build/mypy
 typecheck: install
-	$(PY) -m mypy common server client deploy evaluation tests benchmarks
+	rm -rf $(MYPY_ROOT) && mkdir -p $(MYPY_ROOT)/collafuse && touch $(MYPY_ROOT)/collafuse/__init__.py
+	for part in common server client deploy evaluation; do ln -s ../../../$$part $(MYPY_ROOT)/collafuse/$$part; done
+	ln -s ../../../protos/collafuse/v1 $(MYPY_ROOT)/collafuse/v1
+	MYPYPATH=$(MYPY_ROOT) $(PY) -m mypy $(MYPY_ROOT)/collafuse tests benchmarks
 
 bench-quick: install
 	$(PY) benchmarks/cut_study.py --quick

@@ -65,13 +65,14 @@ def free_port() -> int:
 class ServerProcess:
     """``collafuse-server`` as its own process on loopback; ``stop`` sends SIGTERM and waits for it."""
 
-    def __init__(self, store: Path, *flags: str, log_file: Path | None = None) -> None:
+    def __init__(self, store: Path, *flags: str, log_file: Path | None = None, env: dict[str, str] | None = None) -> None:
         self.store = store
         binary = Path(sys.executable).with_name("collafuse-server")
         command = [str(binary), "--host", "127.0.0.1", "--port", "0", "--store", str(store), "--device", "cpu", *flags]
         self._log = open(log_file or store.with_suffix(".log"), "w")  # noqa: SIM115 -- closed in stop()
         store.mkdir(parents=True, exist_ok=True)
-        self.process = subprocess.Popen(command, stdout=self._log, stderr=subprocess.STDOUT)
+        self.process = subprocess.Popen(command, stdout=self._log, stderr=subprocess.STDOUT,
+                                        env={**os.environ, **(env or {})})
         self.address = self._wait_address()
 
     def _wait_address(self, timeout: float = 120.0) -> str:

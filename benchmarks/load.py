@@ -7,7 +7,7 @@ client keeps one Sample call in flight, so sampling is saturated the whole run. 
 and failures per RPC (RESOURCE_EXHAUSTED with a retry hint is counted apart: the client waits
 as told and retries), p50/p99/max latency per RPC, Heartbeat latency while the sampling queue
 held more requests than workers (read from the server's Prometheus endpoint), and the server's
-RSS at start and end. Bounded: it stops itself after ``--duration`` s, cancelling the Sample
+RSS every ``--rss-every`` s. Bounded: it stops itself after ``--duration`` s, cancelling the Sample
 calls still in flight (counted as cut off, not failed), and SIGTERMs the server.
 
     python benchmarks/load.py                      # 16 clients, 120 s
@@ -34,8 +34,7 @@ import torch
 from bench_common import ServerProcess, free_port, log, percentiles, write_result
 
 from collafuse.common.codec import encode
-from collafuse.common.rpc import open_channel
-from collafuse.server.sampling_rpc import RETRY_AFTER_KEY
+from collafuse.common.rpc import RETRY_AFTER_KEY, open_channel
 from collafuse.v1 import collafuse_pb2, collafuse_pb2_grpc
 
 CUT = 100
@@ -124,7 +123,7 @@ def run_client(c: int, address: str, args: argparse.Namespace, rec: Recorder, de
         rec.call("Heartbeat", partial(api.Heartbeat, heartbeat, timeout=DEADLINES["Heartbeat"]))
         if beat % 4 == 0:
             rec.call("Status", lambda: api.Status(collafuse_pb2.StatusRequest(), timeout=DEADLINES["Status"]))
-        if beat % 8 == 0:
+        if beat % 8 == 0 and (args.release_cap is None or released < args.release_cap):
             chunk = release_chunk(client_id, released, args.release_images)
             rec.call("Release", partial(api.Release, iter([chunk]), timeout=DEADLINES["Release"]))
             released += args.release_images
@@ -149,6 +148,13 @@ def watch_depth(metrics_url: str, rec: Recorder, stopping: threading.Event, samp
         stopping.wait(0.25)
 
 
+def watch_rss(server: ServerProcess, began: float, every: float, stopping: threading.Event,
+              series: list[tuple[float, float]]) -> None:
+    """(seconds since the load began, server RSS in MB) every ``every`` seconds: does the growth level off?"""
+    while not stopping.wait(every):
+        series.append((round(time.monotonic() - began, 1), server.rss_mb()))
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--clients", type=int, default=16)
@@ -159,6 +165,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--sample-steps", type=int, default=50, help="inference steps (T = 1000, cut 100)")
     parser.add_argument("--preset", default="small")
     parser.add_argument("--train-steps", type=int, default=0, help="server training steps (0: all run long)")
+    parser.add_argument("--release-cap", type=int, default=None,
+                        help="images each client releases in all (default: no cap); RSS should level off after it")
+    parser.add_argument("--rss-every", type=float, default=10.0, help="seconds between server RSS readings")
+    parser.add_argument("--malloc-arena-max", type=int, default=0,
+                        help="MALLOC_ARENA_MAX for the server process (0: glibc's default, 8 per core)")
+    parser.add_argument("--tag", default="", help="written to results/load-<tag>-<date>.json")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     rec = Recorder()
@@ -169,6 +181,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             Path(tmp) / "store", "--model-preset", args.preset, "--image-size", str(SIDE), "--batch-size", "32",
             "--max-steps", str(args.train_steps), "--checkpoint-every", "100", "--metrics-port", str(metrics_port),
             "--log-level", "WARNING",
+            env={"MALLOC_ARENA_MAX": str(args.malloc_arena_max)} if args.malloc_arena_max else None,
         )
         try:
             rss_start = server.rss_mb()
@@ -177,6 +190,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                                                                   stopping, depths))
             watcher.start()
             began = time.monotonic()
+            rss_series: list[tuple[float, float]] = []
+            rss_reader = threading.Thread(target=watch_rss, args=(server, began, args.rss_every, stopping, rss_series))
+            rss_reader.start()
             deadline = began + args.duration
             client_stops = [threading.Event() for _ in range(args.clients)]
             threads = [threading.Thread(target=run_client, args=(c, server.address, args, rec, deadline, stop))
@@ -188,6 +204,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             wall = time.monotonic() - began
             stopping.set()
             watcher.join(5)
+            rss_reader.join(5)
             status = collafuse_pb2_grpc.CollaFuseStub(open_channel(server.address)).Status(
                 collafuse_pb2.StatusRequest(), timeout=10)
             rss_end = server.rss_mb()
@@ -205,12 +222,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "heartbeat_while_sampling_saturated": percentiles(rec.saturated_beats),
         "sampling_queue_depth": {"mean": round(sum(depths) / max(1, len(depths)), 2), "max": max(depths, default=0),
                                  "reads": len(depths)},
-        "server_rss_mb": {"start": rss_start, "end": rss_end},
+        "server_rss_mb": {"start": rss_start, "end": rss_end, "series": rss_series},
         "server_releases_stored": sum(c.releases for c in status.clients),
         "server_training_step": status.trainer.step,
         "server_exit": exit_info,
     }
-    path = write_result("load", result)
+    path = write_result(f"load-{args.tag}" if args.tag else "load", result)
     log.info("failed calls %d; heartbeat p99 saturated %s; RSS %s -> %s MB; written to %s", failed,
              result["heartbeat_while_sampling_saturated"], rss_start, rss_end, path)
     return result

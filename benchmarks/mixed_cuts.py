@@ -167,13 +167,14 @@ def main(argv: list[str] | None = None) -> int:
     stamp = dt.date.today().isoformat() + (f"-{args.tag}" if args.tag else "")
     args.results.mkdir(parents=True, exist_ok=True)
     out = args.results / f"mixed_cuts-{stamp}.json"
+    wall_seconds = time.monotonic() - started
     payload = {
         "date": dt.datetime.now().isoformat(timespec="seconds"),
         "machine": machine(),
         "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
         "reference_real_images": len(evaluator.reference),
         "classifier_real_heldout_accuracy": evaluator.heldout,
-        "wall_seconds": time.monotonic() - started,
+        "wall_seconds": wall_seconds,
         "summary": summary,
         "runs": runs,
     }
@@ -187,7 +188,7 @@ def main(argv: list[str] | None = None) -> int:
             label = f"{name} ({entry['cut']})" if "cut" in entry else name
             print(f"  {weighting:<9} {label:<16} {entry['fid']['mean']:.1f}±{entry['fid']['std']:.1f} "
                   f"({entry['floor_fid']['mean']:.1f})  {entry['accuracy']['mean']:.2f}±{entry['accuracy']['std']:.2f}")
-    print(f"\nwrote {out} in {payload['wall_seconds'] / 60:.1f} min")
+    print(f"\nwrote {out} in {wall_seconds / 60:.1f} min")
     return 0
 
 

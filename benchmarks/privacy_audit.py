@@ -37,6 +37,7 @@ from cut_study import QUICK, Evaluator, finished, gather
 from mixed_cuts import evaluate
 from tqdm import tqdm
 
+from collafuse.common.config import Protocol
 from collafuse.common.runtime import setup_logging
 from collafuse.deploy.sim import SimSettings, run
 
@@ -49,7 +50,7 @@ DP_CLIP = 0.1  # about the median norm of a gradient row 2(eps_hat - eps)/d earl
 @dataclass(frozen=True)
 class Variant:
     name: str
-    protocol: str
+    protocol: Protocol
     dp_noise_multiplier: float | None = None  # None: no DP
 
 
@@ -67,9 +68,9 @@ class Budget:
 
 
 def arm_settings(variant: Variant, cut: int, budget: Budget, seed: int, work: Path) -> SimSettings:
-    dp = {} if variant.dp_noise_multiplier is None else {"dp_clip": DP_CLIP, "dp_noise_multiplier": variant.dp_noise_multiplier}
+    dp: dict[str, Any] = {} if variant.dp_noise_multiplier is None else {"dp_clip": DP_CLIP, "dp_noise_multiplier": variant.dp_noise_multiplier}
     return SimSettings(
-        clients=budget.clients, partition="classes", cut=cut, protocol=variant.protocol,  # type: ignore[arg-type]
+        clients=budget.clients, partition="classes", cut=cut, protocol=variant.protocol,
         steps=budget.steps, client_steps=budget.steps, batch_size=budget.batch_size,
         inference_steps=budget.inference_steps, samples_per_class=budget.samples_per_class, seed=seed,
         out=work / variant.name / f"cut{cut}", threads=1, timeout=3600, audit=True, audit_features="pixels", **dp,

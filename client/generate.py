@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from diffusers.models import UNet2DModel
 from tqdm.auto import tqdm
 
 from collafuse.client.connection import ServerConnection, ServerInfo
@@ -94,7 +95,7 @@ def _file_safe(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", name) or "_"
 
 
-def load_client_model(workdir: Path, fingerprint: str, cut: int, device: torch.device | str = "cpu") -> torch.nn.Module:
+def load_client_model(workdir: Path, fingerprint: str, cut: int, device: torch.device | str = "cpu") -> UNet2DModel:
     """The EMA model trained for this server setup and cut; a clear error where there is none."""
     folder = model_dir(workdir)
     try:

@@ -137,8 +137,8 @@ def train_local(
         index = torch.randint(0, images.shape[0], (settings.batch_size,), generator=gen).to(device)
         return _ClientBatch(images[index], drop_labels(labels[index], null, settings.label_dropout, gen))
 
-    def loss(net: Denoiser, batch: _ClientBatch, gen: torch.Generator) -> torch.Tensor:
-        return client_loss(net, batch.x0, batch.labels, cut, alphas_cumprod, gen)
+    def loss(net: Denoiser, batch: _ClientBatch, generator: torch.Generator) -> torch.Tensor:
+        return client_loss(net, batch.x0, batch.labels, cut, alphas_cumprod, generator)
 
     log.info(
         "training the local %s model (%d parameters) on %d images, t in [1, %d], steps %d..%d, batch %d, device %s",

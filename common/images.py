@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -102,7 +102,7 @@ def save_grid(path: Path, rows: Sequence[torch.Tensor], **kwargs: Any) -> Path:
     return path
 
 
-def save_curves(path: Path, curves: dict[str, Sequence[tuple[float, float]]], title: str, xlabel: str = "step", ylabel: str = "loss") -> Path:
+def save_curves(path: Path, curves: Mapping[str, Sequence[tuple[float, float]]], title: str, xlabel: str = "step", ylabel: str = "loss") -> Path:
     """Line plot of named (x, y) series, written as PNG."""
     import matplotlib
 

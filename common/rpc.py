@@ -29,6 +29,8 @@ KEEPALIVE_MS = 210_000
 # restarted server is seen within seconds (gRPC's default cap is 120 s).
 RECONNECT_BACKOFF_MS = (1_000, 5_000)
 AUTH_METADATA_KEY = "x-collafuse-token"
+# Trailing metadata of a RESOURCE_EXHAUSTED the server expects to clear (a full queue): milliseconds to wait.
+RETRY_AFTER_KEY = "retry-after-ms"
 # Status details travel in one HTTP/2 header; the default metadata limit is 8 KiB (percent-encoded).
 MAX_DETAILS_CHARS = 1_000
 
@@ -93,12 +95,26 @@ class RetryPolicy:
         cap = min(self.max_delay, self.initial_delay * self.multiplier**exponent)
         return rng.uniform(0, cap)
 
-    def retryable(self, code: grpc.StatusCode | None, idempotent: bool) -> bool:
-        """UNAVAILABLE always (the server is down or restarting); DEADLINE_EXCEEDED only where running twice
-        is harmless. Everything else (UNAUTHENTICATED, PERMISSION_DENIED, INVALID_ARGUMENT, ...) stops at once."""
+    def retryable(self, code: grpc.StatusCode | None, idempotent: bool, busy_hint: float | None = None) -> bool:
+        """UNAVAILABLE always (the server is down or restarting); RESOURCE_EXHAUSTED when the server sent a
+        retry hint (it refused the call before doing anything); DEADLINE_EXCEEDED only where running twice is
+        harmless. Everything else (UNAUTHENTICATED, PERMISSION_DENIED, INVALID_ARGUMENT, ...) stops at once."""
         if code == grpc.StatusCode.UNAVAILABLE:
             return True
+        if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
+            return busy_hint is not None
         return idempotent and code == grpc.StatusCode.DEADLINE_EXCEEDED
+
+    def pause(self, attempt: int, rng: random.Random, busy_hint: float | None, remaining: float) -> float:
+        """The wait before retry ``attempt + 1``: the backoff, at least the server's hint, within what is left.
+
+        The hint is the server's word, so it is capped at ``max_delay``: a server that says "wait a day"
+        gets retried after 30 s, and one that says "0 ms" again and again still meets the growing backoff.
+        """
+        pause = self.delay(attempt, rng)
+        if busy_hint is not None:
+            pause = max(pause, min(busy_hint, self.max_delay))
+        return min(pause, remaining)
 
 
 class ServerUnreachable(ConnectionError):
@@ -113,6 +129,23 @@ def _details(exc: grpc.RpcError | None) -> str:
     return (exc.details() or "") if exc is not None and hasattr(exc, "details") else ""
 
 
+def retry_after(exc: grpc.RpcError) -> float | None:
+    """Seconds the server asked to wait (``retry-after-ms`` trailing metadata), or None when it sent no valid
+    hint: a missing, non-numeric or negative value, or one beyond a day, is no hint."""
+    try:
+        metadata = exc.trailing_metadata() if hasattr(exc, "trailing_metadata") else None
+    except Exception:  # noqa: BLE001 -- a call object without metadata: no hint
+        return None
+    for key, value in metadata or ():
+        if key == RETRY_AFTER_KEY:
+            text = value.decode() if isinstance(value, bytes) else str(value)
+            if text.isascii() and text.isdigit() and int(text) <= 86_400_000:
+                return int(text) / 1000
+            log.warning("ignoring a malformed %s hint from the server: %r", RETRY_AFTER_KEY, text[:40])
+            return None
+    return None
+
+
 def call_with_retry(
     fn: Callable[[], T],
     policy: RetryPolicy,
@@ -124,7 +157,8 @@ def call_with_retry(
     idempotent: bool = True,
     clock: Callable[[], float] = time.monotonic,
 ) -> T:
-    """Call an RPC, retrying UNAVAILABLE (and DEADLINE_EXCEEDED when ``idempotent``) with backoff and jitter.
+    """Call an RPC, retrying UNAVAILABLE (and DEADLINE_EXCEEDED when ``idempotent``) with backoff and jitter,
+    and RESOURCE_EXHAUSTED that carries a ``retry-after-ms`` hint after at least the hinted wait.
 
     Other codes (INVALID_ARGUMENT, UNAUTHENTICATED, PERMISSION_DENIED, ...) propagate at once.
     Raises ServerUnreachable once ``policy.wait_timeout`` (or ``policy.attempts``) is spent.
@@ -133,25 +167,32 @@ def call_with_retry(
     started = clock()
     last: grpc.RpcError | None = None
     attempt = 0
+    busy = False
     while True:
         try:
             return fn()
         except grpc.RpcError as exc:
-            if not policy.retryable(_code(exc), idempotent):
+            hint = retry_after(exc) if _code(exc) == grpc.StatusCode.RESOURCE_EXHAUSTED else None
+            if not policy.retryable(_code(exc), idempotent, hint):
                 raise
-            last = exc
+            last, busy = exc, hint is not None
         attempt += 1
         waited = clock() - started
         remaining = policy.wait_timeout - waited
         if (policy.attempts is not None and attempt >= policy.attempts) or remaining <= 0:
             break
-        pause = min(policy.delay(attempt - 1, rng), remaining)
+        pause = policy.pause(attempt - 1, rng, hint, remaining)
         log.warning(
-            "%s: waiting for the server at %s (%s: %s); retry %d in %.1fs, %.0fs waited of at most %.0fs "
-            "(--wait-timeout)", what, target, _code(last), _details(last)[:200], attempt, pause, waited,
-            policy.wait_timeout,
+            "%s: %s at %s (%s: %s); retry %d in %.1fs, %.0fs waited of at most %.0fs (--wait-timeout)",
+            what, "the server is busy" if busy else "waiting for the server", target, _code(last),
+            _details(last)[:200], attempt, pause, waited, policy.wait_timeout,
         )
         sleep(pause)
+    if busy:
+        raise ServerUnreachable(
+            f"{what}: the server at {target} stayed busy through {attempt} attempts over {clock() - started:.0f}s "
+            f"({_details(last)[:200]}). Try again later, or raise --wait-timeout to wait longer."
+        )
     raise ServerUnreachable(
         f"{what}: the server at {target} did not answer after {attempt} attempts over {clock() - started:.0f}s "
         f"({_details(last)[:200]}). Check that collafuse-server is running there and that --server HOST:PORT "

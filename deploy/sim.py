@@ -311,7 +311,7 @@ def collect(settings: SimSettings, wall: float, shards: list[Path]) -> dict[str,
     clients: dict[str, Any] = {}
     curves: dict[str, list[tuple[float, float]]] = {}
     if server_metrics.get("losses"):
-        curves["server"] = [tuple(p) for p in server_metrics["losses"]]  # type: ignore[misc]
+        curves["server"] = [(float(x), float(y)) for x, y in server_metrics["losses"]]
     grids = settings.out / "grids"
     grids.mkdir(parents=True, exist_ok=True)
     for k in range(settings.clients):
@@ -320,7 +320,7 @@ def collect(settings: SimSettings, wall: float, shards: list[Path]) -> dict[str,
         metrics = read_json(workdir / "metrics.json")
         clients[name] = metrics
         if metrics.get("local_losses"):
-            curves[name] = [tuple(p) for p in metrics["local_losses"]]  # type: ignore[misc]
+            curves[name] = [(float(x), float(y)) for x, y in metrics["local_losses"]]
         grid = workdir / "samples" / "grid.png"
         if grid.is_file():
             shutil.copyfile(grid, grids / f"{name}.png")

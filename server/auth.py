@@ -34,12 +34,12 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
 import grpc
 
 from collafuse.common.rpc import AUTH_METADATA_KEY, Behavior, rewrap_handler
-from collafuse.server.errors import RequestRefused, StartupError
+from collafuse.server.errors import RequestRefused, StartupError, refuse
 from collafuse.server.store import ClientRecord
 
 log = logging.getLogger(__name__)
@@ -301,16 +301,11 @@ class Authenticator:
         return Identity(names, operator=bool(names & self.operators))
 
 
-def _refuse(context: grpc.ServicerContext, refused: RequestRefused) -> NoReturn:
-    context.abort(refused.code, str(refused))
-    raise AssertionError("unreachable: context.abort raises")
-
-
 def check_client_id(identity: Identity, request: Any, context: grpc.ServicerContext) -> None:
     """PERMISSION_DENIED when a request names a client other than the caller."""
     client_id = getattr(request, "client_id", "")
     if isinstance(client_id, str) and client_id and not identity.may_act_as(client_id):
-        _refuse(context, RequestRefused(
+        refuse(context, RequestRefused(
             grpc.StatusCode.PERMISSION_DENIED,
             f"this credential is for client {identity.client_id!r}, not {client_id!r}: a client may act only as "
             "itself (run with --client-id set to the id of your token or certificate)",
@@ -353,7 +348,7 @@ class AuthInterceptor(grpc.ServerInterceptor):
             log.warning("denied %s: %s (%d denied calls so far)", method, refused.code.name, denied)
 
             def deny(request_or_iterator: Any, context: grpc.ServicerContext) -> Any:
-                _refuse(context, refused)
+                refuse(context, refused)
 
             # No deserializer: the payload of a refused call is never parsed.
             return rewrap_handler(handler, lambda _inner: deny, request_deserializer=_raw)
@@ -367,7 +362,7 @@ class AuthInterceptor(grpc.ServerInterceptor):
             try:
                 identity = auth.identify(token_names, context.auth_context())
             except RequestRefused as refused:
-                _refuse(context, refused)
+                refuse(context, refused)
             if not handler.request_streaming:
                 check_client_id(identity, request, context)
                 return identity, request

@@ -24,7 +24,6 @@ log = logging.getLogger(__name__)
 SCHEDULERS: tuple[str, ...] = get_args(SchedulerKind)
 PROGRESS_EVENTS = 20  # about this many progress events per request, whatever its length
 POLL_S = 0.25  # how often a waiting Sample call checks that its caller is still there
-RETRY_AFTER_KEY = "retry-after-ms"  # trailing metadata of RESOURCE_EXHAUSTED: when to try again
 
 Code = grpc.StatusCode
 # label -> None when the server serves it, else what is wrong (CollaFuseServicer._label_error).

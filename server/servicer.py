@@ -10,7 +10,6 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Iterator
-from typing import NoReturn
 
 import grpc
 
@@ -20,12 +19,11 @@ from collafuse.common.rpc import CHUNK_BYTES
 from collafuse.common.schedule import validate_cut
 from collafuse.common.train_loop import StepResult
 from collafuse.server.auth import caller, sample_scope_error
-from collafuse.server.errors import RequestRefused
+from collafuse.server.errors import RequestRefused, abort, refuse
 from collafuse.server.protocols import ServerProtocol, build_protocols
 from collafuse.server.protocols.split import SplitEngine, SplitProtocol
 from collafuse.server.sampler import QueueFull, SampleCancelled, Sampler
 from collafuse.server.sampling_rpc import (
-    RETRY_AFTER_KEY,
     InvalidSample,
     handoff_chunks,
     run_with_progress,
@@ -41,11 +39,6 @@ log = logging.getLogger(__name__)
 DEFAULT_CHUNK_BYTES = CHUNK_BYTES // 4
 
 Code = grpc.StatusCode
-
-
-def _abort(context: grpc.ServicerContext, code: grpc.StatusCode, message: str) -> NoReturn:
-    context.abort(code, message)
-    raise AssertionError("unreachable: context.abort raises")  # for type checkers
 
 
 def spec_text(channels: int, height: int, width: int) -> str:
@@ -88,25 +81,25 @@ class CollaFuseServicer(collafuse_pb2_grpc.CollaFuseServicer):
     # ---- helpers --------------------------------------------------------------------------
     def _check_serving(self, context: grpc.ServicerContext) -> None:
         if self._shutting_down.is_set():
-            _abort(context, Code.UNAVAILABLE, "the server is shutting down; retry once it is back")
+            abort(context, Code.UNAVAILABLE, "the server is shutting down; retry once it is back")
 
     @staticmethod
     def _client_id(client_id: str, context: grpc.ServicerContext) -> str:
         if not client_id.strip():
-            _abort(context, Code.INVALID_ARGUMENT, "client_id is empty: every client needs a stable, non-empty id")
+            abort(context, Code.INVALID_ARGUMENT, "client_id is empty: every client needs a stable, non-empty id")
         return client_id
 
     def _registered(self, client_id: str, context: grpc.ServicerContext, what: str) -> ClientRecord:
         record = self.store.get_client(client_id)
         if record is None:
-            _abort(context, Code.FAILED_PRECONDITION, f"client {client_id!r} is not registered: call Register before {what}")
+            abort(context, Code.FAILED_PRECONDITION, f"client {client_id!r} is not registered: call Register before {what}")
         return record
 
     def _cut(self, cut: int, context: grpc.ServicerContext) -> int:
         try:
             return validate_cut(cut, self.T)
         except ValueError as exc:
-            _abort(context, Code.INVALID_ARGUMENT, str(exc))
+            abort(context, Code.INVALID_ARGUMENT, str(exc))
 
     def _label_error(self, label: int, allowed: list[str] | None) -> str | None:
         null = len(self.classes)
@@ -134,14 +127,14 @@ class CollaFuseServicer(collafuse_pb2_grpc.CollaFuseServicer):
         client_id = self._client_id(request.client_id, context)
         if request.protocol not in self.protocols:
             spoken = ", ".join(protocol_name(p) for p in self.protocols)
-            _abort(
+            abort(
                 context, Code.INVALID_ARGUMENT,
                 f"protocol {protocol_name(request.protocol)!r} is not supported: this server speaks {spoken}",
             )
         cut = self._cut(request.cut, context)
         unknown = [c for c in request.class_names if c not in self.classes]
         if unknown:
-            _abort(
+            abort(
                 context, Code.INVALID_ARGUMENT,
                 f"classes {unknown} are not served (the server serves {self.classes}): remove those images "
                 "or start the server with --classes that include them",
@@ -151,13 +144,13 @@ class CollaFuseServicer(collafuse_pb2_grpc.CollaFuseServicer):
         # An unset (all-zero) spec means "adopt the server's".
         if request.HasField("image_spec") and sent != (0, 0, 0) and sent != self.image_shape:
             c, h, w = self.image_shape
-            _abort(
+            abort(
                 context, Code.INVALID_ARGUMENT,
                 f"image spec mismatch: server serves {spec_text(c, h, w)}, client sent {spec_text(*sent)}; "
                 "convert the images to the served size (or leave the client's image size unset to adopt the server's)",
             )
         if request.expected_fingerprint and request.expected_fingerprint != self.fingerprint:
-            _abort(
+            abort(
                 context, Code.FAILED_PRECONDITION,
                 f"fingerprint mismatch: the client expects {request.expected_fingerprint[:12]}..., this server has "
                 f"{self.fingerprint[:12]}... (another schedule, image spec or class list). The client's stored state "
@@ -167,7 +160,7 @@ class CollaFuseServicer(collafuse_pb2_grpc.CollaFuseServicer):
             existing = self.store.get_client(client_id)
             held = self.store.count(client_id)
             if existing is not None and existing.cut != cut and held:
-                _abort(
+                abort(
                     context, Code.FAILED_PRECONDITION,
                     f"client {client_id!r} has {held} releases stored at cut {existing.cut}; registering at cut {cut} "
                     "would mix noise levels of the same images: run forget first (it deletes them), then register again",
@@ -214,7 +207,7 @@ class CollaFuseServicer(collafuse_pb2_grpc.CollaFuseServicer):
                 client = self._registered(client_id, context, "Release")
                 protocol = self._protocol_of(client, context)
             elif chunk.client_id and chunk.client_id != client.client_id:
-                _abort(
+                abort(
                     context, Code.INVALID_ARGUMENT,
                     f"{where}: client_id {chunk.client_id[:64]!r} differs from {client.client_id[:64]!r} earlier in "
                     "the stream; nothing of this stream was stored",
@@ -223,11 +216,11 @@ class CollaFuseServicer(collafuse_pb2_grpc.CollaFuseServicer):
             try:
                 pending.extend(protocol.validate_release(chunk, client, where, self._label_error))
             except RequestRefused as exc:
-                _abort(context, exc.code, f"{exc.message}; nothing of this stream was stored")
+                refuse(context, exc, "; nothing of this stream was stored")
         # gRPC ends the request iterator of a call cancelled by shutdown (or by a vanished caller) as if the
         # client had finished it: such a stream is never committed, so it stays all-or-nothing across faults.
         if self._shutting_down.is_set() or not context.is_active():
-            _abort(context, Code.UNAVAILABLE, "the server is shutting down or the call was cancelled; nothing of "
+            abort(context, Code.UNAVAILABLE, "the server is shutting down or the call was cancelled; nothing of "
                    "this stream was stored: retry once the server is back")
         if client is None or protocol is None:
             return collafuse_pb2.ReleaseAck()
@@ -235,7 +228,7 @@ class CollaFuseServicer(collafuse_pb2_grpc.CollaFuseServicer):
             # The ack goes out only after this commit (synchronous=FULL): stored means durable.
             outcome = protocol.commit_release(client, pending)
         except RequestRefused as exc:
-            _abort(context, exc.code, exc.message)
+            refuse(context, exc)
         self.store.touch(client.client_id)
         total = self.store.count(client.client_id)
         log.info("client %s released %d new images (%d duplicates ignored), %d held",
@@ -246,7 +239,7 @@ class CollaFuseServicer(collafuse_pb2_grpc.CollaFuseServicer):
         for protocol in self.protocols.values():
             if protocol.name == client.protocol:
                 return protocol
-        _abort(
+        abort(
             context, Code.FAILED_PRECONDITION,
             f"client {client.client_id[:64]!r} registered protocol {client.protocol!r}, which this server no longer "
             "speaks: register again with a supported protocol",
@@ -290,18 +283,17 @@ class CollaFuseServicer(collafuse_pb2_grpc.CollaFuseServicer):
         try:
             job = sample_job(request, self.T, self.settings.max_sample_images, lambda y: self._label_error(y, None))
         except InvalidSample as exc:
-            _abort(context, exc.code, str(exc))
+            abort(context, exc.code, str(exc))
         beyond = sample_scope_error(record, job.labels, job.cut, self.classes, self.store.clients(), self.store.counts())
         if beyond:
-            _abort(context, Code.PERMISSION_DENIED, beyond)
+            abort(context, Code.PERMISSION_DENIED, beyond)
         try:
             # Admitted into the sampler's bounded, per-client queue, or refused at once with a retry hint.
             ticket = self.sampler.submit(client_id, self.sampler.plan(job))
         except QueueFull as exc:
-            context.set_trailing_metadata(((RETRY_AFTER_KEY, str(max(1, round(exc.retry_after_s * 1000)))),))
-            _abort(context, Code.RESOURCE_EXHAUSTED, str(exc))
+            abort(context, Code.RESOURCE_EXHAUSTED, str(exc), exc.retry_after_s)
         except SampleCancelled as exc:
-            _abort(context, Code.UNAVAILABLE, str(exc))
+            abort(context, Code.UNAVAILABLE, str(exc))
         if not context.add_callback(ticket.cancel):  # the call ended (client gone): free the slot at once
             ticket.cancel()
 
@@ -312,10 +304,10 @@ class CollaFuseServicer(collafuse_pb2_grpc.CollaFuseServicer):
             handoff = yield from run_with_progress(ticket, cancelled)
         except SampleCancelled:
             code = Code.UNAVAILABLE if self._shutting_down.is_set() else Code.CANCELLED
-            _abort(context, code, "sampling was interrupted: the server is shutting down or the call was cancelled")
+            abort(context, code, "sampling was interrupted: the server is shutting down or the call was cancelled")
         except Exception as exc:  # noqa: BLE001 -- any failure of the chain becomes one INTERNAL status
             log.error("sampling failed: %r", exc)
-            _abort(context, Code.INTERNAL, f"sampling failed on the server: {exc}")
+            abort(context, Code.INTERNAL, f"sampling failed on the server: {exc}")
         yield from handoff_chunks(handoff, self.chunk_bytes)
 
     # ---- the split protocol (DESIGN 1b): validation and the engine live in server/protocols/split.py ----
@@ -324,7 +316,7 @@ class CollaFuseServicer(collafuse_pb2_grpc.CollaFuseServicer):
         client = self._registered(self._client_id(client_id, context), context, what)
         protocol = self.protocols.get(collafuse_pb2.PROTOCOL_SPLIT)
         if not isinstance(protocol, SplitProtocol):
-            _abort(context, Code.FAILED_PRECONDITION, "this server does not speak the split protocol")
+            abort(context, Code.FAILED_PRECONDITION, "this server does not speak the split protocol")
         engine = protocol.engine(self.trainer.core, self.trainer.max_steps, self._after_split_step)
         return protocol, engine, client
 
@@ -338,7 +330,7 @@ class CollaFuseServicer(collafuse_pb2_grpc.CollaFuseServicer):
         try:
             reply = protocol.forward(engine, request, client, self._label_error)
         except RequestRefused as exc:
-            _abort(context, exc.code, exc.message)
+            refuse(context, exc)
         self.store.touch(client.client_id)
         return reply
 
@@ -347,7 +339,7 @@ class CollaFuseServicer(collafuse_pb2_grpc.CollaFuseServicer):
         try:
             return protocol.backward(engine, request, client)
         except RequestRefused as exc:
-            _abort(context, exc.code, exc.message)
+            refuse(context, exc)
 
 
 def _trainer_message(state: TrainerState) -> collafuse_pb2.TrainerState:

@@ -13,6 +13,7 @@ import io
 import math
 from collections import defaultdict
 from pathlib import Path
+from typing import Any
 
 import grpc
 import numpy as np
@@ -73,8 +74,8 @@ def payloads(server: FakeServer) -> dict[str, list[tuple[int, torch.Tensor]]]:
     return out
 
 
-def settings(tmp_path: Path, target: str, **overrides: object) -> ClientSettings:
-    values: dict[str, object] = {"data": tmp_path / "data", "server": target, "workdir": tmp_path / "work", "cut": 20,
+def settings(tmp_path: Path, target: str, **overrides: Any) -> ClientSettings:
+    values: dict[str, Any] = {"data": tmp_path / "data", "server": target, "workdir": tmp_path / "work", "cut": 20,
                                  "retries": 2, "rpc_timeout": 10, "device": "cpu"}
     return ClientSettings(**{**values, **overrides})
 

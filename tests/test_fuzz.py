@@ -29,7 +29,7 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import grpc
 import numpy as np
@@ -155,7 +155,8 @@ def bad_register(draw: st.DrawFn) -> collafuse_pb2.RegisterRequest:
         request.cut = draw(bad_cuts)
     elif defect == "protocol":
         known = set(collafuse_pb2.Protocol.values())
-        request.protocol = draw(st.integers(0, 2**31 - 1).filter(lambda p: p == 0 or p not in known))
+        # proto3 enums are open: the field holds any int32, and unknown (or unspecified) values are the defect.
+        request.protocol = cast(collafuse_pb2.Protocol, draw(st.integers(0, 2**31 - 1).filter(lambda p: p == 0 or p not in known)))
     elif defect == "class":
         request.class_names.append("not-served-" + draw(st.text(max_size=20)))
     elif defect == "many classes":

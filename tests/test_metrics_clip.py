@@ -21,7 +21,7 @@ from torch.nn import functional as F
 
 from collafuse.evaluation.data.digits import digits_arrays
 from collafuse.evaluation.metrics.clip import ClipFeatures, clip_preprocess
-from collafuse.evaluation.metrics.clip_checkpoint import load_open_clip_vision
+from collafuse.evaluation.metrics.clip_checkpoint import Activation, load_open_clip_vision
 from collafuse.evaluation.metrics.errors import MetricsError
 from collafuse.evaluation.metrics.features import folder_features
 
@@ -147,7 +147,7 @@ def test_fcd_through_the_cli(hf_folder: Path, folders: Path, capsys: pytest.Capt
 
 
 @pytest.mark.parametrize("activation", ["quick_gelu", "gelu"])
-def test_an_open_clip_checkpoint_computes_what_open_clip_computes(tmp_path: Path, activation: str) -> None:
+def test_an_open_clip_checkpoint_computes_what_open_clip_computes(tmp_path: Path, activation: Activation) -> None:
     state = open_clip_state()
     path = tmp_path / "open_clip_pytorch_model.bin"
     torch.save(state, path)

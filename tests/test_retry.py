@@ -1,25 +1,38 @@
-"""The retry policy on a fake clock: a client waits out a restart of minutes, and no longer than --wait-timeout."""
+"""The retry policy on a fake clock: a client waits out a restart of minutes, and no longer than --wait-timeout;
+a busy server's ``retry-after-ms`` hint is honoured, within bounds the client sets (and over real gRPC)."""
 
 from __future__ import annotations
 
 import logging
 import random
+import threading
+import time
+from dataclasses import replace
+from pathlib import Path
 
 import grpc
 import pytest
+import torch
+from server_support import SHAPE, register, start, stub
 
-from collafuse.common.rpc import RetryPolicy, ServerUnreachable, call_with_retry
+from collafuse.client.connection import ServerConnection
+from collafuse.common.rpc import RETRY_AFTER_KEY, RetryPolicy, ServerUnreachable, call_with_retry
+from collafuse.v1 import collafuse_pb2
 
 
 class FakeRpcError(grpc.RpcError):
-    def __init__(self, code: grpc.StatusCode) -> None:
+    def __init__(self, code: grpc.StatusCode, hint: str | None = None) -> None:
         self._code = code
+        self._hint = hint
 
     def code(self) -> grpc.StatusCode:
         return self._code
 
     def details(self) -> str:
-        return "connection refused"
+        return "connection refused" if self._hint is None else "the sampling queue is full"
+
+    def trailing_metadata(self) -> tuple[tuple[str, str], ...]:
+        return () if self._hint is None else ((RETRY_AFTER_KEY, self._hint),)
 
 
 class Clock:
@@ -41,13 +54,14 @@ class Clock:
 class DownUntil:
     """A server that answers ``code`` until the clock reaches ``back_at``."""
 
-    def __init__(self, clock: Clock, back_at: float, code: grpc.StatusCode = grpc.StatusCode.UNAVAILABLE) -> None:
-        self.clock, self.back_at, self.code, self.calls = clock, back_at, code, 0
+    def __init__(self, clock: Clock, back_at: float, code: grpc.StatusCode = grpc.StatusCode.UNAVAILABLE,
+                 hint: str | None = None) -> None:
+        self.clock, self.back_at, self.code, self.hint, self.calls = clock, back_at, code, hint, 0
 
     def __call__(self) -> str:
         self.calls += 1
         if self.clock.now < self.back_at:
-            raise FakeRpcError(self.code)
+            raise FakeRpcError(self.code, self.hint)
         return "ok"
 
 
@@ -118,3 +132,74 @@ def test_delay_does_not_overflow_after_many_attempts() -> None:
     assert 0 <= policy.delay(10_000, random.Random(0)) <= 30
     with pytest.raises(ValueError):
         RetryPolicy(attempts=0)
+
+
+# ---- RESOURCE_EXHAUSTED with a retry-after-ms hint ---------------------------------------------------
+
+
+def test_a_busy_server_is_retried_no_sooner_than_it_hints(caplog: pytest.LogCaptureFixture) -> None:
+    clock = Clock()
+    server = DownUntil(clock, back_at=9, code=grpc.StatusCode.RESOURCE_EXHAUSTED, hint="2500")
+    with caplog.at_level(logging.WARNING, logger="collafuse.common.rpc"):
+        assert _call(server, clock, RetryPolicy(initial_delay=0.5, max_delay=30)) == "ok"
+    assert server.calls == 5 and all(pause >= 2.5 for pause in clock.sleeps), clock.sleeps
+    assert "the server is busy at h:1" in caplog.text
+
+
+def test_a_hint_is_capped_and_the_wait_bounded_by_wait_timeout() -> None:
+    clock = Clock()  # "come back in a day" gets max_delay; the client gives up at its own wait_timeout
+    server = DownUntil(clock, back_at=10_000, code=grpc.StatusCode.RESOURCE_EXHAUSTED, hint="86400000")
+    with pytest.raises(ServerUnreachable, match="stayed busy") as info:
+        _call(server, clock, RetryPolicy(wait_timeout=100, max_delay=30))
+    assert max(clock.sleeps) <= 30 and clock.now == pytest.approx(100)
+    assert "--server HOST:PORT" not in str(info.value), "a busy server is not an unreachable one"
+    # "0 ms" again and again still meets the growing backoff, not a tight loop.
+    clock = Clock()
+    server = DownUntil(clock, back_at=10_000, code=grpc.StatusCode.RESOURCE_EXHAUSTED, hint="0")
+    with pytest.raises(ServerUnreachable):
+        _call(server, clock, RetryPolicy(wait_timeout=300, max_delay=30))
+    assert server.calls < 60
+
+
+@pytest.mark.parametrize("hint", [None, "soon", "-5", "1e3", "99999999999"])
+def test_resource_exhausted_without_a_valid_hint_stops_at_once(hint: str | None) -> None:
+    clock = Clock()  # e.g. a message over the size limit: retrying the same bytes cannot help
+    server = DownUntil(clock, back_at=10_000, code=grpc.StatusCode.RESOURCE_EXHAUSTED, hint=hint)
+    with pytest.raises(grpc.RpcError):
+        _call(server, clock, RetryPolicy())
+    assert server.calls == 1 and clock.sleeps == []
+
+
+def test_a_client_waits_out_a_full_sampling_queue_over_grpc(tmp_path: Path) -> None:
+    """The server's per-client queue is full; ServerConnection.sample waits as hinted and then gets its images."""
+    server = start(tmp_path / "store", start_trainer=False, sample_batch=16)
+    try:
+        api = stub(server)
+        register(api, "c0", cut=1)
+        server.sampler.limits = replace(server.sampler.limits, per_client=1)
+
+        def sample_request(seed: int, steps: int) -> collafuse_pb2.SampleRequest:
+            return collafuse_pb2.SampleRequest(client_id="c0", labels=[0, 1], seed=seed, num_inference_steps=steps,
+                                               scheduler="ddpm", guidance_scale=1.0, cut=1)
+
+        holding = api.Sample(sample_request(1, 0), timeout=120)  # all T steps: holds the client's one slot
+        deadline = time.monotonic() + 20
+        while server.sampler.queue_depth() != 1:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        drained = threading.Thread(target=lambda: list(holding))
+        drained.start()
+        sleeps: list[float] = []
+
+        def sleep(seconds: float) -> None:
+            sleeps.append(seconds)
+            time.sleep(seconds)
+
+        with ServerConnection(server.address, policy=RetryPolicy(wait_timeout=120), sleep=sleep) as conn:
+            result = conn.sample(sample_request(2, 5), image_shape=SHAPE)
+        drained.join(60)
+        assert result.x_cut.shape == (2, *SHAPE) and torch.isfinite(result.x_cut).all()
+        assert sleeps, "the first attempt was refused (RESOURCE_EXHAUSTED) and retried after the server's hint"
+        assert conn.traffic["Sample"].attempts == len(sleeps) + 1
+    finally:
+        server.stop(0)

@@ -15,8 +15,8 @@ import torch
 from server_support import SHAPE, register, rpc_error, start, stub
 
 from collafuse.common.codec import decode
+from collafuse.common.rpc import RETRY_AFTER_KEY
 from collafuse.server.app import CollaFuseServer
-from collafuse.server.sampling_rpc import RETRY_AFTER_KEY
 from collafuse.v1 import collafuse_pb2, collafuse_pb2_grpc
 
 torch.set_num_threads(1)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TypedDict, Unpack
 
 import pytest
 import torch
@@ -36,7 +37,19 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[CollaFus
     running.stop(0)
 
 
-def sample(server: CollaFuseServer, **fields: object) -> tuple[torch.Tensor, list, list]:  # type: ignore[type-arg]
+class SampleFields(TypedDict, total=False):
+    """SampleRequest's fields besides client_id."""
+
+    labels: list[int]
+    seed: int
+    num_inference_steps: int
+    scheduler: str
+    guidance_scale: float
+    cut: int
+
+
+def sample(server: CollaFuseServer, **fields: Unpack[SampleFields]
+           ) -> tuple[torch.Tensor, list[collafuse_pb2.SampleChunk], list[collafuse_pb2.SampleProgress]]:
     events = list(stub(server).Sample(collafuse_pb2.SampleRequest(client_id="alice", **fields), timeout=120))
     progress = [e.progress for e in events if e.WhichOneof("event") == "progress"]
     parts = [e.chunk for e in events if e.WhichOneof("event") == "chunk"]
@@ -86,7 +99,8 @@ def test_cut_T_returns_the_initial_noise(trained) -> None:  # type: ignore[no-un
 
 def test_unset_guidance_means_plain_conditional(trained) -> None:  # type: ignore[no-untyped-def]
     server, _ = trained
-    common = {"labels": [0, 1], "seed": 5, "num_inference_steps": 5, "scheduler": "ddim", "cut": 20}
+    common: SampleFields = {"labels": [0, 1], "seed": 5, "num_inference_steps": 5, "scheduler": "ddim", "cut": 20}
     unset, _, _ = sample(server, **common)
-    plain, _, _ = sample(server, guidance_scale=1.0, **common)
+    guided: SampleFields = {**common, "guidance_scale": 1.0}
+    plain, _, _ = sample(server, **guided)
     assert torch.equal(unset, plain)

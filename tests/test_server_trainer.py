@@ -15,7 +15,7 @@ from server_support import tiny_settings
 
 from collafuse.common.models import load_model
 from collafuse.server.errors import FingerprintMismatch, StartupError
-from collafuse.server.protocols.ambient import NewRelease, ReleaseTable
+from collafuse.server.protocols.ambient import AmbientSource, NewRelease, ReleaseTable
 from collafuse.server.store import ReleaseStore
 from collafuse.server.trainer import Trainer
 from collafuse.v1.collafuse_pb2 import PHASE_DONE, PHASE_IDLE, PHASE_WAITING
@@ -63,8 +63,10 @@ def test_trains_on_releases_of_two_clients_and_checkpoints(tmp_path: Path) -> No
     assert (state.phase, state.step, state.max_steps) == (PHASE_DONE, 4, 4)
     assert (state.releases, state.clients_with_releases) == (8, 2)
     assert state.last_loss is not None and math.isfinite(state.last_loss)
-    assert trainer.source.client_ids == ["alice", "bob"]
-    assert sorted(set(trainer.source.cuts.tolist())) == [10, 30]
+    source = trainer.source
+    assert isinstance(source, AmbientSource), "the ambient protocol trains on an AmbientSource"
+    assert source.client_ids == ["alice", "bob"]
+    assert sorted(set(source.cuts.tolist())) == [10, 30]
 
     latest = tmp_path / "checkpoints" / "latest"
     for part in ("model", "ema"):

@@ -9,7 +9,7 @@ import json
 import math
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -38,9 +38,11 @@ from collafuse.client.protocols.split import (
 from collafuse.common.codec import decode, encode
 from collafuse.common.config import ClientSettings
 from collafuse.common.models import build_unet, load_model
+from collafuse.common.rpc import RETRY_AFTER_KEY
 from collafuse.common.schedule import ScheduleConfig
-from collafuse.common.train_loop import TrainCore, TrainOptions
+from collafuse.common.train_loop import StepResult, TrainCore, TrainOptions
 from collafuse.server.errors import RequestRefused
+from collafuse.server.protocols import split as server_split
 from collafuse.server.protocols.split import SplitEngine, SplitLimits
 from collafuse.v1 import collafuse_pb2
 
@@ -64,7 +66,7 @@ def server(tmp_path: Path) -> Iterator[Any]:
     srv.stop(0)
 
 
-def _register(s: Any, client_id: str, protocol: int = collafuse_pb2.PROTOCOL_SPLIT, classes: tuple[str, ...] = ("a", "b", "c")) -> None:
+def _register(s: Any, client_id: str, protocol: collafuse_pb2.Protocol = collafuse_pb2.PROTOCOL_SPLIT, classes: tuple[str, ...] = ("a", "b", "c")) -> None:
     s.Register(collafuse_pb2.RegisterRequest(client_id=client_id, cut=CUT, protocol=protocol, class_names=list(classes)),
                timeout=10)
 
@@ -214,10 +216,13 @@ def test_pending_steps_are_bounded_and_expire() -> None:
     with pytest.raises(RequestRefused) as per_client:
         engine.forward("x", b.x_t, b.t, b.labels)
     assert per_client.value.code == Code.RESOURCE_EXHAUSTED
+    # Only x's own steps free x's slots: come back when the oldest expires (ttl 10 s, made at t = 0).
+    assert per_client.value.retry_after_s == pytest.approx(10.05)
     kept = engine.forward("y", b.x_t, b.t, b.labels)
     with pytest.raises(RequestRefused) as full:
         engine.forward("z", b.x_t, b.t, b.labels)
     assert full.value.code == Code.RESOURCE_EXHAUSTED and "pending" in full.value.message
+    assert full.value.retry_after_s == server_split.BUSY_RETRY_S  # any backward frees a slot
     assert engine.pending == 3 and engine.stashes == 1  # one weight copy shared by the three steps
     now[0] = 11.0  # every client vanished between the halves
     assert engine.sweep() == 3 and engine.pending == 0 and engine.stashes == 0
@@ -277,7 +282,7 @@ def test_a_retried_backward_is_acknowledged_not_applied_twice(server: Any) -> No
     assert again.duplicate and again.server_step == first.server_step == 1 and server.trainer.core.step == 1
 
 
-def test_a_retry_during_the_first_attempt_waits_for_it() -> None:
+def test_a_retry_during_the_first_attempt_waits_for_it(monkeypatch: pytest.MonkeyPatch) -> None:
     core = _core()
     engine = SplitEngine(core, max_steps=0)
     b = _batch(9)
@@ -286,12 +291,12 @@ def test_a_retry_during_the_first_attempt_waits_for_it() -> None:
     entered, release = threading.Event(), threading.Event()
     step_with_gradients = core.step_with_gradients
 
-    def slow(grads: list[torch.Tensor], loss: float | None = None) -> Any:
+    def slow(grads: Sequence[torch.Tensor], loss: float | None = None) -> StepResult:
         entered.set()
         release.wait(30)
         return step_with_gradients(grads, loss)
 
-    core.step_with_gradients = slow  # type: ignore[method-assign]
+    monkeypatch.setattr(core, "step_with_gradients", slow)
     answers: list[Any] = []
     first = threading.Thread(target=lambda: answers.append(engine.backward("c", result.step_id, grad)))
     first.start()
@@ -315,6 +320,9 @@ def test_pending_table_full_over_grpc(tmp_path: Path) -> None:
         _forward(s, "c0", batch)
         error = rpc_error(s.SplitForward, forward_request("c0", batch, CUT, FLOOR, ALPHAS))
         assert error.code() == Code.RESOURCE_EXHAUSTED and "waiting for their backward" in error.details()
+        # The hint a client's RetryPolicy waits for: when c0's oldest step expires (default ttl).
+        hint_ms = int(dict(error.trailing_metadata() or ())[RETRY_AFTER_KEY])
+        assert 0 < hint_ms <= srv.settings.split_step_ttl * 1000 + 100
     finally:
         srv.stop(0)
 
@@ -483,6 +491,7 @@ def test_the_client_stops_when_its_budget_is_spent(tmp_path: Path) -> None:
     options = SplitOptions(batch_size=4, dp_clip=1.0, dp_noise_multiplier=2.0, dp_epsilon=3.0)
     multiplier = SplitClient(options).noise_multiplier(schedule, 900, SHAPE)
     total, expected = RdpTotal(), 0
+    assert options.dp_epsilon is not None
     while total.epsilon_if(options.dp_delta, multiplier, 4 / 16) <= options.dp_epsilon:
         total.add(multiplier, 4 / 16)
         expected += 1

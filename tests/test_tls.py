@@ -9,6 +9,7 @@ import stat
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -209,7 +210,10 @@ def test_reconnect_with_tls_and_a_token_after_a_server_restart(pki: Pki, tmp_pat
 
 def test_dev_pki_gives_each_process_its_settings(tmp_path: Path) -> None:
     pki = dev_pki(tmp_path, HOSTS, ["client-0", "sim"])
-    server, client = ServerSettings(**pki.server_fields()), ClientSettings(**pki.client_fields("client-0"))
+    # As dict[str, Path], ** would also have to fit BaseSettings' typed _-prefixed keywords (_case_sensitive, ...).
+    server_tls: dict[str, Any] = pki.server_fields()
+    client_tls: dict[str, Any] = pki.client_fields("client-0")
+    server, client = ServerSettings(**server_tls), ClientSettings(**client_tls)
     assert server_credentials(server.tls_cert, server.tls_key, server.tls_ca) is not None
     assert tls_credentials(client.tls_cert, client.tls_key, client.tls_ca) is not None
     assert pki.client_fields("sim")["tls_ca"] == pki.ca.cert == tmp_path / "ca.pem"

@@ -11,6 +11,7 @@ reached the server counts as released.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 from collections.abc import Sequence
@@ -125,7 +126,7 @@ class AmbientClient(ClientProtocol):
                 [SentItem(k, y, s, d, r) for k, y, s, d, r in zip(batch_keys, batch_labels, seeds, digests, again)],
                 level, self.name, server,
             )
-            ack = connection.release(lambda chunks=chunks: iter(chunks))
+            ack = connection.release(functools.partial(iter, chunks))
             acknowledged = ack.stored + ack.duplicates
             if acknowledged < len(batch):
                 raise ClientError(

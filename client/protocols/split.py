@@ -27,9 +27,9 @@ import logging
 import math
 import secrets
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Self, TypeVar
+from typing import Self
 
 import grpc
 import torch
@@ -54,11 +54,6 @@ from collafuse.v1 import collafuse_pb2
 
 log = logging.getLogger(__name__)
 
-R = TypeVar("R")
-Q = TypeVar("Q")
-# A full pending table on the server (RESOURCE_EXHAUSTED) is waited out this often, then reported.
-BUSY_RETRIES = 20
-BUSY_WAIT_S = 0.5
 LOG_EVERY = 50
 
 
@@ -192,9 +187,8 @@ class SplitClient(ClientProtocol):
     name = "split"
     wire = collafuse_pb2.PROTOCOL_SPLIT
 
-    def __init__(self, options: SplitOptions | None = None, sleep: Callable[[float], None] = time.sleep) -> None:
+    def __init__(self, options: SplitOptions | None = None) -> None:
         self.options = options or SplitOptions()
-        self._sleep = sleep
 
     @classmethod
     def from_settings(cls, settings: ClientSettings | None) -> Self:
@@ -212,18 +206,6 @@ class SplitClient(ClientProtocol):
         release = release_noise_multiplier(alpha_bar, math.prod(image_shape))
         gradient = gradient_noise_multiplier(self.options.dp_noise_multiplier) if self.options.dp else 0.0
         return combined_noise_multiplier(release, gradient)
-
-    def _call(self, what: str, call: Callable[[Q], R], request: Q) -> R:
-        """``call(request)``, waiting out a full pending table on the server (RESOURCE_EXHAUSTED) a few times."""
-        for attempt in range(BUSY_RETRIES + 1):
-            try:
-                return call(request)
-            except ClientError as exc:
-                if exc.code != grpc.StatusCode.RESOURCE_EXHAUSTED or attempt == BUSY_RETRIES:
-                    raise
-                log.info("%s: the server is busy (%s); retrying in %.1fs", what, exc, BUSY_WAIT_S)
-                self._sleep(BUSY_WAIT_S)
-        raise AssertionError("unreachable")
 
     def contribute(
         self,
@@ -293,7 +275,8 @@ class SplitClient(ClientProtocol):
                 seq, spent = privacy.record(server=server, protocol=self.name, images=batch_size,
                                             sample_rate=sample_rate, noise_multiplier=multiplier, delta=opts.dp_delta)
                 try:
-                    reply = self._call("SplitForward", connection.split_forward, request)
+                    # A full pending table is RESOURCE_EXHAUSTED with a retry hint: the connection waits it out.
+                    reply = connection.split_forward(request)
                 except ClientError as exc:
                     if exc.code == grpc.StatusCode.FAILED_PRECONDITION and "finished training" in str(exc):
                         report.stopped = "server done"
@@ -304,7 +287,7 @@ class SplitClient(ClientProtocol):
                                                               grad=encode(grad))
                 if not opts.dp:
                     backward.loss = loss  # with DP the loss stays here too
-                ack = self._call("SplitBackward", connection.split_backward, backward)
+                ack = connection.split_backward(backward)
                 privacy.mark_acked([seq])
                 report.steps += 1
                 report.sent += batch_size

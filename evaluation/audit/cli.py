@@ -56,6 +56,7 @@ from collafuse.evaluation.audit.transcript import (
     split_payloads,
     unexpected_tensors,
 )
+from collafuse.evaluation.metrics.features import FeatureExtractor
 
 log = logging.getLogger("collafuse.audit")
 
@@ -212,10 +213,11 @@ def audit_run(args: argparse.Namespace) -> dict[str, Any]:
     shards = _data_paths(args, client_ids)
     records = {c: ClientRecords.read(run_dir / "clients" / c) for c in client_ids}
     first = payloads[0].x_cut if payloads else steps[0].x_t[0]
-    image_shape = tuple(first.shape)
-    extractor = None
+    channels, height, width = first.shape
+    image_shape = (int(channels), int(height), int(width))
+    extractor: FeatureExtractor | None = None
     if args.features == "pixels":
-        extractor = PixelFeatures(image_shape)  # type: ignore[arg-type]
+        extractor = PixelFeatures(image_shape)
     elif args.features == "inception":
         extractor = inception_features()
 
@@ -257,7 +259,7 @@ def audit_run(args: argparse.Namespace) -> dict[str, Any]:
             sets = {"release": x_cut}
             if denoiser is not None:
                 sets.update(server_side_images(denoiser, schedule, labels, cut, image_shape, seed=args.seed,
-                                                 num_inference_steps=args.chain_steps or 100))  # type: ignore[arg-type]
+                                                 num_inference_steps=args.chain_steps or 100))
             report["disclosure"] = {"features": extractor.name, "frechet": disclosure(extractor, x0, sets)}
         groups.append(report)
         best = sorted(recs, key=lambda r: -r.psnr_db)
@@ -286,7 +288,7 @@ def audit_run(args: argparse.Namespace) -> dict[str, Any]:
             sets = {"x_t_low_band": x_t, "split_inversion": recs[-1].x0_hat[order]}
             if denoiser is not None:
                 sets.update(server_side_images(denoiser, schedule, labels, cut, image_shape, seed=args.seed,
-                                                 num_inference_steps=args.chain_steps or 100))  # type: ignore[arg-type]
+                                                 num_inference_steps=args.chain_steps or 100))
             report["disclosure"] = {"features": extractor.name, "frechet": disclosure(extractor, x0[order], sets)}
         groups.append(report)
         show = order[:8]

@@ -11,7 +11,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import ClassVar, Generic, TypeVar
+from typing import Any, ClassVar, Generic, TypeVar
 
 import grpc
 import torch
@@ -88,6 +88,6 @@ class ServerProtocol(ABC):
         raise RequestRefused(grpc.StatusCode.FAILED_PRECONDITION, f"protocol {self.name!r} stores no releases")
 
     # ---- training -----------------------------------------------------------------------------
-    def training_source(self, device: torch.device, null_label: int) -> TrainingSource[object] | None:
+    def training_source(self, device: torch.device, null_label: int) -> TrainingSource[Any] | None:
         """What the server's trainer learns from for this protocol (None: it trains nothing offline)."""
         return None

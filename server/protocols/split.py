@@ -72,6 +72,8 @@ MAX_ABS_INPUT = 50.0
 MAX_SPLIT_BATCH = 1024
 # Completed step ids remembered per server, so that a retried backward is acknowledged, not applied twice.
 COMPLETED_KEPT = 4096
+# A full pending table is hinted back (retry-after-ms) this soon: a step's backward typically takes milliseconds.
+BUSY_RETRY_S = 0.5
 
 # Observes (step id, the parameter gradients a backward applied): tests and audits.
 GradientObserver = Callable[[str, list[torch.Tensor]], None]
@@ -211,6 +213,10 @@ class SplitEngine:
         with self._lock:
             return self._sweep_locked()
 
+    def _expires_in(self, created: float, now: float) -> float:
+        """Seconds until a step created at ``created`` expires (a little after, so the sweep has dropped it)."""
+        return max(0.05, created + self.limits.ttl - now + 0.05)
+
     def _sweep_locked(self) -> int:
         now = self._clock()
         old = [s for s in self._pending.values() if now - s.created > self.limits.ttl]
@@ -263,18 +269,23 @@ class SplitEngine:
         device = self.core.device
         with self._lock:
             self._sweep_locked()
+            now = self._clock()
             if len(self._pending) >= self.limits.max_pending:
+                # Any client's backward frees a slot; the oldest step's expiry frees one at the latest.
+                oldest = min(s.created for s in self._pending.values())
                 raise RequestRefused(
                     Code.RESOURCE_EXHAUSTED,
                     f"the server holds {len(self._pending)} pending split steps (its limit): send the backward of "
                     f"your open steps, or retry in a few seconds (steps expire after {self.limits.ttl:.0f}s)",
+                    retry_after_s=min(BUSY_RETRY_S, self._expires_in(oldest, now)),
                 )
-            mine = sum(1 for s in self._pending.values() if s.client_id == client_id)
-            if mine >= self.limits.per_client:
+            mine = [s.created for s in self._pending.values() if s.client_id == client_id]
+            if len(mine) >= self.limits.per_client:
                 raise RequestRefused(
                     Code.RESOURCE_EXHAUSTED,
-                    f"client {client_id[:64]!r} has {mine} split steps waiting for their backward (at most "
+                    f"client {client_id[:64]!r} has {len(mine)} split steps waiting for their backward (at most "
                     f"{self.limits.per_client}): send those first; unanswered ones expire after {self.limits.ttl:.0f}s",
+                    retry_after_s=self._expires_in(min(mine), now),  # only this client's own steps free its slots
                 )
             stash = self._stash_for_current()
             stash.refs += 2  # one for the pending step, one for the eps_hat computation below
