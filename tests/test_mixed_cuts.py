@@ -148,7 +148,7 @@ def test_weighted_loss_with_unit_weights_is_the_plain_loss() -> None:
     args = (lambda x, tt, y: net(x), x_cut, torch.zeros(8, dtype=torch.long), cuts, AB)
     plain = ambient_server_loss(*args, t=t, noise=noise)
     weighted = ambient_server_loss(*args, t=t, noise=noise, weight=torch.ones(8, dtype=torch.float64))
-    assert float(weighted) == pytest.approx(float(plain), rel=1e-6)
+    assert weighted.item() == pytest.approx(plain.item(), rel=1e-6)
 
 
 def _source(weighting: str, cuts: list[int]) -> AmbientSource:
@@ -176,9 +176,9 @@ def test_source_weights_only_mixed_cuts_under_pooled() -> None:
     denoiser = lambda x, tt, y: net(x)
     weighted = ambient_server_loss(denoiser, batch.x_cut, batch.labels, batch.cuts, AB, t=batch.t, noise=batch.noise,
                                    weight=batch.weight)
-    assert float(source.loss(denoiser, batch, gen)) == pytest.approx(float(weighted), rel=1e-6)
-    assert float(weighted) != pytest.approx(float(ambient_server_loss(denoiser, batch.x_cut, batch.labels, batch.cuts, AB,
-                                                                      t=batch.t, noise=batch.noise)), rel=1e-3)
+    plain = ambient_server_loss(denoiser, batch.x_cut, batch.labels, batch.cuts, AB, t=batch.t, noise=batch.noise)
+    assert source.loss(denoiser, batch, gen).item() == pytest.approx(weighted.item(), rel=1e-6)
+    assert weighted.item() != pytest.approx(plain.item(), rel=1e-3)
     assert "pooled weighting" in source.describe()
 
 
