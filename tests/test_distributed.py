@@ -17,13 +17,19 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 from client_fake_server import make_image_folder
-from server_support import tiny_settings, wait_phase
+from server_support import SHAPE, tiny_settings, wait_phase
 
 from collafuse.common.rpc import open_channel
 from collafuse.server import distributed
 from collafuse.server.app import STOP_MARGIN_S
 from collafuse.server.cli import GRACE_S
-from collafuse.server.protocols.ambient import NewRelease, Partition, ReleaseTable
+from collafuse.server.protocols.ambient import (
+    NewRelease,
+    Partition,
+    ReleaseRows,
+    ReleaseTable,
+    ambient_source,
+)
 from collafuse.server.store import ReleaseStore
 from collafuse.server.trainer import Trainer
 from collafuse.v1 import collafuse_pb2_grpc
@@ -130,6 +136,50 @@ def test_each_rank_holds_only_its_half_of_the_releases(runs: dict[str, Any]) -> 
     assert rows.shape[0] == 24
     for rank, saved in enumerate(runs["ranks"]):
         assert torch.equal(saved["held"], rows[rank::2]), f"rank {rank} holds rows {rank}, {rank + 2}, ... only"
+
+
+def rows_main(rank: int, root: str, port: int) -> None:
+    """Rank 0 sends three loads (a full one, new rows, and everything again after a forget); rank 1 takes them."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2",
+                      LOCAL_RANK=str(rank))
+    world = distributed.World.from_env()
+    settings = tiny_settings(Path(root) / "store")
+    device = distributed.start(world, settings)
+    try:
+        channel = distributed.Channel(world, device)
+        source = ambient_source(settings, None, device, 3, Partition(2, rank))
+        loads = [(release_rows(10, 0), True), (release_rows(5, 10), False), (release_rows(5, 100), True)]
+        for rows, full in loads:
+            if rank == 0:
+                channel.send_rows(rows, full, 0 if full else len(source))
+                source.take(rows, full)
+            else:
+                op, args = channel.receive()
+                assert op == distributed.Op.ROWS
+                source.take(*channel.receive_rows(args, len(source)))
+            if rank == 1 and not full:
+                assert torch.equal(source.x_cut, torch.cat([loads[0][0].x_cut, rows.x_cut])[1::2])
+        torch.save({"held": source.x_cut.clone(), "labels": source.labels.clone(), "rows": len(source)},
+                   Path(root) / f"rows{rank}.pt")
+    finally:
+        distributed.shutdown()
+
+
+def release_rows(n: int, start: int) -> ReleaseRows:
+    gen = torch.Generator().manual_seed(start)
+    return ReleaseRows(torch.randn((n, *SHAPE), generator=gen), (torch.arange(n) + start) % 3,
+                       torch.full((n,), 10), ["c"] * n, start + n, start + 1, 0 if start < 100 else 1)
+
+
+def test_a_forget_reshards_every_rank_from_scratch(tmp_path: Path) -> None:
+    """After a forget rank 0 sends the whole table again: rank 1 drops what it held (the forgotten client's
+    rows with it) and keeps its half of what is left; labels and cuts of every row reach every rank."""
+    mp.spawn(rows_main, args=(str(tmp_path), free_port()), nprocs=2, join=True)
+    after_forget = release_rows(5, 100)
+    for rank in (0, 1):
+        saved = torch.load(tmp_path / f"rows{rank}.pt")
+        assert saved["rows"] == 5 and torch.equal(saved["labels"], after_forget.labels)
+        assert torch.equal(saved["held"], after_forget.x_cut[rank::2]), f"rank {rank}"
 
 
 # ---- torchrun through the real CLI, with a real client -----------------------------------------------------
