@@ -8,7 +8,7 @@ the server's hand-off at its own cut; per client the script reports FID against 
 (the shards are IID; with the real-vs-real floor of the same sizes) and conditional accuracy (a classifier trained
 on the real digits), and the same pooled over the clients.
 
-    python benchmarks/mixed_cuts.py             # 2 seeds, 300 server steps: ~15 min on 2 cores
+    python benchmarks/mixed_cuts.py             # 2 seeds, 300 server steps: ~10 min on 2 quiet cores
     python benchmarks/mixed_cuts.py --seeds 0 --steps 120
 
 Outputs: benchmarks/results/mixed_cuts-<date>[-tag].json (machine, settings, every run, mean and
