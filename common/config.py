@@ -86,6 +86,11 @@ class ServerSettings(CollafuseSettings, ScheduleFields, TrainingFields, RuntimeF
     split_pending_per_client: int = Field(4, ge=1, description="split steps one client may have waiting")
     split_step_ttl: float = Field(120.0, gt=0, description="seconds a split step waits for its backward before "
                                   "it is dropped")
+    split_cross_client: bool = Field(True, description="merge concurrent SplitForward calls of different clients "
+                                     "into one model call (results are unchanged)")
+    split_max_batch: int = Field(256, ge=1, description="most images in one merged split forward")
+    split_max_wait_ms: float = Field(5.0, ge=0, le=10_000, description="how long a split forward waits for other "
+                                     "clients' forwards to merge with (only while other clients are active)")
 
     @field_validator("channels")
     @classmethod

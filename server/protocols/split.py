@@ -30,6 +30,9 @@ Decisions, and why:
   split steps) runs under ``TrainCore.model_lock``; a weight copy is taken under it too, so it never sees
   a half-applied step. Split steps count as training steps of the one core: step counter, lr schedule,
   EMA, losses, checkpoints and max_steps are shared with ambient training.
+- **Cross-client batching** (``split_merge.py``): concurrent forwards of different clients on the same model
+  version share one model call (``--split-max-batch``, ``--split-max-wait-ms``); a backward recomputes on the
+  client's own rows.
 - **Idempotent backward**: the ids of recently completed steps are kept (bounded), so a retried backward
   whose ack was lost is acknowledged again, not applied twice (a retry that arrives while the first attempt
   is still being applied waits for it).
@@ -59,6 +62,7 @@ from collafuse.common.models import drop_labels, null_label
 from collafuse.common.train_loop import StepResult, TrainCore
 from collafuse.server.errors import RequestRefused
 from collafuse.server.protocols.base import LabelCheck, ServerProtocol
+from collafuse.server.protocols.split_merge import ForwardMerger
 from collafuse.server.store import ClientRecord, ReleaseStore
 from collafuse.v1 import collafuse_pb2
 
@@ -176,8 +180,11 @@ class SplitEngine:
         label_dropout: float = 0.0,
         seed: int = 0,
         clock: Callable[[], float] = time.monotonic,
+        merger: ForwardMerger | None = None,
     ) -> None:
         self.core = core
+        # Concurrent forwards of different clients on one model version share a model call (None: never).
+        self.merger = merger
         self.label_dropout = label_dropout
         self.null_label = null_label(core.model)
         self._generator = torch.Generator().manual_seed(seed)  # label drop-out draws (under _lock)
@@ -296,8 +303,11 @@ class SplitEngine:
             )
             self._pending[step.step_id] = step
         try:
-            with torch.no_grad():
-                eps_hat = stash.eps_hat(step.x_t, step.t, step.labels).float().cpu()
+            if self.merger is not None:
+                eps_hat = self.merger.eps_hat(client_id, stash, step.x_t, step.t, step.labels)
+            else:
+                with torch.no_grad():
+                    eps_hat = stash.eps_hat(step.x_t, step.t, step.labels).float().cpu()
         except BaseException:
             with self._lock:
                 if step.step_id in self._pending:
@@ -481,9 +491,11 @@ class SplitProtocol(ServerProtocol):
         """The one engine of this server, made on first use around the trainer's core."""
         with self._bind_lock:
             if self._engine is None:
+                merger = ForwardMerger(self.settings.split_max_batch, self.settings.split_max_wait_ms / 1000) \
+                    if self.settings.split_cross_client else None
                 self._engine = SplitEngine(
                     core, max_steps=max_steps, limits=SplitLimits.from_settings(self.settings), after_step=after_step,
-                    label_dropout=self.settings.label_dropout, seed=self.settings.seed,
+                    label_dropout=self.settings.label_dropout, seed=self.settings.seed, merger=merger,
                 )
             return self._engine
 
