@@ -12,6 +12,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -109,3 +110,12 @@ class ServerProcess:
             code = self.process.wait()
         self._log.close()
         return {"exit_code": code, "exit_seconds": round(time.monotonic() - began, 2)}
+
+
+def scrape_metric(port: int, name: str) -> float:
+    """The sum of a server's ``/metrics`` samples called ``name`` (0 when none)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
+        text = response.read().decode()
+    return sum(s.value for family in text_string_to_metric_families(text) for s in family.samples if s.name == name)

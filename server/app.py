@@ -29,6 +29,7 @@ from collafuse.server.auth import Authenticator, AuthInterceptor
 from collafuse.server.errors import PortInUse, StartupError, StoreError
 from collafuse.server.limits import check_request, max_request_bytes
 from collafuse.server.observability import ServerMetrics
+from collafuse.server.protocols.split import SplitProtocol
 from collafuse.server.sampler import Sampler, SamplingLimits
 from collafuse.server.servicer import DEFAULT_CHUNK_BYTES, CollaFuseServicer
 from collafuse.server.store import ReleaseStore
@@ -180,7 +181,9 @@ def build_server(
         if authenticator is not None:
             interceptors.insert(0, AuthInterceptor(authenticator))
         if settings.metrics_port:
-            metrics = ServerMetrics(trainer, store, sampler, transcript.traffic)
+            split = servicer.protocols.get(collafuse_pb2.PROTOCOL_SPLIT)
+            metrics = ServerMetrics(trainer, store, sampler, transcript.traffic,
+                                    (lambda: split.merger) if isinstance(split, SplitProtocol) else None)
             interceptors = metrics.instrument(interceptors)
         server = grpc.server(
             # Every admitted Sample call holds a thread while it waits: they get their own, on top of max_workers.

@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 import torch
 from server_support import SHAPE, T, start, stub
+from test_observability import free_port, scrape, value
 
 from collafuse.client.protocols.split import NoisedBatch, forward_request, loss_gradient, noise_batch
 from collafuse.common.codec import decode, encode
@@ -165,8 +166,9 @@ def backward(api: Any, client_id: str, batch: NoisedBatch, reply: collafuse_pb2.
 
 
 def run_server(root: Path, cross_client: bool) -> dict[str, Any]:
+    metrics_port = free_port()
     server = start(root, start_trainer=False, label_dropout=0.0, max_steps=100, split_cross_client=cross_client,
-                   split_max_batch=12)
+                   split_max_batch=12, metrics_port=metrics_port)
     try:
         api = stub(server)
         clients = [f"c{i}" for i in range(3)]
@@ -191,8 +193,11 @@ def run_server(root: Path, cross_client: bool) -> dict[str, Any]:
             for c in clients:  # backwards in a fixed order: the same model either way
                 backward(api, c, batches[c], answered[c])
         model = [p.detach().clone() for p in server.trainer.core.model.parameters()]
+        exported = scrape(metrics_port)
         return {"replies": replies, "merged": merger.merged if merger else 0, "model": model,
-                "step": server.trainer.core.step}
+                "step": server.trainer.core.step, "exported": {name: value(exported, f"collafuse_split_{name}_total")
+                                                              for name in ("forwards", "forwards_merged",
+                                                                           "forward_model_calls")}}
     finally:
         server.stop(0)
 
@@ -200,7 +205,8 @@ def run_server(root: Path, cross_client: bool) -> dict[str, Any]:
 def test_merging_changes_no_clients_eps_hat_or_the_model_over_grpc(tmp_path: Path) -> None:
     merged, plain = run_server(tmp_path / "merged", True), run_server(tmp_path / "plain", False)
     assert merged["merged"] == 2, "round 1's three forwards ran as one model call"
-    assert plain["merged"] == 0
+    assert merged["exported"] == {"forwards": 6, "forwards_merged": 2, "forward_model_calls": 4}, "Prometheus"
+    assert plain["merged"] == 0 and plain["exported"]["forwards"] == 0  # no merger, no counters
     for got_round, want_round in zip(merged["replies"], plain["replies"], strict=True):
         for client_id, want in want_round.items():
             torch.testing.assert_close(got_round[client_id], want, rtol=1e-5, atol=1e-6)

@@ -485,6 +485,12 @@ class SplitProtocol(ServerProtocol):
         self._engine: SplitEngine | None = None
         self._bind_lock = threading.Lock()
 
+    @property
+    def merger(self) -> ForwardMerger | None:
+        """The engine's forward merger, once the engine exists and merges (metrics read its counters)."""
+        engine = self._engine
+        return engine.merger if engine is not None else None
+
     def engine(
         self, core: TrainCore, max_steps: int, after_step: Callable[[StepResult], None] | None = None
     ) -> SplitEngine:
