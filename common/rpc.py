@@ -167,7 +167,6 @@ def call_with_retry(
     started = clock()
     last: grpc.RpcError | None = None
     attempt = 0
-    busy = False
     while True:
         try:
             return fn()
@@ -175,7 +174,7 @@ def call_with_retry(
             hint = retry_after(exc) if _code(exc) == grpc.StatusCode.RESOURCE_EXHAUSTED else None
             if not policy.retryable(_code(exc), idempotent, hint):
                 raise
-            last, busy = exc, hint is not None
+            last = exc
         attempt += 1
         waited = clock() - started
         remaining = policy.wait_timeout - waited
@@ -184,11 +183,11 @@ def call_with_retry(
         pause = policy.pause(attempt - 1, rng, hint, remaining)
         log.warning(
             "%s: %s at %s (%s: %s); retry %d in %.1fs, %.0fs waited of at most %.0fs (--wait-timeout)",
-            what, "the server is busy" if busy else "waiting for the server", target, _code(last),
+            what, "the server is busy" if hint is not None else "waiting for the server", target, _code(last),
             _details(last)[:200], attempt, pause, waited, policy.wait_timeout,
         )
         sleep(pause)
-    if busy:
+    if hint is not None:  # the last refusal was a busy server's, not a missing one's
         raise ServerUnreachable(
             f"{what}: the server at {target} stayed busy through {attempt} attempts over {clock() - started:.0f}s "
             f"({_details(last)[:200]}). Try again later, or raise --wait-timeout to wait longer."

@@ -6,8 +6,9 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import pytest
 import torch
@@ -27,6 +28,7 @@ CUT = 20
 ALPHAS = ScheduleConfig(num_train_timesteps=T).alphas_cumprod()
 FLOOR = float(ALPHAS[CUT])
 Rows = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+R = TypeVar("R")
 
 
 @pytest.fixture(autouse=True)
@@ -56,24 +58,31 @@ def alone(weights: WeightStash, batch: Rows) -> torch.Tensor:
         return weights.model(batch[0], batch[1] - 1, class_labels=batch[2]).sample.float()
 
 
-def concurrently(merger: ForwardMerger, weights: Any, batches: dict[str, Rows]) -> dict[str, torch.Tensor | BaseException]:
-    """Every client's forward at once (a barrier releases them together)."""
-    barrier = threading.Barrier(len(batches))
-    out: dict[str, torch.Tensor | BaseException] = {}
+def at_once(call: Callable[[str], R], keys: Iterable[str]) -> dict[str, R | Exception]:
+    """``call(key)`` for every key in a thread of its own, released together by a barrier; what each returned
+    or raised."""
+    keys = list(keys)
+    barrier = threading.Barrier(len(keys))
+    out: dict[str, R | Exception] = {}
 
-    def one(client_id: str) -> None:
+    def one(key: str) -> None:
         barrier.wait()
         try:
-            out[client_id] = merger.eps_hat(client_id, weights, *batches[client_id])
-        except Exception as exc:  # noqa: BLE001 -- the test looks at it
-            out[client_id] = exc
+            out[key] = call(key)
+        except Exception as exc:  # noqa: BLE001 -- the caller looks at it
+            out[key] = exc
 
-    threads = [threading.Thread(target=one, args=(c,)) for c in batches]
+    threads = [threading.Thread(target=one, args=(k,)) for k in keys]
     for thread in threads:
         thread.start()
     for thread in threads:
         thread.join(60)
     return out
+
+
+def concurrently(merger: ForwardMerger, weights: Any, batches: dict[str, Rows]) -> dict[str, torch.Tensor | Exception]:
+    """Every client's forward at once."""
+    return at_once(lambda c: merger.eps_hat(c, weights, *batches[c]), batches)
 
 
 def warm_up(merger: ForwardMerger, weights: Any, batches: dict[str, Rows]) -> None:
@@ -142,20 +151,11 @@ def test_a_failed_model_call_fails_every_member() -> None:
 
 
 def forward_all(api: Any, batches: dict[str, NoisedBatch]) -> dict[str, collafuse_pb2.SplitForwardReply]:
-    barrier = threading.Barrier(len(batches))
-    replies: dict[str, collafuse_pb2.SplitForwardReply] = {}
-
-    def one(client_id: str) -> None:
-        barrier.wait()
-        replies[client_id] = api.SplitForward(forward_request(client_id, batches[client_id], CUT, FLOOR, ALPHAS),
-                                              timeout=60)
-
-    threads = [threading.Thread(target=one, args=(c,)) for c in batches]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(60)
-    return replies
+    replies = at_once(lambda c: api.SplitForward(forward_request(c, batches[c], CUT, FLOOR, ALPHAS), timeout=60),
+                      batches)
+    failed = {c: r for c, r in replies.items() if isinstance(r, Exception)}
+    assert not failed, failed
+    return {c: r for c, r in replies.items() if not isinstance(r, Exception)}
 
 
 def backward(api: Any, client_id: str, batch: NoisedBatch, reply: collafuse_pb2.SplitForwardReply) -> None:
