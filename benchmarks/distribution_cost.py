@@ -44,6 +44,7 @@ from collafuse.common.models import as_denoiser, build_unet
 from collafuse.common.sampling import client_half, make_chain, server_half, split_sample
 from collafuse.common.train_loop import seeded
 from collafuse.server.app import build_server
+from collafuse.server.protocols import store_tables
 from collafuse.server.protocols.ambient import NewRelease, ReleaseTable
 from collafuse.server.store import ReleaseStore
 from collafuse.server.trainer import Trainer
@@ -90,8 +91,8 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     def trainer_arm() -> float:
         with tempfile.TemporaryDirectory() as tmp:
             settings = settings_for(Path(tmp), args)
-            store = ReleaseStore(Path(tmp))
-            store.register_client("c0", cut, "ambient", CLASSES, "fp")
+            store = ReleaseStore(Path(tmp), store_tables())
+            store.register_client("c0", cut, collafuse_pb2.PROTOCOL_AMBIENT, CLASSES, "fp")
             x_cut = release(x0, list(range(args.images)), cut, settings.schedule().alphas_cumprod())
             ReleaseTable(store).add("c0", cut, [NewRelease.of(f"k{i}", int(labels[i]), x_cut[i]) for i in range(args.images)])
             trainer = Trainer(settings, store, "fp", device=CPU, poll_interval=0.01, log_every=10**6)

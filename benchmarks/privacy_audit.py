@@ -4,8 +4,8 @@ Every arm is a ``collafuse-sim --audit`` run (one server and two client processe
 groups, the server's transcript recorded and audited afterwards) with the same small budget; arms differ in
 the protocol and the cut:
 
-    ambient                     releases x_zeta once per image (DESIGN 1a)
-    split                       split learning, no DP: the returned gradient gives eps exactly (DESIGN 1b)
+    ambient                     releases x_zeta once per image (docs/design.md §2)
+    split                       split learning, no DP: the returned gradient gives eps exactly (docs/design.md §3)
     split-dp0.5, split-dp2      split with per-image clipping C and Gaussian noise sigma*C on the gradient
     x  zeta in {0, 100, 200, 500}   (0 is the global-model baseline: x_t at t = 1 is nearly x_0)
 

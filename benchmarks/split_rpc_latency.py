@@ -1,6 +1,6 @@
 """Loopback latency of one split step's two halves: two unary calls vs one bidirectional stream.
 
-A split step (DESIGN 1b) is a request/reply pair twice: x_t up, eps_hat down, dL/d(eps_hat) up, an ack
+A split step (docs/design.md §3) is a request/reply pair twice: x_t up, eps_hat down, dL/d(eps_hat) up, an ack
 down. This measures only the transport (no model): the payloads are byte strings of the sizes a batch
 of ``--batch`` float32 images of ``--side``x``--side`` pixels has, echoed by generic handlers.
 

@@ -26,15 +26,17 @@ import torch
 from bench_common import machine
 
 from collafuse.common.schedule import ScheduleConfig
+from collafuse.server.protocols import store_tables
 from collafuse.server.protocols.ambient import AmbientSource, NewRelease, ReleaseTable
 from collafuse.server.store import ReleaseStore
+from collafuse.v1 import collafuse_pb2
 
 log = logging.getLogger("collafuse.benchmarks.store_load")
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def campaign(root: Path, clients: int, releases: int, per_call: int, side: int) -> dict[str, Any]:
-    store = ReleaseStore(root)
+    store = ReleaseStore(root, store_tables())
     table = ReleaseTable(store)
     alphas_cumprod = ScheduleConfig().alphas_cumprod()
     sources = {
@@ -47,7 +49,7 @@ def campaign(root: Path, clients: int, releases: int, per_call: int, side: int) 
     acks = 0
     for c in range(clients):
         client = f"client-{c:02d}"
-        store.register_client(client, 200, "ambient", [str(i) for i in range(10)], "fp")
+        store.register_client(client, 200, collafuse_pb2.PROTOCOL_AMBIENT, [str(i) for i in range(10)], "fp")
         for start in range(0, releases, per_call):
             n = min(per_call, releases - start)
             x = rng.standard_normal((n, 1, side, side), dtype=np.float32)

@@ -103,7 +103,7 @@ class ServerInfo:
 def schedule_from_spec(spec: collafuse_pb2.ScheduleSpec) -> ScheduleConfig:
     """The schedule a server sent, checked before any use: the one place a server-sent schedule enters.
 
-    A server-sent schedule is an input, never an order (DESIGN 2): it must rebuild with diffusers'
+    A server-sent schedule is an input, never an order (docs/design.md §7): it must rebuild with diffusers'
     ``from_config``, match its fingerprint, use only supported options and give finite, strictly decreasing
     alphas_cumprod whose alpha_bar_1 is below 1 in float32 (the NaN guard).
     """
@@ -295,8 +295,10 @@ class ServerConnection:
         return self._unary("SplitForward", self._stub.SplitForward, request)
 
     def split_backward(self, request: collafuse_pb2.SplitBackwardRequest) -> collafuse_pb2.SplitBackwardReply:
-        """The second half: dL/d(eps_hat) for a step id (a retry of an applied step is acknowledged, not re-applied)."""
-        return self._unary("SplitBackward", self._stub.SplitBackward, request)
+        """The second half: dL/d(eps_hat) for a step id. The server answers once the step's round is applied, so
+        the call gets the long deadline (a retry of an answered step is acknowledged, not re-applied)."""
+        return self._unary("SplitBackward", self._stub.SplitBackward, request, timeout=max(self.long_timeout,
+                                                                                          self.rpc_timeout))
 
 
 def _decode_chunk(

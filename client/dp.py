@@ -1,6 +1,6 @@
 """Differential privacy for what leaves a client: per-image clipping and Gaussian noise, an accountant, a budget.
 
-Split learning (DESIGN 1b) sends g = dL/d(eps_hat) per image; for the MSE loss g = 2(eps_hat - eps)/n, so
+Split learning (docs/design.md §3) sends g = dL/d(eps_hat) per image; for the MSE loss g = 2(eps_hat - eps)/n, so
 whoever holds eps_hat and g holds eps, and with x_t also x_0. ``privatize`` clips every image's gradient to
 L2 norm C and adds N(0, (sigma C)^2) to every element before it leaves (the Gaussian mechanism of DP-SGD,
 applied to the per-sample rows the client sends instead of their sum).

@@ -1,4 +1,4 @@
-"""Collaborative sampling, client side (DESIGN 1c): the server runs t > cut, the client finishes.
+"""Collaborative sampling, client side (docs/design.md §5): the server runs t > cut, the client finishes.
 
 The request carries the labels, seed, chain length and scheduler; the server streams
 back x_hat_cut. The client builds the same chain once (``make_chain``) and runs its

@@ -1,4 +1,5 @@
-"""An image is its pixels (DESIGN 2): the identity the ledger keys releases by, and near-duplicate detection.
+"""An image is its pixels (docs/design.md §7): the identity the ledger keys releases by, and near-duplicate
+detection.
 
 A key comes from the released pixels (the decoded image at the server's size, quantised to
 8 bits), never from a file name or file bytes, so a renamed, moved, duplicated or losslessly

@@ -1,6 +1,6 @@
 """Joining a server: Register, the checks on its reply, and the reply cached for offline steps.
 
-The client is the guardian of its setup (DESIGN 2): the server's fingerprint is pinned
+The client is the guardian of its setup (docs/design.md §7): the server's fingerprint is pinned
 in the ledger on first use, and a server whose fingerprint, cut range or image size
 does not fit is refused before any image is loaded.
 """

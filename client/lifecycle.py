@@ -22,6 +22,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Self
 
@@ -277,17 +278,18 @@ class ClientLifecycle:
         self.scan()  # a bad --data fails before the server is contacted
         self.register()
         self.load_data()
-        self.release()
-        self.train()
+        if self.settings.protocol == "split":
+            # Split steps wait for each round's other clients: the local model trains meanwhile.
+            with ThreadPoolExecutor(1, thread_name_prefix="local-train") as pool:
+                training = pool.submit(self.train)
+                self.release()
+                training.result()
+        else:
+            self.release()
+            self.train()
         self.wait_for_server()
         self.generate()
         self.report.data["wall_seconds"]["total"] = round(time.perf_counter() - started, 4)
         self.report.update(ledger=self.ledger.summary())
         self._save_report()
         return dict(self.report.data)
-
-
-def run_lifecycle(settings: ClientSettings, **kwargs: Any) -> dict[str, Any]:
-    """Run join → release → train → wait → generate in this process; returns the metrics."""
-    with ClientLifecycle(settings, **kwargs) as client:
-        return client.run()

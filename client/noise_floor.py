@@ -1,4 +1,4 @@
-"""The client owns its noise floor (DESIGN 2): a server-sent schedule is an input to check, never an order.
+"""The client owns its noise floor (docs/design.md §7): a server-sent schedule is an input to check, never an order.
 
 A cut counts steps; what protects an image is the noise level at that step, alpha_bar_cut
 (a release is sqrt(alpha_bar) x0 + sqrt(1 - alpha_bar) eps). A server that sends T = 10,000

@@ -1,4 +1,4 @@
-"""Release uploads through the client's protocol registry (``client/protocols/``; ambient is DESIGN 1a).
+"""Release uploads through the client's protocol registry (``client/protocols/``; ambient is docs/design.md §2).
 
 Kept as the entry point the lifecycle and tools call.
 """

@@ -8,6 +8,7 @@ so running single sub-commands one after another builds up the same file a full
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -32,6 +33,8 @@ class RunReport:
         self.data: dict[str, Any] = read_json(self.path)
         self.data.setdefault("wall_seconds", {})
         self.data.setdefault("rpc", {})
+        # A split client trains its local model while it sends split steps: two threads report.
+        self._lock = threading.RLock()
 
     @contextmanager
     def phase(self, name: str) -> Iterator[None]:
@@ -40,21 +43,25 @@ class RunReport:
         try:
             yield
         finally:
-            self.data["wall_seconds"][name] = round(time.perf_counter() - started, 4)
-            self.save()
+            with self._lock:
+                self.data["wall_seconds"][name] = round(time.perf_counter() - started, 4)
+                self.save()
 
     def update(self, **fields: Any) -> None:
-        self.data.update(fields)
+        with self._lock:
+            self.data.update(fields)
 
     def record_traffic(self, traffic: dict[str, dict[str, float]]) -> None:
         """Per-RPC calls, attempts and bytes of this process (replacing earlier runs of the same RPC)."""
-        self.data["rpc"].update(traffic)
-        self.data["bytes_sent"] = int(sum(t["bytes_sent"] for t in self.data["rpc"].values()))
-        self.data["bytes_received"] = int(sum(t["bytes_received"] for t in self.data["rpc"].values()))
+        with self._lock:
+            self.data["rpc"].update(traffic)
+            self.data["bytes_sent"] = int(sum(t["bytes_sent"] for t in self.data["rpc"].values()))
+            self.data["bytes_received"] = int(sum(t["bytes_received"] for t in self.data["rpc"].values()))
 
     def save(self) -> None:
-        self.workdir.mkdir(parents=True, exist_ok=True)
-        write_json_atomic(self.path, self.data)
+        with self._lock:
+            self.workdir.mkdir(parents=True, exist_ok=True)
+            write_json_atomic(self.path, self.data)
 
     def plot_losses(self, losses: Sequence[tuple[int, float]], title: str) -> Path | None:
         if not losses:

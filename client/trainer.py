@@ -24,7 +24,8 @@ from collafuse.common.config import ClientSettings
 from collafuse.common.diffusion import Denoiser, client_loss
 from collafuse.common.models import build_unet, count_parameters, drop_labels, null_label
 from collafuse.common.schedule import ScheduleConfig
-from collafuse.common.train_loop import StepResult, TrainCore, TrainOptions, seeded
+from collafuse.common.settings import TrainOptions
+from collafuse.common.train_loop import StepResult, TrainCore, seeded
 
 log = logging.getLogger(__name__)
 

@@ -26,7 +26,8 @@ from diffusers.models import UNet2DModel
 
 from collafuse.common.files import replace_folder, restore_folder
 from collafuse.common.models import load_model, save_model
-from collafuse.common.train_loop import Ema, TrainCore, TrainOptions
+from collafuse.common.settings import TrainOptions
+from collafuse.common.train_loop import Ema, TrainCore
 
 log = logging.getLogger(__name__)
 

@@ -54,11 +54,9 @@ class ServerSettings(CollafuseSettings, ScheduleFields, TrainingFields, RuntimeF
     channels: int = Field(1, description="1 (grey) or 3 (RGB)")
     classes: CliVariadicArg[list[str]] = Field(list(DIGIT_CLASSES), description="class names in label order")
     model_preset: str = Field("small", description="server UNet size: tiny, small, base or paper")
-    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay")
-    mixed_precision: Literal["auto", "bf16", "off"] = Field(
-        "auto", description="bf16 autocast in training: auto uses it on a GPU that supports bf16 (never on the "
-        "CPU), off trains in float32")
-    max_steps: int = Field(2000, ge=0, description="training steps; 0 trains until stopped")
+    max_steps: int = Field(2000, ge=0, description="training steps: an ambient step is one minibatch of releases, a "
+                           "split step one round (one optimizer step over every active split client's batch); 0 "
+                           "trains until stopped")
     checkpoint_every: int = Field(250, ge=1, description="steps between atomic checkpoints")
     min_clients: int = Field(1, ge=1, description="clients with releases before training starts")
     start_timeout: float = Field(120.0, ge=0, description="seconds to wait for min_clients before training on what is there")
@@ -80,17 +78,24 @@ class ServerSettings(CollafuseSettings, ScheduleFields, TrainingFields, RuntimeF
                                 "collafuse-token); replaces the shared --token")
     operators: CliVariadicArg[list[str]] = Field([], description="client ids (token or certificate) that may see "
                                                  "every client in Status")
-    # The split protocol's pending steps (server/protocols/split.py): bounded in number and age.
-    split_max_pending: int = Field(32, ge=1, description="split steps waiting for their backward, over all clients "
-                                   "(more: RESOURCE_EXHAUSTED)")
-    split_pending_per_client: int = Field(4, ge=1, description="split steps one client may have waiting")
-    split_step_ttl: float = Field(120.0, gt=0, description="seconds a split step waits for its backward before "
-                                  "it is dropped")
+    # The split protocol's rounds (server/protocols/split_rounds.py): one optimizer step per round.
+    split_max_round_clients: int = Field(32, ge=1, description="split protocol: most clients' steps in one round "
+                                         "(more: RESOURCE_EXHAUSTED until it closes)")
+    split_round_timeout: float = Field(30.0, gt=0, le=3600, description="split protocol: seconds a round waits for "
+                                       "its clients' backwards before it steps without the missing ones")
+    split_max_grad_norm: float = Field(1000.0, gt=0, description="split protocol: refuse a gradient whose row for "
+                                       "one image has a larger L2 norm (NaN/Inf are always refused)")
     split_cross_client: bool = Field(True, description="merge concurrent SplitForward calls of different clients "
                                      "into one model call (results are unchanged)")
-    split_max_batch: int = Field(256, ge=1, description="most images in one merged split forward")
+    split_max_batch: int = Field(256, ge=1, description="most images in one split model call (merged forwards; a "
+                                 "round's backward runs in chunks of this)")
     split_max_wait_ms: float = Field(5.0, ge=0, le=10_000, description="how long a split forward waits for other "
                                      "clients' forwards to merge with (only while other clients are active)")
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        """(channels, height, width) of the images served."""
+        return (self.channels, self.image_size, self.image_size)
 
     @field_validator("channels")
     @classmethod
@@ -133,6 +138,9 @@ class SplitFields(BaseModel):
 
     split_steps: int = Field(0, ge=0, description="split protocol: most split steps this client sends "
                              "(0: until the server finished training or the privacy budget is spent)")
+    split_batch_size: int | None = Field(None, ge=1, description="split protocol: images per split step, this "
+                                         "client's share of a round (the server's step averages every client's share; "
+                                         "default: --batch-size)")
     dp_clip: float | None = Field(None, gt=0, description="split protocol: clip each image's dL/d(eps_hat) to this "
                                   "L2 norm before it leaves (unset: no clipping, no DP)")
     dp_noise_multiplier: float = Field(0.0, ge=0, description="split protocol: Gaussian noise std on the clipped "

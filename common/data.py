@@ -1,4 +1,5 @@
-"""Image folders (DESIGN 5): loading and saving images; the digits and partitioning are in evaluation.data.
+"""Image folders (docs/design.md §9): loading and saving images; the digits and partitioning are in
+evaluation.data.
 
 A data folder is either one sub-folder per class (``<root>/<class>/*.png``) or
 flat image files with an optional ``labels.csv`` (``filename,label``). Images are

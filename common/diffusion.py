@@ -1,4 +1,4 @@
-"""Forward process, the release, and the two training losses (DESIGN 1, 1a).
+"""Forward process, the release, and the two training losses (docs/design.md §1, §2).
 
 All ``t`` here are the paper's 1-based times; ``alphas_cumprod`` comes from
 ``ScheduleConfig.alphas_cumprod()`` (index 0 holds alpha_bar_0 = 1).
@@ -78,7 +78,7 @@ def ambient_renoise(
     noise: torch.Tensor,
     alphas_cumprod: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Re-noise a release from its cut to t > cut: returns (x_t, c) of DESIGN 1a.
+    """Re-noise a release from its cut to t > cut: returns (x_t, c) of docs/design.md §2.
 
     x_t = a x_cut + b eps',  a = sqrt(ab_t / ab_cut),  b = sqrt(1 - ab_t / ab_cut),
     c = b / sqrt(1 - ab_t).  x_t then has exactly the forward marginal q(x_t | x_0).
@@ -157,7 +157,7 @@ def ambient_server_loss(
     """|| c eps_hat_s(x_t, t, y) - eps' ||^2 with t ~ U(cut, T] and eps' ~ N(0, I) unless given.
 
     With one cut for every release its minimiser is the standard eps-predictor E[eps | x_t]. With
-    several cuts (the "mixed cuts" caveat of DESIGN 1a) it is not: at each t client i's posterior is
+    several cuts (the "mixed cuts" caveat of docs/design.md §2) it is not: at each t client i's posterior is
     weighted by n_i c_i(t)^2 / (T - cut_i) rather than n_i. ``weight`` (per release, from
     ``ambient_pooled_weights``; the server's ``--ambient-weighting pooled``) restores n_i; the loss is
     then mean(weight * squared error), so a slice of a batch with its weights is that slice's share.

@@ -1,4 +1,4 @@
-"""The split sampler (DESIGN 1c): small pure functions of a denoiser, the cut is an argument.
+"""The split sampler (docs/design.md §5): small pure functions of a denoiser, the cut is an argument.
 
 A request builds its ``Chain`` once: the scheduler with ``set_timesteps(N)`` applied
 and its 0-based timesteps in chain order. Each timestep i belongs to the server
@@ -9,8 +9,9 @@ k-diffusion's samplers run a slice of ``sigmas``.
 Noise is derived per image from (seed, image index, timestep): the generator of
 image j at 0-based timestep i is seeded with the first 8 bytes (little-endian,
 top bit cleared) of SHA-256 of ``f"{seed}:{j}:{i}"``, and x_T uses i = -1. So the
-result does not depend on how images are batched or which side runs a step:
-``split_sample`` equals ``client_half(server_half(...))`` bit for bit.
+result does not depend on which side runs a step (``split_sample`` equals
+``client_half(server_half(...))`` bit for bit), and on how images are batched only through
+the float rounding of a different batch (about 1e-6 relative; docs/design.md §5).
 """
 
 from __future__ import annotations
@@ -110,7 +111,7 @@ def denoise_step(
     """One chain step x_t -> x_{t-1} at 0-based timestep ts, image j's noise from ``generators[j]``.
 
     Every image's result depends only on its own row and generator, so a batch may hold images of
-    several requests (server/sampler.py merges them) without changing any of them.
+    several requests (server/sampler.py merges them) without changing any of them beyond float rounding.
     """
     t_paper = torch.full((x.shape[0],), ts + 1, dtype=torch.long, device=x.device)
     with torch.no_grad():

@@ -123,7 +123,7 @@ class ScheduleConfig(ScheduleFields):
 
 
 def check_alphas_cumprod(alphas_cumprod: torch.Tensor) -> None:
-    """Every weight of DESIGN 1a divides by sqrt(1 - alpha_bar) or by alpha_bar: in the dtype the schedule
+    """Every weight of docs/design.md §2 divides by sqrt(1 - alpha_bar) or by alpha_bar: in the dtype the schedule
     is held in (float32), alpha_bar must be finite, strictly decreasing and strictly inside (0, 1)."""
     ab = alphas_cumprod
     if ab.ndim != 1 or ab.numel() < 2:

@@ -75,17 +75,32 @@ class CollafuseSettings(BaseSettings):
         return (init_settings, env_settings, config_file_source(settings_cls, config_file))
 
 
-class TrainingFields(BaseModel):
-    """Training settings the server, the client and the simulation share."""
+class TrainOptions(BaseModel):
+    """The knobs of the training core (common/train_loop.py), declared once: the server's, the client's and the
+    simulation's settings include them, and ``from_settings`` hands every one of them to the core."""
 
-    batch_size: int = Field(64, ge=1, description="training minibatch")
-    lr: float = Field(2e-3, gt=0, description="AdamW learning rate")
+    lr: float = Field(2e-3, gt=0, description="AdamW learning rate (after the warm-up)")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay")
     ema_decay: float = Field(0.995, ge=0, lt=1, description="EMA decay of the model used for sampling")
-    label_dropout: float = Field(0.1, ge=0, le=1, description="classifier-free label drop-out")
-    seed: int = Field(0, description="seed of training and sampling")
     warmup_steps: int = Field(0, ge=0, description="linear learning-rate warm-up steps (0: constant lr)")
     grad_clip: float = Field(0.0, ge=0, description="clip the gradient norm to this (0: no clipping)")
+    mixed_precision: Literal["auto", "bf16", "off"] = Field(
+        "auto", description="bf16 autocast in training: auto uses it on a GPU that supports bf16 (never on the "
+        "CPU), off trains in float32")
     max_nonfinite_steps: int = Field(10, ge=1, description="stop training after this many NaN/Inf losses in a row")
+    seed: int = Field(0, description="seed of the initial weights, of training and of sampling")
+
+    @classmethod
+    def from_settings(cls, settings: TrainOptions) -> TrainOptions:
+        """The core's knobs out of a server's, client's or simulation's settings (which include them all)."""
+        return cls.model_validate(settings.model_dump(include=set(cls.model_fields)))
+
+
+class TrainingFields(TrainOptions):
+    """Training settings the server, the client and the simulation share: the core's knobs and the batches."""
+
+    batch_size: int = Field(64, ge=1, description="training minibatch")
+    label_dropout: float = Field(0.1, ge=0, le=1, description="classifier-free label drop-out")
 
 
 class RuntimeFields(BaseModel):

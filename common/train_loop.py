@@ -16,16 +16,16 @@ import copy
 import logging
 import math
 import threading
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Generic, Literal, Protocol, TypeVar
+from typing import Any, Generic, Protocol, TypeVar
 
 import torch
 from diffusers.models import UNet2DModel
-from pydantic import BaseModel, Field
 
 from collafuse.common.diffusion import Denoiser
 from collafuse.common.models import as_denoiser
+from collafuse.common.settings import TrainOptions
 
 log = logging.getLogger(__name__)
 
@@ -46,27 +46,6 @@ BatchSource = Callable[[torch.Generator], B]
 
 class NonFiniteLoss(RuntimeError):
     """Too many consecutive steps had a NaN or Inf loss: training stopped instead of drifting."""
-
-
-class TrainOptions(BaseModel):
-    """The knobs of the core; the server's and the client's settings fill them."""
-
-    lr: float = Field(2e-3, gt=0, description="AdamW learning rate (after the warm-up)")
-    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay")
-    ema_decay: float = Field(0.995, ge=0, lt=1, description="EMA decay of the sampling model")
-    warmup_steps: int = Field(0, ge=0, description="linear learning-rate warm-up steps (0: constant lr)")
-    grad_clip: float = Field(0.0, ge=0, description="clip the gradient norm to this (0: no clipping)")
-    mixed_precision: Literal["auto", "bf16", "off"] = Field(
-        "auto", description="bf16 autocast: auto uses it on a GPU that supports bf16, never on the CPU"
-    )
-    max_nonfinite_steps: int = Field(10, ge=1, description="stop after this many NaN/Inf losses in a row")
-    seed: int = Field(0, description="seed of the initial weights and of every training draw")
-
-    @classmethod
-    def from_settings(cls, settings: BaseModel) -> TrainOptions:
-        """The knobs a server's or client's settings name (by the same field name); the rest keep their defaults."""
-        names = set(cls.model_fields) & set(type(settings).model_fields)
-        return cls(**{name: getattr(settings, name) for name in names})
 
 
 class Ema(Generic[M]):
@@ -117,10 +96,12 @@ def autocast_dtype(device: torch.device, mode: str) -> torch.dtype | None:
 
 @dataclass(frozen=True)
 class StepResult:
-    """One call of ``TrainCore.train_step``: ``loss`` is None when the step was skipped (non-finite)."""
+    """One call of ``TrainCore.train_step``: ``loss`` is None when the step was skipped (non-finite), or
+    ``held`` when another training path had the weights frozen (nothing was drawn)."""
 
     step: int
     loss: float | None
+    held: bool = False
 
 
 class TrainCore:
@@ -161,6 +142,9 @@ class TrainCore:
         # both update this one model, and a copy of the weights must never see a half-applied step.
         self.model_lock = threading.RLock()
         self._reduce_loss: Callable[[torch.Tensor], torch.Tensor] = lambda loss: loss
+        # True while another training path (a split round, server/protocols/split_rounds.py) needs the weights as
+        # they are; checked under model_lock, so it must not block.
+        self.frozen: Callable[[], bool] = lambda: False
 
     def replicate(
         self, wrap: Callable[[torch.nn.Module], torch.nn.Module], reduce_loss: Callable[[torch.Tensor], torch.Tensor]
@@ -186,6 +170,8 @@ class TrainCore:
             return self._train_step(batches, loss_fn)
 
     def _train_step(self, batches: BatchSource[B], loss_fn: Loss[B]) -> StepResult:
+        if self.frozen():
+            return StepResult(self.step, None, held=True)
         batch = batches(self.generator)
         with self._autocast():
             loss = loss_fn(self.net, batch, self.generator)
@@ -249,6 +235,8 @@ class TrainCore:
         """
         while (until <= 0 or self.step < until) and keep_going():
             result = self.train_step(batches, loss_fn)
+            if result.held:
+                return
             if on_step is not None:
                 on_step(result)
             if (
@@ -279,8 +267,3 @@ class TrainCore:
         self.losses = [(int(s), float(v)) for s, v in state.get("losses", [])]
         self.nonfinite_in_row = int(state.get("nonfinite_in_row", 0))
         self.skipped_steps = int(state.get("skipped_steps", 0))
-
-    @contextlib.contextmanager
-    def locked(self) -> Iterator[None]:
-        with self._lock:
-            yield

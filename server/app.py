@@ -29,7 +29,7 @@ from collafuse.server.auth import Authenticator, AuthInterceptor
 from collafuse.server.errors import PortInUse, StartupError, StoreError
 from collafuse.server.limits import check_request, max_request_bytes
 from collafuse.server.observability import ServerMetrics
-from collafuse.server.protocols.split import SplitProtocol
+from collafuse.server.protocols import build_protocols, store_tables
 from collafuse.server.sampler import Sampler, SamplingLimits
 from collafuse.server.servicer import DEFAULT_CHUNK_BYTES, CollaFuseServicer
 from collafuse.server.store import ReleaseStore
@@ -132,6 +132,7 @@ def build_server(
     chunk_bytes: int = DEFAULT_CHUNK_BYTES,
     poll_interval: float = 0.5,
     log_every: int = 50,
+    data_parallel: int = 1,
 ) -> CollaFuseServer:
     """Start a server for ``settings``; raises StartupError (PortInUse, FingerprintMismatch, ...) on bad set-ups."""
     # Nothing in CollaFuse may reach a model hub at run time.
@@ -144,7 +145,7 @@ def build_server(
         device = resolve_device(settings.device)
     except RuntimeError as exc:
         raise StartupError(str(exc)) from exc
-    image_shape = (settings.channels, settings.image_size, settings.image_size)
+    image_shape = settings.image_shape
     schedule = settings.schedule()
     fingerprint = schedule_fingerprint(schedule, image_shape, list(settings.classes))
     if settings.port and _port_taken(settings.host, settings.port):  # fail fast, before loading a checkpoint
@@ -157,7 +158,7 @@ def build_server(
                                                 settings.operators)
     store_lock = _lock_store(Path(settings.store))
     try:
-        store = ReleaseStore(settings.store)
+        store = ReleaseStore(settings.store, store_tables())
     except BaseException:
         store_lock.close()
         raise
@@ -165,15 +166,22 @@ def build_server(
     metrics: ServerMetrics | None = None
     try:
         store.bind_fingerprint(fingerprint)
+        # The protocols this server speaks, built once: the servicer hands them requests, the trainer learns
+        # from them, and those that step the model themselves (split rounds) are attached to its core.
+        protocols = build_protocols(settings, store, data_parallel)
         try:
-            trainer = Trainer(settings, store, fingerprint, device=device, poll_interval=poll_interval, log_every=log_every)
+            trainer = Trainer(settings, store, fingerprint, protocols, device=device, poll_interval=poll_interval,
+                              log_every=log_every)
         except ValueError as exc:  # e.g. an image size the model preset cannot take
             raise StartupError(str(exc)) from exc
+        for protocol in protocols.values():
+            protocol.attach(trainer.core, trainer.max_steps, trainer.after_external_step)
         limits = SamplingLimits.from_settings(settings, **({"max_batch": sample_batch} if sample_batch else {}))
         sampler = Sampler(schedule, image_shape, trainer.ema_snapshot, device, limits)
         transcript = TranscriptInterceptor(settings.transcript)
         servicer = CollaFuseServicer(
-            settings, store, trainer, sampler, fingerprint, traffic=transcript.traffic, chunk_bytes=chunk_bytes
+            settings, store, trainer, sampler, fingerprint, protocols, traffic=transcript.traffic,
+            chunk_bytes=chunk_bytes, data_parallel=data_parallel,
         )
         # Outermost first: auth (a denied call is counted, never parsed or recorded), then the guard
         # (undecodable or over-limit messages -> INVALID_ARGUMENT), then the transcript of what was admitted.
@@ -181,9 +189,7 @@ def build_server(
         if authenticator is not None:
             interceptors.insert(0, AuthInterceptor(authenticator))
         if settings.metrics_port:
-            split = servicer.protocols.get(collafuse_pb2.PROTOCOL_SPLIT)
-            metrics = ServerMetrics(trainer, store, sampler, transcript.traffic,
-                                    (lambda: split.merger) if isinstance(split, SplitProtocol) else None)
+            metrics = ServerMetrics(trainer, store, sampler, transcript.traffic, list(protocols.values()))
             interceptors = metrics.instrument(interceptors)
         server = grpc.server(
             # Every admitted Sample call holds a thread while it waits: they get their own, on top of max_workers.

@@ -1,6 +1,6 @@
 """Who is calling, and what it may do: per-client tokens, mutual-TLS identities, one interceptor.
 
-Credentials (DESIGN 2, "each participant acts only as itself"):
+Credentials (docs/design.md §7, "each participant acts only as itself"):
 
 - ``--tokens FILE``: one line per client, ``<client-id> <hash>``; ``collafuse-token`` makes a
   token and appends its hash. A token is ``<client-id>.<secret>``, so the server finds the entry
@@ -395,7 +395,7 @@ def sample_scope_error(
     record: ClientRecord, labels: Sequence[int], cut: int, served: Sequence[str], clients: Sequence[ClientRecord],
     counts: Mapping[str, int],
 ) -> str | None:
-    """Why a Sample request reaches beyond the caller's registration, or None (DESIGN 2).
+    """Why a Sample request reaches beyond the caller's registration, or None (docs/design.md §7).
 
     Only the registered classes (the null label, an unconditional sample of every class, only for a
     client that registered all of them), at the registered cut or at a cut the server has trained:

@@ -54,7 +54,7 @@ def serve(argv: Sequence[str] | None = None) -> int:
         stop.set()
 
     previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
-    server = build_server(settings, start_trainer=not world.distributed)
+    server = build_server(settings, start_trainer=not world.distributed, data_parallel=world.size)
     try:
         if world.distributed:
             distributed.lead(server.trainer, world)

@@ -32,7 +32,8 @@ from collafuse.common import checkpoint
 from collafuse.common.config import ServerSettings
 from collafuse.common.models import build_unet, null_label
 from collafuse.common.runtime import resolve_device
-from collafuse.common.train_loop import TrainCore, TrainOptions, seeded
+from collafuse.common.settings import TrainOptions
+from collafuse.common.train_loop import TrainCore, seeded
 from collafuse.server.errors import StartupError
 from collafuse.server.protocols.ambient import AmbientSource, Partition, ReleaseRows, ambient_source
 from collafuse.server.protocols.base import TrainingSource
@@ -298,6 +299,6 @@ def build_core(settings: ServerSettings, device: torch.device) -> TrainCore:
     saved = checkpoint.load(settings.store / CHECKPOINTS, device)
     if saved is not None:
         return checkpoint.resume_core(saved, options, device)
-    shape = (settings.channels, settings.image_size, settings.image_size)
+    shape = settings.image_shape
     return TrainCore(seeded(settings.seed, lambda: build_unet(settings.model_preset, shape, len(settings.classes))),
                      options, device)

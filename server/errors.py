@@ -27,7 +27,7 @@ class StoreError(StartupError):
 
 
 class RequestRefused(Exception):
-    """A request a handler refuses: the servicer answers it with ``code`` and ``message`` (DESIGN 3)."""
+    """A request a handler refuses: the servicer answers it with ``code`` and ``message`` (docs/design.md §8)."""
 
     def __init__(self, code: grpc.StatusCode, message: str, retry_after_s: float | None = None) -> None:
         super().__init__(message)

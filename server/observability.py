@@ -32,7 +32,7 @@ from collafuse.server.auth import AuthInterceptor
 from collafuse.server.errors import PortInUse, StartupError
 
 if TYPE_CHECKING:
-    from collafuse.server.protocols.split_merge import ForwardMerger
+    from collafuse.server.protocols.base import ServerProtocol
     from collafuse.server.sampler import Sampler
     from collafuse.server.store import ReleaseStore
     from collafuse.server.trainer import Trainer
@@ -182,12 +182,12 @@ class _ServerCollector:
     """Reads the trainer, store, sampler and interceptors when Prometheus scrapes."""
 
     def __init__(self, trainer: Trainer, store: ReleaseStore, sampler: Sampler, traffic: Traffic | None,
-                 split_merger: Callable[[], ForwardMerger | None] | None = None) -> None:
+                 protocols: Sequence[ServerProtocol] = ()) -> None:
         self._trainer = trainer
         self._store = store
         self._sampler = sampler
         self._traffic = traffic
-        self._split_merger = split_merger
+        self._protocols = list(protocols)
         self.auth: AuthInterceptor | None = None
 
     def collect(self) -> Iterator[Metric]:
@@ -218,13 +218,8 @@ class _ServerCollector:
             received, sent = self._traffic()
             yield CounterMetricFamily("collafuse_received_bytes", "request payload bytes received", received)
             yield CounterMetricFamily("collafuse_sent_bytes", "response payload bytes sent", sent)
-        merger = self._split_merger() if self._split_merger is not None else None
-        if merger is not None:
-            yield CounterMetricFamily("collafuse_split_forwards", "SplitForward calls answered", merger.forwards)
-            yield CounterMetricFamily("collafuse_split_forwards_merged", "SplitForward calls that rode in another "
-                                      "client's model call (cross-client batching)", merger.merged)
-            yield CounterMetricFamily("collafuse_split_forward_model_calls", "model calls that answered "
-                                      "SplitForward calls", merger.calls)
+        for protocol in self._protocols:  # each protocol's own counters (split rounds, merged forwards)
+            yield from protocol.metrics()
         if self.auth is not None:
             yield CounterMetricFamily("collafuse_auth_denied", "calls refused for no or a wrong token "
                                       "(before any other interceptor sees them)", self.auth.denied)
@@ -234,11 +229,11 @@ class ServerMetrics:
     """The registry of one server, its RPC interceptor, and the HTTP endpoint once ``serve`` is called."""
 
     def __init__(self, trainer: Trainer, store: ReleaseStore, sampler: Sampler, traffic: Traffic | None = None,
-                 split_merger: Callable[[], ForwardMerger | None] | None = None) -> None:
+                 protocols: Sequence[ServerProtocol] = ()) -> None:
         self.registry = CollectorRegistry()
         ProcessCollector(registry=self.registry)
         self.interceptor = RpcMetricsInterceptor(self.registry)
-        self._collector = _ServerCollector(trainer, store, sampler, traffic, split_merger)
+        self._collector = _ServerCollector(trainer, store, sampler, traffic, protocols)
         self.registry.register(self._collector)
         self._http: tuple[WSGIServer, threading.Thread] | None = None
 

@@ -1,4 +1,4 @@
-"""The server half of collaborative sampling (DESIGN 1c): a bounded, fair queue and cross-client batching.
+"""The server half of collaborative sampling (docs/design.md §5): a bounded, fair queue and cross-client batching.
 
 A request's chain is built once (``Sampler.plan``) and its images are cut into pieces of at
 most ``max_batch``. ``Sampler.submit`` admits a request or refuses it (``QueueFull``, with a
@@ -61,16 +61,21 @@ class QueueFull(Exception):
         self.retry_after_s = retry_after_s
 
 
+def _default(name: str) -> Any:
+    return ServerSettings.model_fields[name].default
+
+
 @dataclass(frozen=True)
 class SamplingLimits:
     """How much sampling work the server admits and how it runs it (ServerSettings.sample_*)."""
 
-    workers: int = 1
-    per_client: int = 4
-    total: int = 32
-    max_batch: int = 256
-    max_wait_s: float = 0.005
-    cross_client: bool = True
+    # Defaults are the server settings' (declared once, in common/config.py).
+    workers: int = _default("sample_workers")
+    per_client: int = _default("sample_queue_per_client")
+    total: int = _default("sample_queue_total")
+    max_batch: int = _default("sample_max_batch")
+    max_wait_s: float = _default("sample_max_wait_ms") / 1000
+    cross_client: bool = _default("sample_cross_client")
 
     @classmethod
     def from_settings(cls, settings: ServerSettings, **overrides: Any) -> SamplingLimits:

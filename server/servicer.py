@@ -1,7 +1,7 @@
 """The CollaFuse gRPC service: registration, release uploads, forgetting, status and sampling.
 
 Every handler validates its input and answers problems with the status code of
-DESIGN 3 and a message a person can act on (``context.abort``).
+docs/design.md §8 and a message a person can act on (``context.abort``).
 """
 
 from __future__ import annotations
@@ -14,14 +14,12 @@ from collections.abc import Callable, Iterator
 import grpc
 
 from collafuse.common.config import ServerSettings
-from collafuse.common.enums import protocol_name, protocol_value
+from collafuse.common.enums import protocol_name
 from collafuse.common.rpc import CHUNK_BYTES
 from collafuse.common.schedule import validate_cut
-from collafuse.common.train_loop import StepResult
 from collafuse.server.auth import caller, sample_scope_error
 from collafuse.server.errors import RequestRefused, abort, refuse
-from collafuse.server.protocols import ServerProtocol, build_protocols
-from collafuse.server.protocols.split import SplitEngine, SplitProtocol
+from collafuse.server.protocols import ServerProtocol
 from collafuse.server.sampler import QueueFull, SampleCancelled, Sampler
 from collafuse.server.sampling_rpc import (
     InvalidSample,
@@ -53,9 +51,11 @@ class CollaFuseServicer(collafuse_pb2_grpc.CollaFuseServicer):
         trainer: Trainer,
         sampler: Sampler,
         fingerprint: str,
+        protocols: dict[int, ServerProtocol],
         *,
         traffic: Callable[[], tuple[int, int]] | None = None,
         chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+        data_parallel: int = 1,
     ) -> None:
         self.settings = settings
         self.store = store
@@ -65,14 +65,15 @@ class CollaFuseServicer(collafuse_pb2_grpc.CollaFuseServicer):
         self.schedule = settings.schedule()
         self.T = self.schedule.num_train_timesteps
         self.classes = list(settings.classes)
-        self.image_shape = (settings.channels, settings.image_size, settings.image_size)
+        self.image_shape = settings.image_shape
         self.chunk_bytes = max(1, chunk_bytes)
         self._traffic = traffic or (lambda: (0, 0))
         self._shutting_down = threading.Event()
         # Serialises Register against itself so two racing registrations of one client see each other.
         self._register_lock = threading.Lock()
-        # The protocols this server speaks, by wire value (server/protocols).
-        self.protocols: dict[int, ServerProtocol] = build_protocols(settings, store)
+        # The protocols this server speaks, by wire value (built once in app.py, shared with the trainer).
+        self.protocols = protocols
+        self.data_parallel = data_parallel
 
     def begin_shutdown(self) -> None:
         self._shutting_down.set()
@@ -127,9 +128,11 @@ class CollaFuseServicer(collafuse_pb2_grpc.CollaFuseServicer):
         client_id = self._client_id(request.client_id, context)
         if request.protocol not in self.protocols:
             spoken = ", ".join(protocol_name(p) for p in self.protocols)
+            why = (f" (it trains data-parallel on {self.data_parallel} ranks, and split rounds need a single-process "
+                   "server)" if self.data_parallel > 1 else "")
             abort(
                 context, Code.INVALID_ARGUMENT,
-                f"protocol {protocol_name(request.protocol)!r} is not supported: this server speaks {spoken}",
+                f"protocol {protocol_name(request.protocol)!r} is not supported: this server speaks {spoken}{why}",
             )
         cut = self._cut(request.cut, context)
         unknown = [c for c in request.class_names if c not in self.classes]
@@ -165,9 +168,7 @@ class CollaFuseServicer(collafuse_pb2_grpc.CollaFuseServicer):
                     f"client {client_id!r} has {held} releases stored at cut {existing.cut}; registering at cut {cut} "
                     "would mix noise levels of the same images: run forget first (it deletes them), then register again",
                 )
-            self.store.register_client(
-                client_id, cut, protocol_name(request.protocol), list(request.class_names), self.fingerprint
-            )
+            self.store.register_client(client_id, cut, request.protocol, list(request.class_names), self.fingerprint)
         if cut == 0:
             log.warning(
                 "client %s registered with cut 0 (global-model baseline): its releases are its RAW IMAGES, not private",
@@ -236,14 +237,14 @@ class CollaFuseServicer(collafuse_pb2_grpc.CollaFuseServicer):
         return collafuse_pb2.ReleaseAck(stored=outcome.stored, duplicates=outcome.duplicates, total_for_client=total)
 
     def _protocol_of(self, client: ClientRecord, context: grpc.ServicerContext) -> ServerProtocol:
-        for protocol in self.protocols.values():
-            if protocol.name == client.protocol:
-                return protocol
-        abort(
-            context, Code.FAILED_PRECONDITION,
-            f"client {client.client_id[:64]!r} registered protocol {client.protocol!r}, which this server no longer "
-            "speaks: register again with a supported protocol",
-        )
+        protocol = self.protocols.get(client.protocol)
+        if protocol is None:
+            abort(
+                context, Code.FAILED_PRECONDITION,
+                f"client {client.client_id[:64]!r} registered protocol {protocol_name(client.protocol)!r}, which this "
+                "server no longer speaks: register again with a supported protocol",
+            )
+        return protocol
 
     def Forget(self, request: collafuse_pb2.ForgetRequest, context: grpc.ServicerContext) -> collafuse_pb2.ForgetReply:
         self._check_serving(context)
@@ -262,7 +263,7 @@ class CollaFuseServicer(collafuse_pb2_grpc.CollaFuseServicer):
             trainer=self._trainer_state(),
             clients=[
                 collafuse_pb2.ClientStatus(
-                    client_id=c.client_id, cut=c.cut, protocol=_protocol_wire(c.protocol),
+                    client_id=c.client_id, cut=c.cut, protocol=c.protocol,
                     releases=counts.get(c.client_id, 0), last_seen=c.last_seen,
                 )
                 for c in self.store.clients()
@@ -310,34 +311,24 @@ class CollaFuseServicer(collafuse_pb2_grpc.CollaFuseServicer):
             abort(context, Code.INTERNAL, f"sampling failed on the server: {exc}")
         yield from handoff_chunks(handoff, self.chunk_bytes)
 
-    # ---- the split protocol (DESIGN 1b): validation and the engine live in server/protocols/split.py ----
-    def _split(self, client_id: str, context: grpc.ServicerContext, what: str) -> tuple[SplitProtocol, SplitEngine, ClientRecord]:
-        self._check_serving(context)
-        client = self._registered(self._client_id(client_id, context), context, what)
-        protocol = self.protocols.get(collafuse_pb2.PROTOCOL_SPLIT)
-        if not isinstance(protocol, SplitProtocol):
-            abort(context, Code.FAILED_PRECONDITION, "this server does not speak the split protocol")
-        engine = protocol.engine(self.trainer.core, self.trainer.max_steps, self._after_split_step)
-        return protocol, engine, client
-
-    def _after_split_step(self, result: StepResult) -> None:
-        # Split steps are steps of the trainer's core: they checkpoint on the same schedule.
-        if result.step % self.settings.checkpoint_every == 0:
-            self.trainer.save_checkpoint()
-
+    # ---- the split protocol: the client's registered protocol answers (server/protocols) ----------------
     def SplitForward(self, request: collafuse_pb2.SplitForwardRequest, context: grpc.ServicerContext) -> collafuse_pb2.SplitForwardReply:
-        protocol, engine, client = self._split(request.client_id, context, "SplitForward")
+        self._check_serving(context)
+        client = self._registered(self._client_id(request.client_id, context), context, "SplitForward")
+        protocol = self._protocol_of(client, context)
         try:
-            reply = protocol.forward(engine, request, client, self._label_error)
+            reply = protocol.split_forward(request, client, self._label_error)
         except RequestRefused as exc:
             refuse(context, exc)
         self.store.touch(client.client_id)
         return reply
 
     def SplitBackward(self, request: collafuse_pb2.SplitBackwardRequest, context: grpc.ServicerContext) -> collafuse_pb2.SplitBackwardReply:
-        protocol, engine, client = self._split(request.client_id, context, "SplitBackward")
+        self._check_serving(context)
+        client = self._registered(self._client_id(request.client_id, context), context, "SplitBackward")
+        protocol = self._protocol_of(client, context)
         try:
-            return protocol.backward(engine, request, client)
+            return protocol.split_backward(request, client)
         except RequestRefused as exc:
             refuse(context, exc)
 
@@ -353,11 +344,3 @@ def _trainer_message(state: TrainerState) -> collafuse_pb2.TrainerState:
         error=state.error or "",
         skipped_steps=state.skipped_steps,
     )
-
-
-def _protocol_wire(name: str) -> collafuse_pb2.Protocol:
-    """The stored protocol name as the wire's enum (UNSPECIFIED for a name this build does not know)."""
-    try:
-        return protocol_value(name)
-    except ValueError:
-        return collafuse_pb2.PROTOCOL_UNSPECIFIED

@@ -23,7 +23,9 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+from collafuse.common.enums import protocol_value
 from collafuse.server.errors import FingerprintMismatch, StoreError
+from collafuse.v1 import collafuse_pb2
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +39,7 @@ CREATE TABLE IF NOT EXISTS meta (
 CREATE TABLE IF NOT EXISTS clients (
     client_id TEXT PRIMARY KEY,
     cut INTEGER NOT NULL,
-    protocol TEXT NOT NULL,
+    protocol INTEGER NOT NULL,  -- the wire's Protocol value (stores before it hold the short name)
     class_names TEXT NOT NULL,
     fingerprint TEXT NOT NULL,
     registered_at REAL NOT NULL,
@@ -59,7 +61,7 @@ class TableSpec:
 class ClientRecord:
     client_id: str
     cut: int
-    protocol: str
+    protocol: int  # the wire's Protocol value
     class_names: list[str]
     fingerprint: str
     registered_at: float
@@ -69,14 +71,10 @@ class ClientRecord:
 class ReleaseStore:
     """Thread-safe: one connection, every access under one lock (SQLite serialises writers anyway).
 
-    ``tables`` are the protocols' own tables; by default those of every protocol this server speaks.
+    ``tables`` are the protocols' own tables (``server.protocols.store_tables()``: every protocol's).
     """
 
-    def __init__(self, root: Path, tables: Sequence[TableSpec] | None = None) -> None:
-        if tables is None:
-            from collafuse.server.protocols import store_tables  # the protocols import this module
-
-            tables = store_tables()
+    def __init__(self, root: Path, tables: Sequence[TableSpec]) -> None:
         self.tables = tuple(tables)
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
@@ -157,7 +155,7 @@ class ReleaseStore:
 
     # ---- clients --------------------------------------------------------------------------
     def register_client(
-        self, client_id: str, cut: int, protocol: str, class_names: Sequence[str], fingerprint: str
+        self, client_id: str, cut: int, protocol: int, class_names: Sequence[str], fingerprint: str
     ) -> ClientRecord:
         """Insert or update a registration; ``registered_at`` of an existing client is kept."""
         now = time.time()
@@ -167,7 +165,7 @@ class ReleaseStore:
                 "VALUES (?, ?, ?, ?, ?, ?, ?) "
                 "ON CONFLICT(client_id) DO UPDATE SET cut = excluded.cut, protocol = excluded.protocol, "
                 "class_names = excluded.class_names, fingerprint = excluded.fingerprint, last_seen = excluded.last_seen",
-                (client_id, int(cut), protocol, json.dumps(list(class_names)), fingerprint, now, now),
+                (client_id, int(cut), int(protocol), json.dumps(list(class_names)), fingerprint, now, now),
             )
         record = self.get_client(client_id)
         assert record is not None
@@ -254,11 +252,23 @@ class ReleaseStore:
             self.bump(conn, "release_conflicts", n)
 
 
+def _protocol(stored: int | str) -> int:
+    """The stored protocol as its wire value: stores written before the value was kept hold the short name
+    ("ambient"), and a TEXT column returns a number as text."""
+    text = str(stored)
+    if text.isdigit():
+        return int(text)
+    try:
+        return protocol_value(text)
+    except ValueError:
+        return collafuse_pb2.PROTOCOL_UNSPECIFIED
+
+
 def _client(row: tuple) -> ClientRecord:  # type: ignore[type-arg]
     return ClientRecord(
         client_id=str(row[0]),
         cut=int(row[1]),
-        protocol=str(row[2]),
+        protocol=_protocol(row[2]),
         class_names=list(json.loads(row[3])),
         fingerprint=str(row[4]),
         registered_at=float(row[5]),

@@ -1,7 +1,7 @@
 """The background trainer of the shared server denoiser: threading, store polling and phases around the
 training core (``common.train_loop``), which does the steps, and ``common.checkpoint``, which saves them.
 
-What it learns from comes from the protocol (``server/protocols``): for ambient (DESIGN 1a) minibatches
+What it learns from comes from the protocol (``server/protocols``): for ambient (docs/design.md §2) minibatches
 drawn uniformly from every client's stored releases, each re-noised from its own client's cut, with
 classifier-free label drop-out. Checkpoints are written atomically into ``<store>/checkpoints/latest``
 and training resumes from there bit-identically.
@@ -13,7 +13,7 @@ import copy
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,9 +27,10 @@ from collafuse.common.enums import Phase, phase_name
 from collafuse.common.files import write_json_atomic
 from collafuse.common.models import build_unet, null_label
 from collafuse.common.runtime import resolve_device
-from collafuse.common.train_loop import StepResult, TrainCore, TrainOptions, seeded
+from collafuse.common.settings import TrainOptions
+from collafuse.common.train_loop import StepResult, TrainCore, seeded
 from collafuse.server.errors import FingerprintMismatch, StartupError
-from collafuse.server.protocols import REGISTRY, TRAINING, TrainingSource
+from collafuse.server.protocols import TRAINING, ServerProtocol, TrainingSource, build_protocols
 from collafuse.server.store import ReleaseStore
 from collafuse.v1 import collafuse_pb2
 
@@ -37,6 +38,8 @@ log = logging.getLogger(__name__)
 
 CHECKPOINTS = "checkpoints"
 METRICS_FILE = "metrics.json"
+# How often a trainer held off by a split round looks again.
+HELD_POLL_S = 0.01
 
 
 @dataclass(frozen=True)
@@ -60,6 +63,7 @@ class Trainer:
         settings: ServerSettings,
         store: ReleaseStore,
         fingerprint: str,
+        protocols: Mapping[int, ServerProtocol] | None = None,
         *,
         device: torch.device | None = None,
         poll_interval: float = 0.5,
@@ -69,7 +73,7 @@ class Trainer:
         self.settings = settings
         self.store = store
         self.fingerprint = fingerprint
-        self.image_shape = (settings.channels, settings.image_size, settings.image_size)
+        self.image_shape = settings.image_shape
         self.classes = list(settings.classes)
         self.device = device if device is not None else resolve_device(settings.device)
         self.schedule = settings.schedule()
@@ -97,11 +101,16 @@ class Trainer:
             seeded(settings.seed, lambda: build_unet(settings.model_preset, self.image_shape, len(self.classes))),
             self.options, self.device, lock=self._lock,
         )
+        # The server's protocols (shared with the servicer): one gives the background trainer its data, and any
+        # may hold the weights still for a while (a split round in progress).
+        self.protocols = list((protocols or build_protocols(settings, store)).values())
         if source is None:
-            source = REGISTRY[TRAINING](settings, store).training_source(self.device, null_label(self.core.model))
+            trains = next(p for p in self.protocols if p.wire == TRAINING)
+            source = trains.training_source(self.device, null_label(self.core.model))
         if source is None:
             raise StartupError("the server's protocol has no training source")
         self.source: TrainingSource[Any] = source
+        self.core.frozen = self._frozen  # checked under the model lock before every ambient step
         self._training_started = self.core.step > 0
         # Runs when the training thread ends (data-parallel training releases the other ranks).
         self.on_exit: Callable[[], None] | None = None
@@ -114,10 +123,6 @@ class Trainer:
     @property
     def ema(self) -> Any:
         return self.core.ema
-
-    @property
-    def optimizer(self) -> torch.optim.Optimizer:
-        return self.core.optimizer
 
     # ---- public ---------------------------------------------------------------------------
     def start(self) -> None:
@@ -155,11 +160,6 @@ class Trainer:
                 skipped_steps=self.core.skipped_steps,
             )
 
-    @property
-    def loss_history(self) -> list[tuple[int, float]]:
-        with self._lock:
-            return list(self.core.losses)
-
     def ema_snapshot(self) -> tuple[int, UNet2DModel]:
         """(step, a frozen copy of the EMA model): consistent for a whole sampling request.
 
@@ -196,6 +196,8 @@ class Trainer:
                     self._set_phase(Phase.PHASE_DONE)
                     self._done.set()
                     return
+                if self._held():
+                    continue
                 if not self._ready(started):
                     self._set_phase(Phase.PHASE_WAITING)
                     self._stop.wait(self.poll_interval)
@@ -206,7 +208,9 @@ class Trainer:
                 self._tic = time.monotonic()
                 self.core.run(
                     self.source.batch, self.source.loss, until=self.max_steps,
-                    keep_going=lambda v=version: not self._stop.is_set() and self.store.version == v,  # type: ignore[misc]
+                    keep_going=lambda v=version: (  # type: ignore[misc]
+                        not self._stop.is_set() and self.store.version == v and not self._held()
+                    ),
                     checkpoint=self.save_checkpoint, checkpoint_every=self.settings.checkpoint_every,
                     on_step=self._after_step,
                 )
@@ -220,6 +224,21 @@ class Trainer:
                 self._set_phase(Phase.PHASE_IDLE)
             if self.on_exit is not None:
                 self.on_exit()
+
+    def _frozen(self) -> bool:
+        """A protocol holds the weights as they are (a split round is open): no ambient step now."""
+        return any(p.frozen() for p in self.protocols)
+
+    def _held(self) -> bool:
+        """Wait a moment while the weights are frozen; True if they still are."""
+        if self._frozen():
+            self._stop.wait(HELD_POLL_S)
+        return self._frozen()
+
+    def after_external_step(self, result: StepResult) -> None:
+        """A step a protocol applied itself (a split round): checkpointed on the trainer's schedule."""
+        if result.step % self.settings.checkpoint_every == 0:
+            self.save_checkpoint()
 
     def _ready(self, started: float) -> bool:
         """Take in new releases; decide whether there is enough to train on."""

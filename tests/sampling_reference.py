@@ -1,4 +1,4 @@
-"""An independent reference for collaborative sampling (DESIGN 1c): ONE plain loop over the chain.
+"""An independent reference for collaborative sampling (docs/design.md §5): ONE plain loop over the chain.
 
 It shares no helper with ``collafuse.common.sampling`` (the code it checks): the
 scheduler is built here from diffusers' own classes, the models are called as plain
@@ -19,7 +19,7 @@ from diffusers.models import UNet2DModel
 from diffusers.schedulers.scheduling_ddim import DDIMScheduler
 from diffusers.schedulers.scheduling_ddpm import DDPMScheduler
 
-# DESIGN 1: linear betas 1e-4..0.02; num_train_timesteps is given per test.
+# docs/design.md §1: linear betas 1e-4..0.02; num_train_timesteps is given per test.
 LINEAR = {"beta_start": 1e-4, "beta_end": 0.02, "beta_schedule": "linear"}
 
 

@@ -48,7 +48,8 @@ def tiny_settings(store: Path, **overrides: Any) -> ServerSettings:
 
 def start(store: Path, **kwargs: Any) -> CollaFuseServer:
     """An in-process server; ``kwargs`` go to build_server when they are its knobs, else to the settings."""
-    knobs = {k: kwargs.pop(k) for k in list(kwargs) if k in ("start_trainer", "sample_batch", "chunk_bytes", "poll_interval")}
+    knobs = {k: kwargs.pop(k) for k in list(kwargs) if k in ("start_trainer", "sample_batch", "chunk_bytes", "poll_interval",
+                                                                "data_parallel")}
     knobs.setdefault("poll_interval", 0.05)
     return build_server(tiny_settings(store, **kwargs), **knobs)
 

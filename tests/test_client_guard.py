@@ -1,4 +1,4 @@
-"""The client protects itself from a curious server (issue 8, DESIGN 2): one test per attack.
+"""The client protects itself from a curious server (issue 8, docs/design.md §7): one test per attack.
 
 Each test runs the attack against a deliberately misbehaving server (``CuriousServicer``:
 it keeps every payload it is sent, ignores Forget, can fail a Release after storing it, and

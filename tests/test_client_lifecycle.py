@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+from typing import Any
 
 import numpy as np
 import pytest
@@ -12,7 +13,7 @@ from client_fake_server import FakeServer, FakeState, make_image_folder
 from sampling_reference import reference_sample, relative_difference
 
 from collafuse.client.errors import ClientError, LedgerRefusal, ServerFingerprintChanged
-from collafuse.client.lifecycle import ClientLifecycle, run_lifecycle
+from collafuse.client.lifecycle import ClientLifecycle
 from collafuse.client.local_data import map_labels
 from collafuse.client.trainer import model_dir
 from collafuse.common.config import ClientSettings
@@ -26,6 +27,11 @@ torch.set_num_threads(1)
 @pytest.fixture(autouse=True)
 def _offline(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+
+
+def run_lifecycle(settings: ClientSettings, **kwargs: Any) -> dict[str, Any]:
+    with ClientLifecycle(settings, **kwargs) as client:
+        return client.run()
 
 
 def _settings(tmp_path, target, **overrides) -> ClientSettings:  # type: ignore[no-untyped-def]

@@ -1,4 +1,4 @@
-"""The release and the ambient server loss (DESIGN 1a)."""
+"""The release and the ambient server loss (docs/design.md §2)."""
 
 from __future__ import annotations
 

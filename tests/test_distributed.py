@@ -23,6 +23,7 @@ from collafuse.common.rpc import open_channel
 from collafuse.server import distributed
 from collafuse.server.app import STOP_MARGIN_S
 from collafuse.server.cli import GRACE_S
+from collafuse.server.protocols import store_tables
 from collafuse.server.protocols.ambient import (
     NewRelease,
     Partition,
@@ -32,7 +33,7 @@ from collafuse.server.protocols.ambient import (
 )
 from collafuse.server.store import ReleaseStore
 from collafuse.server.trainer import Trainer
-from collafuse.v1 import collafuse_pb2_grpc
+from collafuse.v1 import collafuse_pb2, collafuse_pb2_grpc
 
 CPU = torch.device("cpu")
 STEPS = 3
@@ -41,9 +42,9 @@ SETTINGS: dict[str, Any] = {"max_steps": STEPS, "batch_size": 8, "checkpoint_eve
 
 def fill(root: Path) -> ReleaseStore:
     """The same releases of two clients at different cuts in every store made here."""
-    store = ReleaseStore(root)
+    store = ReleaseStore(root, store_tables())
     for client, cut, seed in (("alice", 10, 0), ("bob", 30, 1)):
-        store.register_client(client, cut, "ambient", ["a", "b", "c"], "fp")
+        store.register_client(client, cut, collafuse_pb2.PROTOCOL_AMBIENT, ["a", "b", "c"], "fp")
         gen = torch.Generator().manual_seed(seed)
         ReleaseTable(store).add(client, cut, [
             NewRelease.of(f"{client}{i}", i % 3, torch.randn((1, 8, 8), generator=gen)) for i in range(12)

@@ -1,4 +1,4 @@
-"""Image folders, the digits export and partitioning (DESIGN 5)."""
+"""Image folders, the digits export and partitioning (docs/design.md §9)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""FID with the standard Inception weights on real digits: checks that can fail (DESIGN 6, issue 3).
+"""FID with the standard Inception weights on real digits: checks that can fail (docs/design.md §10, issue 3).
 
 Inception runs at about 3 images/s per CPU thread, so the sets here are small (64 images
 each, 256 in all) and their features go to the feature cache (tests/conftest.py points it

@@ -1,4 +1,4 @@
-"""The ambient loss with clients at different cuts (DESIGN 1a, "mixed cuts"), and the pooled weighting.
+"""The ambient loss with clients at different cuts (docs/design.md §2, "mixed cuts"), and the pooled weighting.
 
 The toy: two equal-size clients with 1-D Gaussian data, A ~ N(-1.5, 0.25^2) at cut 0 and
 B ~ N(+1.5, 0.25^2) at cut 250, looked at t = 300 near x_t = 0. The pooled posterior E[eps | x_t]

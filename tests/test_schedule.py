@@ -1,4 +1,4 @@
-"""Schedule and cut arithmetic (DESIGN 1)."""
+"""Schedule and cut arithmetic (docs/design.md §1)."""
 
 from __future__ import annotations
 

@@ -11,8 +11,10 @@ import pytest
 import torch
 
 from collafuse.server.errors import FingerprintMismatch
+from collafuse.server.protocols import store_tables
 from collafuse.server.protocols.ambient import AmbientSource, NewRelease, ReleaseConflict, ReleaseTable
 from collafuse.server.store import ReleaseStore
+from collafuse.v1 import collafuse_pb2
 
 torch.set_num_threads(1)
 
@@ -27,9 +29,9 @@ def x_of(item: NewRelease) -> torch.Tensor:
 
 
 def test_add_is_idempotent_and_refuses_another_payload_under_a_key(tmp_path: Path) -> None:
-    store = ReleaseStore(tmp_path)
+    store = ReleaseStore(tmp_path, store_tables())
     table = ReleaseTable(store)
-    store.register_client("alice", 20, "ambient", ["a", "b", "c"], "fp")
+    store.register_client("alice", 20, collafuse_pb2.PROTOCOL_AMBIENT, ["a", "b", "c"], "fp")
     first = items(3)
     assert table.add("alice", 20, first) == (3, 0)
     version = store.version
@@ -55,9 +57,9 @@ def test_add_is_idempotent_and_refuses_another_payload_under_a_key(tmp_path: Pat
 
 
 def test_forget_removes_everything_of_one_client(tmp_path: Path) -> None:
-    store = ReleaseStore(tmp_path)
+    store = ReleaseStore(tmp_path, store_tables())
     for client, cut in (("alice", 10), ("bob", 30)):
-        store.register_client(client, cut, "ambient", ["a"], "fp")
+        store.register_client(client, cut, collafuse_pb2.PROTOCOL_AMBIENT, ["a"], "fp")
         ReleaseTable(store).add(client, cut, items(4, prefix=client))
     version, epoch = store.version, store.forget_epoch
     assert store.forget("alice") == 4
@@ -74,14 +76,14 @@ def test_forget_removes_everything_of_one_client(tmp_path: Path) -> None:
 
 
 def test_store_survives_a_restart(tmp_path: Path) -> None:
-    store = ReleaseStore(tmp_path)
+    store = ReleaseStore(tmp_path, store_tables())
     store.bind_fingerprint("fp")
-    record = store.register_client("alice", 20, "ambient", ["a", "b"], "fp")
+    record = store.register_client("alice", 20, collafuse_pb2.PROTOCOL_AMBIENT, ["a", "b"], "fp")
     ReleaseTable(store).add("alice", 20, items(5))
     before, server_id, version = ReleaseTable(store).load(), store.server_id, store.version
     store.close()
 
-    again = ReleaseStore(tmp_path)
+    again = ReleaseStore(tmp_path, store_tables())
     again.bind_fingerprint("fp")
     after = ReleaseTable(again).load()
     assert again.server_id == server_id and again.version == version
@@ -91,26 +93,26 @@ def test_store_survives_a_restart(tmp_path: Path) -> None:
     assert client.registered_at == record.registered_at
     assert ReleaseTable(again).add("alice", 20, items(5)) == (0, 5)
     # Re-registering keeps registered_at and updates the rest.
-    updated = again.register_client("alice", 20, "ambient", ["a"], "fp")
+    updated = again.register_client("alice", 20, collafuse_pb2.PROTOCOL_AMBIENT, ["a"], "fp")
     assert updated.registered_at == record.registered_at and updated.class_names == ["a"]
 
 
 def test_fingerprint_binding_refuses_foreign_releases(tmp_path: Path) -> None:
-    store = ReleaseStore(tmp_path)
+    store = ReleaseStore(tmp_path, store_tables())
     store.bind_fingerprint("one")
     store.bind_fingerprint("two")  # nothing stored yet: rebinding is harmless
-    store.register_client("alice", 20, "ambient", ["a"], "two")
+    store.register_client("alice", 20, collafuse_pb2.PROTOCOL_AMBIENT, ["a"], "two")
     ReleaseTable(store).add("alice", 20, items(1))
     with pytest.raises(FingerprintMismatch, match="fresh folder"):
         store.bind_fingerprint("three")
 
 
 def test_concurrent_uploads(tmp_path: Path) -> None:
-    store = ReleaseStore(tmp_path)
+    store = ReleaseStore(tmp_path, store_tables())
     results: list[tuple[int, int]] = []
 
     def upload(client: str) -> None:
-        store.register_client(client, 20, "ambient", ["a"], "fp")
+        store.register_client(client, 20, collafuse_pb2.PROTOCOL_AMBIENT, ["a"], "fp")
         for batch in range(3):
             results.append(ReleaseTable(store).add(client, 20, items(4, prefix=f"{client}-{batch}-")))
 
@@ -124,7 +126,7 @@ def test_concurrent_uploads(tmp_path: Path) -> None:
 
 
 def test_incremental_loading_equals_a_full_reload_and_reflects_forget(tmp_path: Path) -> None:
-    store = ReleaseStore(tmp_path)
+    store = ReleaseStore(tmp_path, store_tables())
     table = ReleaseTable(store)
     alphas_cumprod = torch.linspace(1.0, 0.1, 51)
     incremental, full = (
@@ -140,7 +142,7 @@ def test_incremental_loading_equals_a_full_reload_and_reflects_forget(tmp_path: 
         assert torch.equal(incremental.cuts, full.cuts) and incremental.client_ids == full.client_ids
 
     for k, (client, cut) in enumerate((("alice", 10), ("bob", 30), ("carol", 20))):
-        store.register_client(client, cut, "ambient", ["a"], "fp")
+        store.register_client(client, cut, collafuse_pb2.PROTOCOL_AMBIENT, ["a"], "fp")
         table.add(client, cut, items(20, prefix=client, seed=k))
         same()
     assert (incremental.rows_loaded, full.rows_loaded) == (60, 20 + 40 + 60), "only new rows are read"
@@ -148,7 +150,7 @@ def test_incremental_loading_equals_a_full_reload_and_reflects_forget(tmp_path: 
     same()
     assert incremental.client_ids == ["alice", "carol"] and len(incremental) == 40
     assert 30 not in incremental.cuts.tolist(), "a forget drops the client's rows from the training set"
-    store.register_client("dave", 5, "ambient", ["a"], "fp")
+    store.register_client("dave", 5, collafuse_pb2.PROTOCOL_AMBIENT, ["a"], "fp")
     table.add("dave", 5, items(3, prefix="dave"))
     same()
     assert len(incremental) == 43 and incremental.rows_loaded == 60 + 40 + 3

@@ -15,9 +15,11 @@ from server_support import tiny_settings
 
 from collafuse.common.models import load_model
 from collafuse.server.errors import FingerprintMismatch, StartupError
+from collafuse.server.protocols import store_tables
 from collafuse.server.protocols.ambient import AmbientSource, NewRelease, ReleaseTable
 from collafuse.server.store import ReleaseStore
 from collafuse.server.trainer import Trainer
+from collafuse.v1 import collafuse_pb2
 from collafuse.v1.collafuse_pb2 import PHASE_DONE, PHASE_IDLE, PHASE_WAITING
 
 torch.set_num_threads(1)
@@ -25,7 +27,7 @@ CPU = torch.device("cpu")
 
 
 def add(store: ReleaseStore, client: str, cut: int, n: int = 4, seed: int = 0) -> None:
-    store.register_client(client, cut, "ambient", ["a", "b", "c"], "fp")
+    store.register_client(client, cut, collafuse_pb2.PROTOCOL_AMBIENT, ["a", "b", "c"], "fp")
     gen = torch.Generator().manual_seed(seed)
     ReleaseTable(store).add(client, cut, [NewRelease.of(f"{client}{i}", i % 3, torch.randn((1, 8, 8), generator=gen)) for i in range(n)])
 
@@ -50,7 +52,7 @@ def train_to_max_steps(store: ReleaseStore, **overrides: Any) -> Trainer:
 
 
 def test_trains_on_releases_of_two_clients_and_checkpoints(tmp_path: Path) -> None:
-    store = ReleaseStore(tmp_path)
+    store = ReleaseStore(tmp_path, store_tables())
     trainer = Trainer(tiny_settings(tmp_path, min_clients=2, max_steps=4, checkpoint_every=2), store, "fp", device=CPU, poll_interval=0.02)
     add(store, "alice", 10)
     trainer.start()
@@ -87,7 +89,7 @@ def test_trains_on_releases_of_two_clients_and_checkpoints(tmp_path: Path) -> No
 
 
 def test_resume_continues_exactly(tmp_path: Path) -> None:
-    straight_store, split_store = ReleaseStore(tmp_path / "straight"), ReleaseStore(tmp_path / "split")
+    straight_store, split_store = ReleaseStore(tmp_path / "straight", store_tables()), ReleaseStore(tmp_path / "split", store_tables())
     for store in (straight_store, split_store):
         add(store, "alice", 10)
         add(store, "bob", 30, seed=1)
@@ -96,11 +98,11 @@ def test_resume_continues_exactly(tmp_path: Path) -> None:
     first = train_to_max_steps(split_store, max_steps=2)
     first.stop()
     resumed = Trainer(tiny_settings(tmp_path / "split", max_steps=4), split_store, "fp", device=CPU, poll_interval=0.02)
-    assert resumed.state().step == 2 and [s for s, _ in resumed.loss_history] == [1, 2]
+    assert resumed.state().step == 2 and [s for s, _ in resumed.core.losses] == [1, 2]
     resumed.start()
     assert resumed.wait_done(60)
 
-    assert resumed.loss_history == straight.loss_history
+    assert resumed.core.losses == straight.core.losses
     for a, b in zip(weights(resumed.model), weights(straight.model)):
         assert torch.equal(a, b)
     for a, b in zip(weights(resumed.ema.model), weights(straight.ema.model)):
@@ -114,7 +116,7 @@ def test_resume_continues_exactly(tmp_path: Path) -> None:
 
 
 def test_resume_refuses_another_fingerprint_or_preset(tmp_path: Path) -> None:
-    store = ReleaseStore(tmp_path)
+    store = ReleaseStore(tmp_path, store_tables())
     add(store, "alice", 10)
     train_to_max_steps(store, max_steps=1)
     with pytest.raises(FingerprintMismatch, match="fresh --store"):
@@ -124,7 +126,7 @@ def test_resume_refuses_another_fingerprint_or_preset(tmp_path: Path) -> None:
 
 
 def test_interrupted_checkpoint_swap_is_recovered(tmp_path: Path) -> None:
-    store = ReleaseStore(tmp_path)
+    store = ReleaseStore(tmp_path, store_tables())
     add(store, "alice", 10)
     train_to_max_steps(store, max_steps=2)
     ckpt = tmp_path / "checkpoints"
@@ -137,7 +139,7 @@ def test_interrupted_checkpoint_swap_is_recovered(tmp_path: Path) -> None:
 
 
 def test_start_timeout_and_stop_saves_a_checkpoint(tmp_path: Path) -> None:
-    store = ReleaseStore(tmp_path)
+    store = ReleaseStore(tmp_path, store_tables())
     add(store, "alice", 10)
     # min_clients=2 but no wait: trains on the one client there is; max_steps=0 trains until stopped.
     trainer = Trainer(tiny_settings(tmp_path, min_clients=2, start_timeout=0, max_steps=0), store, "fp", device=CPU, poll_interval=0.02)

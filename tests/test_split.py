@@ -1,5 +1,7 @@
-"""The split protocol (DESIGN 1b): exact gradients over gRPC, pending-step bounds, validation, the client's
-send guard, DP clipping before anything leaves, the privacy budget, and a lifecycle run with --protocol split."""
+"""The split protocol (docs/design.md §3-§4): a round is one optimizer step of the pooled mean loss at the weights
+its forwards saw (checked against autograd), arrival order and merging change nothing, rounds are bounded and
+close at a deadline, validation, the client's send guard, DP clipping before anything leaves, the privacy
+budget, and a lifecycle run with --protocol split."""
 
 from __future__ import annotations
 
@@ -9,7 +11,7 @@ import json
 import math
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -40,10 +42,12 @@ from collafuse.common.config import ClientSettings
 from collafuse.common.models import build_unet, load_model
 from collafuse.common.rpc import RETRY_AFTER_KEY
 from collafuse.common.schedule import ScheduleConfig
-from collafuse.common.train_loop import StepResult, TrainCore, TrainOptions
+from collafuse.common.settings import TrainOptions
+from collafuse.common.train_loop import StepResult, TrainCore
 from collafuse.server.errors import RequestRefused
-from collafuse.server.protocols import split as server_split
-from collafuse.server.protocols.split import SplitEngine, SplitLimits
+from collafuse.server.protocols import split_rounds
+from collafuse.server.protocols.split_merge import ForwardMerger
+from collafuse.server.protocols.split_rounds import RoundLimits, SplitEngine
 from collafuse.v1 import collafuse_pb2
 
 torch.set_num_threads(1)
@@ -61,7 +65,7 @@ def _offline(monkeypatch: pytest.MonkeyPatch) -> None:
 
 @pytest.fixture
 def server(tmp_path: Path) -> Iterator[Any]:
-    srv = start(tmp_path / "store", start_trainer=False, label_dropout=0.0, max_steps=100, split_step_ttl=30.0)
+    srv = start(tmp_path / "store", start_trainer=False, label_dropout=0.0, max_steps=100, split_round_timeout=30.0)
     yield srv
     srv.stop(0)
 
@@ -96,22 +100,49 @@ def _relative(got: list[torch.Tensor], want: list[torch.Tensor]) -> float:
 
 
 def _engine(server: Any) -> SplitEngine:
-    protocol = server.servicer.protocols[collafuse_pb2.PROTOCOL_SPLIT]
-    return protocol.engine(server.trainer.core, server.trainer.max_steps, server.servicer._after_split_step)
+    return server.servicer.protocols[collafuse_pb2.PROTOCOL_SPLIT].engine
 
 
 def _forward(s: Any, client_id: str, batch: NoisedBatch) -> collafuse_pb2.SplitForwardReply:
     return s.SplitForward(forward_request(client_id, batch, CUT, FLOOR, ALPHAS), timeout=30)
 
 
-def _backward(s: Any, client_id: str, batch: NoisedBatch, reply: collafuse_pb2.SplitForwardReply) -> collafuse_pb2.SplitBackwardReply:
+def _backward(s: Any, client_id: str, batch: NoisedBatch, reply: collafuse_pb2.SplitForwardReply,
+              last: bool = False) -> collafuse_pb2.SplitBackwardReply:
     rows, loss = loss_gradient(decode(reply.eps_hat), batch.eps)
     grad = rows / rows.shape[0]
     return s.SplitBackward(collafuse_pb2.SplitBackwardRequest(client_id=client_id, step_id=reply.step_id, grad=encode(grad),
-                                                              loss=loss), timeout=30)
+                                                              loss=loss, last=last), timeout=30)
 
 
-# ---- exactness ------------------------------------------------------------------------------------
+def _concat(batches: Sequence[NoisedBatch]) -> NoisedBatch:
+    cat = [torch.cat([getattr(b, f) for b in batches]) for f in ("x0", "t", "labels", "eps")]
+    return noise_batch(cat[0], cat[1], cat[2], cat[3], ALPHAS, CUT)
+
+
+def _in_threads(calls: Sequence[Callable[[], Any]], stagger: float = 0.0) -> list[Any]:
+    """Run each call in its own thread (started in order, ``stagger`` s apart); their results, or raise."""
+    results: list[Any] = [None] * len(calls)
+    errors: list[BaseException] = []
+
+    def run(k: int) -> None:
+        try:
+            results[k] = calls[k]()
+        except BaseException as exc:  # noqa: BLE001 -- re-raised below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run, args=(k,)) for k in range(len(calls))]
+    for thread in threads:
+        thread.start()
+        time.sleep(stagger)
+    for thread in threads:
+        thread.join(120)
+    if errors:
+        raise errors[0]
+    return results
+
+
+# ---- exactness: one round is one step of the mean loss over its images, at the weights its forwards saw ----
 
 
 def test_one_split_step_gives_the_in_process_gradient(server: Any) -> None:
@@ -123,8 +154,9 @@ def test_one_split_step_gives_the_in_process_gradient(server: Any) -> None:
     reply = _forward(s, "c0", batch)
     with torch.no_grad():
         assert torch.allclose(decode(reply.eps_hat), before(batch.x_t, batch.t - 1, class_labels=batch.labels).sample, atol=1e-6)
-    ack = _backward(s, "c0", batch, reply)
+    ack = _backward(s, "c0", batch, reply)  # a lone client's round closes on its own backward
     assert ack.applied and not ack.duplicate and ack.server_step == 1 and server.trainer.core.step == 1
+    assert (ack.round, ack.round_clients, ack.round_images) == (reply.round, 1, 4)
     # The server's parameter gradients (left on its parameters by the optimizer step) against autograd.
     server_grads = [p.grad for p in model.parameters()]
     assert all(g is not None for g in server_grads)
@@ -133,72 +165,94 @@ def test_one_split_step_gives_the_in_process_gradient(server: Any) -> None:
     assert server.trainer.core.losses[-1][0] == 1
 
 
-def test_several_clients_in_flight_get_exact_gradients_at_the_weights_they_saw(server: Any) -> None:
-    """Forwards of several clients, backwards in another order, with optimizer steps in between."""
+def test_a_round_of_several_clients_is_one_step_of_their_pooled_mean_loss(server: Any) -> None:
+    """Clients of different batch sizes, forwards in one order and backwards in another: one optimizer step whose
+    gradient is autograd's of mse over the concatenated batch (each client weighted by its images), at theta0."""
     s = stub(server)
     for k in range(3):
         _register(s, f"c{k}")
     engine = _engine(server)
-    seen: dict[str, list[torch.Tensor]] = {}
-    engine.observer = lambda step_id, grads: seen.__setitem__(step_id, [g.clone() for g in grads])
+    seen: dict[int, list[torch.Tensor]] = {}
+    engine.observer = lambda number, grads: seen.__setitem__(number, [g.clone() for g in grads])
     theta0 = copy.deepcopy(server.trainer.core.model)
-    a, b = _batch(10), _batch(11)
-    ra, rb = _forward(s, "c0", a), _forward(s, "c1", b)
-    _backward(s, "c0", a, ra)  # the model moves to version 1
-    theta1 = copy.deepcopy(server.trainer.core.model)
-    c = _batch(12)
-    rc = _forward(s, "c2", c)
-    assert (ra.server_step, rb.server_step, rc.server_step) == (0, 0, 1)
-    _backward(s, "c2", c, rc)
-    _backward(s, "c1", b, rb)  # two optimizer steps after its forward: still exact at theta0
-    assert _relative(seen[ra.step_id], _reference_grads(theta0, a)) <= 1e-6
-    assert _relative(seen[rb.step_id], _reference_grads(theta0, b)) <= 1e-6
-    assert _relative(seen[rc.step_id], _reference_grads(theta1, c)) <= 1e-6
-    assert server.trainer.core.step == 3 and engine.pending == 0 and engine.stashes == 0
+    batches = {f"c{k}": _batch(10 + k, n) for k, n in enumerate((2, 4, 6))}
+    replies = {c: _forward(stub(server), c, batches[c]) for c in ("c1", "c0", "c2")}
+    assert {r.server_step for r in replies.values()} == {0} and len({r.round for r in replies.values()}) == 1
+    acks = _in_threads([lambda c=c: _backward(stub(server), c, batches[c], replies[c])  # type: ignore[misc]
+                        for c in ("c2", "c0", "c1")], stagger=0.1)
+    assert server.trainer.core.step == 1  # one step for the round, not one per client
+    assert {(a.server_step, a.round_clients, a.round_images, a.applied) for a in acks} == {(1, 3, 12, True)}
+    pooled = _concat([batches[c] for c in sorted(batches)])
+    assert _relative(seen[replies["c0"].round], _reference_grads(theta0, pooled)) <= 1e-5
+    # The next forwards see the stepped model: a new round.
+    assert _forward(s, "c0", batches["c0"]).server_step == 1
 
 
 def test_concurrent_clients_over_grpc(server: Any) -> None:
     clients = 4
-    s = stub(server)
     for k in range(clients):
-        _register(s, f"c{k}")
+        _register(stub(server), f"c{k}")
     engine = _engine(server)
-    seen: dict[str, list[torch.Tensor]] = {}
-    lock = threading.Lock()
-
-    def observe(step_id: str, grads: list[torch.Tensor]) -> None:
-        with lock:
-            seen[step_id] = [g.clone() for g in grads]
-
-    engine.observer = observe
+    seen: list[list[torch.Tensor]] = []
+    engine.observer = lambda number, grads: seen.append([g.clone() for g in grads])
     theta0 = copy.deepcopy(server.trainer.core.model)
     batches = [_batch(20 + k) for k in range(clients)]
-    replies: dict[int, collafuse_pb2.SplitForwardReply] = {}
     barrier = threading.Barrier(clients)
-    errors: list[BaseException] = []
 
-    def run(k: int) -> None:
-        try:
-            own = stub(server)
-            replies[k] = _forward(own, f"c{k}", batches[k])
-            barrier.wait(timeout=30)  # every forward before any backward: all saw theta0
-            _backward(own, f"c{k}", batches[k], replies[k])
-        except BaseException as exc:  # noqa: BLE001 -- reported below
-            errors.append(exc)
+    def run(k: int) -> collafuse_pb2.SplitForwardReply:
+        own = stub(server)
+        reply = _forward(own, f"c{k}", batches[k])
+        barrier.wait(timeout=30)  # every forward before any backward: one round
+        _backward(own, f"c{k}", batches[k], reply)
+        return reply
 
-    threads = [threading.Thread(target=run, args=(k,)) for k in range(clients)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(60)
-    assert not errors, errors
-    assert server.trainer.core.step == clients
-    for k in range(clients):
-        assert replies[k].server_step == 0
-        assert _relative(seen[replies[k].step_id], _reference_grads(theta0, batches[k])) <= 1e-6
+    replies = _in_threads([lambda k=k: run(k) for k in range(clients)])  # type: ignore[misc]
+    assert server.trainer.core.step == 1 and len(seen) == 1
+    assert all(r.server_step == 0 for r in replies)
+    assert _relative(seen[0], _reference_grads(theta0, _concat(batches))) <= 1e-5
 
 
-# ---- pending steps: bounds, expiry, idempotency ---------------------------------------------------------
+def _train_in_rounds(orders: Sequence[tuple[Sequence[int], Sequence[int]]], merge: bool) -> torch.nn.Module:
+    """Three clients, one round per entry of ``orders``: (forward order, backward order); the final weights."""
+    torch.manual_seed(0)
+    core = TrainCore(build_unet("tiny", SHAPE, 3), TrainOptions(), torch.device("cpu"))
+    engine = SplitEngine(core, max_steps=0, label_dropout=0.3, seed=5,
+                         merger=ForwardMerger(64, 0.2) if merge else None)
+    for number, (forwards, backwards) in enumerate(orders):
+        batches = {k: _batch(300 + 10 * number + k, 2 + k) for k in range(3)}
+        if merge:  # concurrent forwards: they ride in one model call
+            results = dict(zip(forwards, _in_threads([
+                lambda k=k, b=batches: engine.forward(f"c{k}", b[k].x_t, b[k].t, b[k].labels)  # type: ignore[misc]
+                for k in forwards])))
+        else:
+            results = {k: engine.forward(f"c{k}", batches[k].x_t, batches[k].t, batches[k].labels) for k in forwards}
+
+        _in_threads([lambda k=k, r=results, b=batches: _send_backward(engine, f"c{k}", r[k], b[k])  # type: ignore[misc]
+                     for k in backwards], stagger=0.02)
+    assert core.step == len(orders)
+    return core.model
+
+
+def _send_backward(engine: SplitEngine, client_id: str, forward: Any, batch: NoisedBatch) -> Any:
+    rows, _ = loss_gradient(forward.eps_hat, batch.eps)
+    return engine.backward(client_id, forward.step_id, rows / rows.shape[0])
+
+
+def test_the_model_does_not_depend_on_arrival_order_or_merging() -> None:
+    """Same seeds and data (label drop-out on): any order of forwards and backwards, merged or not, gives the
+    same model up to float rounding."""
+    a = _train_in_rounds([((0, 1, 2), (0, 1, 2)), ((0, 1, 2), (2, 1, 0)), ((1, 2, 0), (1, 0, 2))], merge=False)
+    b = _train_in_rounds([((2, 1, 0), (1, 2, 0)), ((1, 0, 2), (0, 2, 1)), ((0, 2, 1), (2, 0, 1))], merge=False)
+    merged = _train_in_rounds([((2, 0, 1), (0, 1, 2)), ((0, 1, 2), (1, 2, 0)), ((2, 1, 0), (0, 1, 2))], merge=True)
+    start = build_unet("tiny", SHAPE, 3)
+    params = [list(m.parameters()) for m in (a, b, merged)]
+    assert all(torch.equal(x, y) for x, y in zip(params[0], params[1]))  # unmerged: bit for bit
+    moved = _relative([x.detach() - s.detach() for x, s in zip(params[0], start.parameters())],
+                      [y.detach() - s.detach() for y, s in zip(params[2], start.parameters())])
+    assert moved <= 1e-3  # merged: the rounding of another batch composition only
+
+
+# ---- rounds: bounds, deadlines, idempotency --------------------------------------------------------------
 
 
 def _core() -> TrainCore:
@@ -206,69 +260,82 @@ def _core() -> TrainCore:
     return TrainCore(build_unet("tiny", SHAPE, 3), TrainOptions(), torch.device("cpu"))
 
 
-def test_pending_steps_are_bounded_and_expire() -> None:
-    now = [0.0]
-    engine = SplitEngine(_core(), max_steps=0, limits=SplitLimits(max_pending=3, per_client=2, ttl=10.0),
-                         clock=lambda: now[0])
+def test_one_step_per_client_per_round_and_a_bounded_round() -> None:
+    engine = SplitEngine(_core(), max_steps=0, limits=RoundLimits(max_clients=2, timeout=10.0))
     b = _batch(3)
-    engine.forward("x", b.x_t, b.t, b.labels)
-    engine.forward("x", b.x_t, b.t, b.labels)
-    with pytest.raises(RequestRefused) as per_client:
+    first = engine.forward("x", b.x_t, b.t, b.labels)
+    with pytest.raises(RequestRefused) as twice:
         engine.forward("x", b.x_t, b.t, b.labels)
-    assert per_client.value.code == Code.RESOURCE_EXHAUSTED
-    # Only x's own steps free x's slots: come back when the oldest expires (ttl 10 s, made at t = 0).
-    assert per_client.value.retry_after_s == pytest.approx(10.05)
-    kept = engine.forward("y", b.x_t, b.t, b.labels)
+    assert twice.value.code == Code.RESOURCE_EXHAUSTED and "send that backward first" in twice.value.message
+    assert twice.value.retry_after_s is not None and 0 < twice.value.retry_after_s <= 10.0
+    engine.forward("y", b.x_t, b.t, b.labels)
     with pytest.raises(RequestRefused) as full:
         engine.forward("z", b.x_t, b.t, b.labels)
-    assert full.value.code == Code.RESOURCE_EXHAUSTED and "pending" in full.value.message
-    assert full.value.retry_after_s == server_split.BUSY_RETRY_S  # any backward frees a slot
-    assert engine.pending == 3 and engine.stashes == 1  # one weight copy shared by the three steps
-    now[0] = 11.0  # every client vanished between the halves
-    assert engine.sweep() == 3 and engine.pending == 0 and engine.stashes == 0
-    with pytest.raises(RequestRefused) as gone:
-        engine.backward("y", kept.step_id, torch.zeros_like(b.x_t))
-    assert gone.value.code == Code.FAILED_PRECONDITION and "expired" in gone.value.message
-    engine.forward("z", b.x_t, b.t, b.labels)  # room again
-    assert engine.expired == 3
+    assert full.value.code == Code.RESOURCE_EXHAUSTED and "--split-max-round-clients" in full.value.message
+    assert engine.pending == 2 and first.round == 1
 
 
-def test_memory_stays_bounded_when_clients_vanish() -> None:
+def test_a_vanished_client_cannot_stall_a_round_and_its_late_gradient_is_refused() -> None:
     now = [0.0]
-    engine = SplitEngine(_core(), max_steps=0, limits=SplitLimits(max_pending=4, per_client=4, ttl=1.0),
-                         clock=lambda: now[0])
-    b = _batch(4)
-    for round_ in range(50):  # clients that send forwards and never come back
-        now[0] = round_ * 2.0
-        for _ in range(4):
-            engine.forward(f"c{round_}", b.x_t, b.t, b.labels)
-        assert engine.pending <= 4 and engine.stashes <= 1
-
-
-def test_clients_stepping_concurrently_never_share_a_recycled_weight_copy() -> None:
-    """Forwards and backwards of several clients interleaved freely (the sim's pattern): a weight copy is
-    recycled for a new version only once no step and no gradient computation uses it."""
     core = _core()
-    engine = SplitEngine(core, max_steps=0, limits=SplitLimits(max_pending=16, per_client=2, ttl=60.0))
-    errors: list[BaseException] = []
+    engine = SplitEngine(core, max_steps=0, limits=RoundLimits(timeout=10.0), clock=lambda: now[0])
+    a, b = _batch(4), _batch(5)
+    fa = engine.forward("a", a.x_t, a.t, a.labels)
+    fb = engine.forward("b", b.x_t, b.t, b.labels)  # b never sends its backward in time
+    done = threading.Event()
+    answer: list[Any] = []
+
+    def backward_a() -> None:
+        rows, _ = loss_gradient(fa.eps_hat, a.eps)
+        answer.append(engine.backward("a", fa.step_id, rows / 4))
+        done.set()
+
+    thread = threading.Thread(target=backward_a)
+    thread.start()
+    assert not done.wait(0.5) and core.step == 0  # the round waits for b ...
+    now[0] = 10.5  # ... until its deadline
+    assert done.wait(10)
+    thread.join()
+    assert answer[0].applied and answer[0].clients == 1 and core.step == 1
+    assert engine.counters.deadline_closes == 1 and engine.counters.dropped_steps == 1
+    with pytest.raises(RequestRefused) as late:
+        engine.backward("b", fb.step_id, torch.zeros_like(b.x_t))
+    assert late.value.code == Code.FAILED_PRECONDITION and "run the forward again" in late.value.message
+    assert engine.counters.late_gradients == 1
+    # b is no longer awaited: a's next round closes on a's own backward.
+    again = engine.forward("a", a.x_t, a.t, a.labels)
+    rows, _ = loss_gradient(again.eps_hat, a.eps)
+    assert engine.backward("a", again.step_id, rows / 4).applied and core.step == 2
+
+
+def test_rounds_of_clients_that_vanish_hold_no_memory() -> None:
+    now = [0.0]
+    engine = SplitEngine(_core(), max_steps=0, limits=RoundLimits(max_clients=4, timeout=1.0), clock=lambda: now[0])
+    b = _batch(4)
+    for number in range(50):  # clients that send forwards and never come back
+        now[0] = number * 2.0
+        for k in range(4):
+            engine.forward(f"c{number}-{k}", b.x_t, b.t, b.labels)
+        assert engine.pending <= 4
+    assert engine.counters.empty_rounds == 49 and engine.counters.dropped_steps == 49 * 4
+    assert len(engine._dropped) <= split_rounds.REMEMBERED_STEPS
+
+
+def test_clients_stepping_concurrently_in_rounds() -> None:
+    """Forwards and backwards of several clients interleaved freely (the sim's pattern): one step per round."""
+    core = _core()
+    engine = SplitEngine(core, max_steps=0, limits=RoundLimits(timeout=60.0))
 
     def client(k: int) -> None:
-        try:
-            for i in range(6):
-                b = _batch(100 * k + i)
-                result = engine.forward(f"c{k}", b.x_t, b.t, b.labels)
-                rows, _ = loss_gradient(result.eps_hat, b.eps)
-                engine.backward(f"c{k}", result.step_id, rows / rows.shape[0])
-        except BaseException as exc:  # noqa: BLE001 -- reported below
-            errors.append(exc)
+        for i in range(6):
+            b = _batch(100 * k + i)
+            result = engine.forward(f"c{k}", b.x_t, b.t, b.labels)
+            rows, _ = loss_gradient(result.eps_hat, b.eps)
+            engine.backward(f"c{k}", result.step_id, rows / rows.shape[0], last=i == 5)
 
-    threads = [threading.Thread(target=client, args=(k,)) for k in range(3)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(120)
-    assert not errors, errors
-    assert core.step == 18 and engine.pending == 0 and engine.stashes == 0
+    _in_threads([lambda k=k: client(k) for k in range(3)])  # type: ignore[misc]
+    assert 6 <= core.step <= 18 and engine.pending == 0
+    assert engine.counters.rounds == core.step and engine.counters.late_gradients == 0
 
 
 def test_a_retried_backward_is_acknowledged_not_applied_twice(server: Any) -> None:
@@ -310,19 +377,18 @@ def test_a_retry_during_the_first_attempt_waits_for_it(monkeypatch: pytest.Monke
     assert sorted(a.duplicate for a in answers) == [False, True] and core.step == 1
 
 
-def test_pending_table_full_over_grpc(tmp_path: Path) -> None:
-    srv = start(tmp_path / "store", start_trainer=False, split_max_pending=8, split_pending_per_client=2)
+def test_a_second_forward_before_the_backward_over_grpc(tmp_path: Path) -> None:
+    srv = start(tmp_path / "store", start_trainer=False, split_round_timeout=20.0)
     try:
         s = stub(srv)
         _register(s, "c0")
         batch = _batch(6)
         _forward(s, "c0", batch)
-        _forward(s, "c0", batch)
         error = rpc_error(s.SplitForward, forward_request("c0", batch, CUT, FLOOR, ALPHAS))
-        assert error.code() == Code.RESOURCE_EXHAUSTED and "waiting for their backward" in error.details()
-        # The hint a client's RetryPolicy waits for: when c0's oldest step expires (default ttl).
+        assert error.code() == Code.RESOURCE_EXHAUSTED and "send that backward first" in error.details()
+        # The hint a client's RetryPolicy waits for: when the round closes at its deadline.
         hint_ms = int(dict(error.trailing_metadata() or ())[RETRY_AFTER_KEY])
-        assert 0 < hint_ms <= srv.settings.split_step_ttl * 1000 + 100
+        assert 0 < hint_ms <= 20_000
     finally:
         srv.stop(0)
 
@@ -370,13 +436,16 @@ def test_the_server_validates_everything_it_receives(server: Any) -> None:
     assert backward("c0", x, step_id="0" * 32).code() == Code.FAILED_PRECONDITION
     assert backward("c0", torch.zeros((3, *SHAPE))).code() == Code.INVALID_ARGUMENT
     assert backward("c0", torch.full_like(x, float("inf"))).code() == Code.INVALID_ARGUMENT
+    absurd = backward("c0", torch.full_like(x, 3e38))  # finite, and enough to poison Adam's moments
+    assert absurd.code() == Code.INVALID_ARGUMENT and "--split-max-grad-norm" in absurd.details()
+    assert _engine(server).counters.refused_gradients == 1  # (Inf is refused by the tensor codec already)
     nan_loss = collafuse_pb2.SplitBackwardRequest(client_id="c0", step_id=reply.step_id, grad=encode(x), loss=math.nan)
     assert rpc_error(s.SplitBackward, nan_loss).code() == Code.INVALID_ARGUMENT
     ok = s.SplitBackward(collafuse_pb2.SplitBackwardRequest(client_id="c0", step_id=reply.step_id, grad=encode(x)), timeout=10)
     assert ok.applied  # the refusals above left the step pending for its owner
 
 
-def test_a_finished_server_refuses_new_steps(tmp_path: Path) -> None:
+def test_a_finished_server_says_so_in_the_forward_reply(tmp_path: Path) -> None:
     srv = start(tmp_path / "store", start_trainer=False, max_steps=1, label_dropout=0.0)
     try:
         s = stub(srv)
@@ -384,8 +453,8 @@ def test_a_finished_server_refuses_new_steps(tmp_path: Path) -> None:
         batch = _batch(7)
         ack = _backward(s, "c0", batch, _forward(s, "c0", batch))
         assert ack.done and ack.max_steps == 1
-        error = rpc_error(s.SplitForward, forward_request("c0", batch, CUT, FLOOR, ALPHAS))
-        assert error.code() == Code.FAILED_PRECONDITION and "finished training" in error.details()
+        reply = _forward(s, "c0", batch)
+        assert reply.done and not reply.step_id and reply.server_step == 1  # a status, not an error to parse
     finally:
         srv.stop(0)
 
@@ -593,5 +662,19 @@ def test_protocol_split_through_the_client_lifecycle(tmp_path: Path) -> None:
         # The split steps checkpointed the server's model: a diffusers model folder.
         latest = tmp_path / "store" / "checkpoints" / "latest"
         assert load_model(next(p for p in latest.iterdir() if (p / "config.json").is_file())) is not None
+    finally:
+        srv.stop(0)
+
+
+def test_split_is_refused_at_registration_under_data_parallel_training(tmp_path: Path) -> None:
+    """A round's step runs on rank 0's RPC thread alone: under torchrun the replicas would drift, so the
+    server does not speak split there, and says why."""
+    srv = start(tmp_path / "store", start_trainer=False, data_parallel=2)
+    try:
+        error = rpc_error(stub(srv).Register, collafuse_pb2.RegisterRequest(
+            client_id="c0", cut=CUT, protocol=collafuse_pb2.PROTOCOL_SPLIT, class_names=["a"]))
+        assert error.code() == Code.INVALID_ARGUMENT and "data-parallel" in error.details()
+        assert collafuse_pb2.PROTOCOL_SPLIT not in srv.servicer.protocols
+        _register(stub(srv), "amb", protocol=collafuse_pb2.PROTOCOL_AMBIENT)  # ambient still served
     finally:
         srv.stop(0)

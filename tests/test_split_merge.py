@@ -19,8 +19,9 @@ from collafuse.client.protocols.split import NoisedBatch, forward_request, loss_
 from collafuse.common.codec import decode, encode
 from collafuse.common.models import build_unet
 from collafuse.common.schedule import ScheduleConfig
-from collafuse.server.protocols.split import SplitProtocol, WeightStash
+from collafuse.server.protocols.split import SplitProtocol
 from collafuse.server.protocols.split_merge import ForwardMerger
+from collafuse.server.protocols.split_rounds import WeightStash
 from collafuse.v1 import collafuse_pb2
 
 torch.set_num_threads(1)
@@ -177,7 +178,7 @@ def run_server(root: Path, cross_client: bool) -> dict[str, Any]:
                                                        class_names=["a", "b", "c"]), timeout=10)
         protocol = server.servicer.protocols[collafuse_pb2.PROTOCOL_SPLIT]
         assert isinstance(protocol, SplitProtocol)
-        merger = protocol.engine(server.trainer.core, server.trainer.max_steps, server.servicer._after_split_step).merger
+        merger = protocol.engine.merger
         replies: list[dict[str, torch.Tensor]] = []
         for round_ in range(2):  # round 0 sequential (clients become active), round 1 all at once
             batches = {c: noised(100 * round_ + i, 4) for i, c in enumerate(clients)}
@@ -190,8 +191,9 @@ def run_server(root: Path, cross_client: bool) -> dict[str, Any]:
                     merger.max_wait_s = 10.0  # the group closes when full (12 images), long before this
                 answered = forward_all(api, batches)
             replies.append({c: decode(r.eps_hat) for c, r in answered.items()})
-            for c in clients:  # backwards in a fixed order: the same model either way
-                backward(api, c, batches[c], answered[c])
+            # The backwards of a round are answered together, once its one step is applied.
+            acks = at_once(lambda c, b=batches, a=answered: backward(api, c, b[c], a[c]), clients)  # type: ignore[misc]
+            assert not [e for e in acks.values() if isinstance(e, Exception)], acks
         model = [p.detach().clone() for p in server.trainer.core.model.parameters()]
         exported = scrape(metrics_port)
         return {"replies": replies, "merged": merger.merged if merger else 0, "model": model,
@@ -210,6 +212,6 @@ def test_merging_changes_no_clients_eps_hat_or_the_model_over_grpc(tmp_path: Pat
     for got_round, want_round in zip(merged["replies"], plain["replies"], strict=True):
         for client_id, want in want_round.items():
             torch.testing.assert_close(got_round[client_id], want, rtol=1e-5, atol=1e-6)
-    assert merged["step"] == plain["step"] == 6
+    assert merged["step"] == plain["step"] == 2  # one step per round
     for a, b in zip(merged["model"], plain["model"], strict=True):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)

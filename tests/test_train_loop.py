@@ -17,7 +17,9 @@ from collafuse.common.config import ClientSettings
 from collafuse.common.diffusion import Denoiser
 from collafuse.common.models import build_unet, load_model
 from collafuse.common.schedule import ScheduleConfig
-from collafuse.common.train_loop import NonFiniteLoss, TrainCore, TrainOptions
+from collafuse.common.settings import TrainOptions
+from collafuse.common.train_loop import NonFiniteLoss, TrainCore
+from collafuse.server.protocols import store_tables
 from collafuse.server.protocols.ambient import AmbientBatch, AmbientSource
 from collafuse.server.store import ReleaseStore
 from collafuse.server.trainer import Trainer
@@ -77,7 +79,7 @@ def test_the_server_trainer_stops_on_non_finite_losses_and_status_says_why(tmp_p
 
     from collafuse.server.protocols.ambient import ReleaseTable
 
-    store = ReleaseStore(tmp_path)
+    store = ReleaseStore(tmp_path, store_tables())
     add(store, "alice", 10)
     settings = tiny_settings(tmp_path, max_steps=50)
     source = NanSource(ReleaseTable(store), settings.schedule().alphas_cumprod(), batch_size=4, label_dropout=0.0,

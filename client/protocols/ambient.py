@@ -1,4 +1,4 @@
-"""The ambient protocol on the client (DESIGN 1a): upload x_cut for every image not yet released.
+"""The ambient protocol on the client (docs/design.md §2): upload x_cut for every image not yet released.
 
 x_cut = sqrt(ab_cut) x0 + sqrt(1 - ab_cut) eps_c, eps_c from a seed bound to the image's
 pixels and its level (client/ledger.py), so a retried or repeated upload carries

@@ -1,6 +1,6 @@
 """What a protocol is on the client: what it sends the server, and with which guard (the ledger).
 
-A protocol (DESIGN 1a ambient, 1b split) is one class here plus one module beside this one; the
+A protocol (docs/design.md: §2 ambient, §3-§4 split) is one class here plus one module beside this one; the
 registry in ``__init__`` maps the CLI's ``--protocol`` name and the wire's Protocol enum to it.
 """
 

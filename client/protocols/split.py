@@ -1,18 +1,21 @@
-"""The split protocol on the client (DESIGN 1b): the server's half of the model is trained step by step.
+"""The split protocol on the client (docs/design.md §4): the server's half of the model is trained in rounds.
 
 Per step: draw a batch of private x0, t ~ U(cut, T], eps; send x_t = sqrt(ab_t) x0 + sqrt(1 - ab_t) eps
 with t and the labels; receive eps_hat; compute the loss against the private eps here; send g = dL/d(eps_hat)
 (with --dp-clip: each image's row clipped to norm C and Gaussian noise sigma*C added first). x0, eps and the
-loss never leave (the loss only without DP, as a number for the server's metrics).
+loss never leave (the loss only without DP, as a number for the server's metrics). The server answers the
+backward once its round (one step of every client, one optimizer step) is applied; the next forward then
+belongs to the next round. ``--split-batch-size`` is this client's share of a round's batch. A backward that
+came after its round closed is refused; the client draws a fresh batch and goes on (the spend is recorded).
 
 The send guard: every image-derived tensor leaves through ``guard_outgoing``, which refuses anything that
 is not a ``NoisedBatch`` made here by ``noise_batch`` (so it was noised), whose t are not all above the cut
 and within the client's noise floor, or whose bytes changed after noising.
 
-Privacy: the known leak (DESIGN 1b) is that g = 2(eps_hat - eps)/n gives the server eps, hence x0. Each
+Privacy: the known leak (docs/design.md §3) is that g = 2(eps_hat - eps)/n gives the server eps, hence x0. Each
 step is accounted as one Gaussian mechanism on every image of the batch, x_t and the gradient together
 (client/dp.py ``combined_noise_multiplier``), with x_t taken at the least noisy level a step may send
-(t = cut + 1), at sample rate batch / images. Without DP noise the gradient is exact: epsilon is infinite
+(t = cut + 1), at sample rate batch / images: one batch per round, drawn here. Without DP noise the gradient is exact: epsilon is infinite
 and the ledger says so. The spend is recorded before each step goes (client/privacy_ledger.py), and the
 client stops when the next step would exceed --dp-epsilon.
 
@@ -29,7 +32,7 @@ import secrets
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Self
+from typing import Any, Self
 
 import grpc
 import torch
@@ -55,6 +58,8 @@ from collafuse.v1 import collafuse_pb2
 log = logging.getLogger(__name__)
 
 LOG_EVERY = 50
+# Backwards in a row whose round closed before they came: past this the server is not waiting for this client.
+MAX_LATE_IN_ROW = 5
 
 
 class UnsafeSend(ClientError):
@@ -144,14 +149,20 @@ def loss_gradient(eps_hat: torch.Tensor, eps: torch.Tensor) -> tuple[torch.Tenso
     return rows, float(per_image.detach().mean())
 
 
+def _default(name: str) -> Any:
+    return ClientSettings.model_fields[name].default
+
+
 @dataclass(frozen=True)
 class SplitOptions:
-    batch_size: int = 64
-    steps: int = 0  # 0: until the server is done or the budget is spent
-    dp_clip: float | None = None
-    dp_noise_multiplier: float = 0.0
-    dp_epsilon: float | None = None
-    dp_delta: float = 1e-5
+    """The client's split settings (their defaults are ClientSettings', declared once in common/config.py)."""
+
+    batch_size: int = _default("batch_size")  # this client's share of a round
+    steps: int = _default("split_steps")  # 0: until the server is done or the budget is spent
+    dp_clip: float | None = _default("dp_clip")
+    dp_noise_multiplier: float = _default("dp_noise_multiplier")
+    dp_epsilon: float | None = _default("dp_epsilon")
+    dp_delta: float = _default("dp_delta")
 
     def __post_init__(self) -> None:
         if self.dp_noise_multiplier > 0 and self.dp_clip is None:
@@ -178,6 +189,7 @@ class SplitReport(ReleaseReport):
     dp_delta: float = 0.0
     dp_epsilon_budget: float | None = None
     stopped: str = ""  # why sending stopped: "server done", "steps", "budget: ..."
+    late: int = 0  # steps whose round closed before their backward came (nothing applied; privacy still spent)
     seconds: float = 0.0
 
 
@@ -195,7 +207,7 @@ class SplitClient(ClientProtocol):
         if settings is None:
             return cls()
         return cls(SplitOptions(
-            batch_size=settings.batch_size, steps=settings.split_steps, dp_clip=settings.dp_clip,
+            batch_size=settings.split_batch_size or settings.batch_size, steps=settings.split_steps, dp_clip=settings.dp_clip,
             dp_noise_multiplier=settings.dp_noise_multiplier, dp_epsilon=settings.dp_epsilon,
             dp_delta=settings.dp_delta,
         ))
@@ -249,7 +261,7 @@ class SplitClient(ClientProtocol):
         if not opts.dp:
             log.warning(
                 "split protocol without --dp-clip: each step's gradient 2(eps_hat - eps)/n gives the server eps, hence "
-                "x0 = (x_t - sqrt(1 - ab_t) eps) / sqrt(ab_t) exactly (DESIGN 1b); epsilon is infinite"
+                "x0 = (x_t - sqrt(1 - ab_t) eps) / sqrt(ab_t) exactly (docs/design.md §3); epsilon is infinite"
             )
         privacy = PrivacyLedger(ledger.path)
         labels_t = torch.as_tensor(list(labels), dtype=torch.long)
@@ -257,6 +269,7 @@ class SplitClient(ClientProtocol):
         generator = torch.Generator().manual_seed(secrets.randbits(63))
         dp_generator = torch.Generator().manual_seed(secrets.randbits(63))
         started = time.perf_counter()
+        late = 0  # backwards in a row refused because their round had closed
         try:
             while opts.steps == 0 or report.steps < opts.steps:
                 if opts.dp_epsilon is not None:
@@ -274,30 +287,46 @@ class SplitClient(ClientProtocol):
                 # Sent counts as spent: charged before the first byte goes.
                 seq, spent = privacy.record(server=server, protocol=self.name, images=batch_size,
                                             sample_rate=sample_rate, noise_multiplier=multiplier, delta=opts.dp_delta)
-                try:
-                    # A full pending table is RESOURCE_EXHAUSTED with a retry hint: the connection waits it out.
-                    reply = connection.split_forward(request)
-                except ClientError as exc:
-                    if exc.code == grpc.StatusCode.FAILED_PRECONDITION and "finished training" in str(exc):
-                        report.stopped = "server done"
-                        break
-                    raise
+                # A full round is RESOURCE_EXHAUSTED with a retry hint: the connection waits it out.
+                reply = connection.split_forward(request)
+                report.calls += 1
+                report.payload_bytes += len(request.x_t.data)
+                if reply.done:
+                    privacy.mark_acked([seq])
+                    report.stopped = "server done"
+                    break
                 grad, loss = self._gradient(reply, batch, dp_generator)
+                # The last step of this run tells the server not to wait for this client in later rounds.
+                last = (opts.steps > 0 and report.steps + 1 >= opts.steps) or (
+                    opts.dp_epsilon is not None
+                    and privacy.total.epsilon_if(opts.dp_delta, multiplier, sample_rate) > opts.dp_epsilon
+                )
                 backward = collafuse_pb2.SplitBackwardRequest(client_id=client_id, step_id=reply.step_id,
-                                                              grad=encode(grad))
+                                                              grad=encode(grad), last=last)
                 if not opts.dp:
                     backward.loss = loss  # with DP the loss stays here too
-                ack = connection.split_backward(backward)
+                report.calls += 1
+                report.payload_bytes += len(backward.grad.data)
+                try:
+                    ack = connection.split_backward(backward)
+                except ClientError as exc:
+                    # The step's round closed before the gradient came: nothing was applied; draw the next batch.
+                    if exc.code != grpc.StatusCode.FAILED_PRECONDITION or late >= MAX_LATE_IN_ROW:
+                        raise
+                    late += 1
+                    report.late += 1
+                    log.warning("split step refused (%s); running the next forward", exc)
+                    continue
+                late = 0
                 privacy.mark_acked([seq])
                 report.steps += 1
                 report.sent += batch_size
-                report.calls += 2
-                report.payload_bytes += len(request.x_t.data) + len(backward.grad.data)
                 report.server_step = int(ack.server_step)
                 report.losses.append([report.steps, loss])
                 if report.steps % LOG_EVERY == 0 or report.steps == 1:
-                    log.info("split step %d: loss %.4f, server step %d/%s, epsilon %.4g at delta %g", report.steps,
-                             loss, ack.server_step, ack.max_steps or "inf", spent, opts.dp_delta)
+                    log.info("split step %d: loss %.4f, server step %d/%s (round %d: %d client(s), %d images), "
+                             "epsilon %.4g at delta %g", report.steps, loss, ack.server_step, ack.max_steps or "inf",
+                             ack.round, ack.round_clients, ack.round_images, spent, opts.dp_delta)
                 if ack.done:
                     report.stopped = "server done"
                     break

@@ -1,4 +1,5 @@
-"""The privacy audit (DESIGN 2): payload checks, reconstruction attacks, information disclosure, ``collafuse-audit``.
+"""The privacy audit (docs/design.md §7, §10): payload checks, reconstruction attacks, information disclosure,
+``collafuse-audit``.
 
 The core is a library of pure functions of tensors and a denoiser (``payloads``, ``attacks``, ``quality``,
 ``core``); ``transcript`` reads the server's recorded requests and ``cli`` is the thin command.

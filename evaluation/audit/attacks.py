@@ -1,4 +1,4 @@
-"""Reconstruction attacks a curious server can run on what it receives (DESIGN 1b, 2).
+"""Reconstruction attacks a curious server can run on what it receives (docs/design.md §3, §7).
 
 Pure functions of tensors and a denoiser (``Denoiser``: eps_hat(x_t, t, y) with the paper's 1-based t).
 Each returns an estimate of x_0 clamped to [-1, 1]; ``score`` turns it into PSNR/SSIM against the truth.

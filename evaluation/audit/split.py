@@ -1,4 +1,4 @@
-"""The audit of one client's recorded split steps (DESIGN 1b): what the server saw, and what it can invert.
+"""The audit of one client's recorded split steps (docs/design.md §3): what the server saw, and what it can invert.
 
 Inputs are the transcript's split steps (``transcript.split_payloads``): x_t, t, labels, the gradient
 dL/d(eps_hat) the client sent, and the eps_hat the server itself sent (recorded on the server's side: the

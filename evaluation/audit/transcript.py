@@ -28,8 +28,8 @@ from collafuse.v1 import collafuse_pb2, tensor_pb2
 
 log = logging.getLogger(__name__)
 
-# The image-derived tensors each protocol sends (DESIGN 2): ambient Release's items[].x_cut; split's x_t and
-# dL/d(eps_hat); and the server's own SplitForward reply eps_hat (recorded beside the requests).
+# The image-derived tensors each protocol sends (docs/design.md §7): ambient Release's items[].x_cut; split's
+# x_t and dL/d(eps_hat); and the server's own SplitForward reply eps_hat (recorded beside the requests).
 RELEASE_FIELD = "items.x_cut"
 COVERED_TENSORS = {
     ("Release", "request", RELEASE_FIELD),

@@ -1,2 +1,2 @@
-"""Dataset preparation (DESIGN 5): the bundled digits, partitioning across clients, CIFAR-10 and CelebA readers,
-per-client shard writing, and the ``collafuse-data`` CLI."""
+"""Dataset preparation (docs/design.md §9): the bundled digits, partitioning across clients, CIFAR-10 and CelebA
+readers, per-client shard writing, and the ``collafuse-data`` CLI."""

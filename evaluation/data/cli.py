@@ -1,4 +1,4 @@
-"""``collafuse-data``: turn datasets a user already has into per-client image folders (DESIGN 5).
+"""``collafuse-data``: turn datasets a user already has into per-client image folders (docs/design.md §9).
 
 Every command that makes clients writes ``OUT/client-<k>/<class>/<image>.png`` — each
 ``client-<k>`` is a ``--data`` folder for ``collafuse-client`` — plus ``OUT/manifest.json``

@@ -1,4 +1,5 @@
-"""Partitioning a labelled dataset across clients (DESIGN 5): IID, contiguous class groups, or Dirichlet label skew."""
+"""Partitioning a labelled dataset across clients (docs/design.md §9): IID, contiguous class groups, or Dirichlet
+label skew."""
 
 from __future__ import annotations
 

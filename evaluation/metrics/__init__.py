@@ -1,4 +1,4 @@
-"""Evaluation (DESIGN 6): FID/KID with the standard Inception weights offline, Fréchet distances on any
+"""Evaluation (docs/design.md §10): FID/KID with the standard Inception weights offline, Fréchet distances on any
 features (FCD with local CLIP weights), conditional accuracy, and the ``collafuse-eval`` CLI.
 
 Heavy pieces (the Inception network, CLIP, scikit-learn) load only when their module is imported.

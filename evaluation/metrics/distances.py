@@ -1,4 +1,4 @@
-"""FID (Fréchet distance) and KID between two feature sets, computed by torchmetrics (DESIGN 6).
+"""FID (Fréchet distance) and KID between two feature sets, computed by torchmetrics (docs/design.md §10).
 
 torchmetrics' ``FrechetInceptionDistance`` and ``KernelInceptionDistance`` take any ``nn.Module``
 as their feature extractor. Features here come from our extractors (the offline Inception of

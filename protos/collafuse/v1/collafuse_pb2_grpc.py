@@ -135,18 +135,19 @@ class CollaFuseServicer:
         raise NotImplementedError('Method not implemented!')
 
     def SplitForward(self, request, context):
-        """The split protocol (DESIGN 1b), one step in two unary calls. Forward: the
-        client sends x_t (every t above its registered cut), t and labels; the
-        server answers eps_hat and keeps the step for a while under a step id.
+        """The split protocol (docs/design.md §4), one step in two unary calls, in
+        synchronous rounds. Forward: the client sends x_t (every t above its
+        registered cut), t and labels; the server answers eps_hat at the open
+        round's weights under a step id.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def SplitBackward(self, request, context):
-        """Backward: the client sends dL/d(eps_hat) of its own loss; the server
-        back-propagates it, steps its optimizer and acknowledges. Idempotent: a
-        retried backward of a completed step is acknowledged again, not applied.
+        """Backward: the client sends dL/d(eps_hat) of its own loss; the server adds
+        it to the round and answers once the round's one optimizer step is
+        applied. Idempotent: a retried backward is answered again, not applied.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
