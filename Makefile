@@ -33,9 +33,10 @@ test-fuzz: install
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -m slow tests/test_fuzz.py
 
 # Real server and client processes on loopback: SIGKILL with restarts after 5 s and 60 s, SIGTERM during
-# training/sampling/uploads, a client killed mid-release (~6 min on 2 cores); the default suite runs a short one.
+# training/sampling/uploads, a client killed mid-release, a full disk (a tmpfs: needs root, as in CI) and
+# cancelled uploads (~7 min on 2 cores); the default suite runs a short one.
 test-faults: install
-	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -m slow tests/test_faults.py tests/test_distributed.py
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -m slow tests/test_faults.py tests/test_distributed.py tests/test_reliability_faults.py
 
 # Builds the images without a registry (installs and starts Docker as root if needed), then runs
 # `docker compose up` with tiny budgets; see tests/test_docker_compose.py. CI runs it.

@@ -1,4 +1,4 @@
-"""Cross-client batching (issue 11, benchmark 3): images/s of N concurrent clients with the server merging
+"""Cross-client batching: images/s of N concurrent clients with the server merging
 their requests into one model call, against the same server running each alone.
 
 Two real server processes (``collafuse-server``, same model, same settings but for

@@ -1,10 +1,10 @@
-"""What the distribution costs (issue 11, benchmarks 1, 2, 4 and 5), each against one process, side by side.
+"""What the distribution costs, each against one process, side by side.
 
 - ``train``: the real server Trainer (ambient loss on a store of releases, its thread, EMA, fused AdamW)
   against a plain single-process diffusers loop (UNet2DModel, DDPMScheduler.add_noise, AdamW, EMAModel)
   on the same images, model and batch; steps/s of each and the ratio (target >= 0.95).
 - ``sample``: collaborative sampling (an in-process server over loopback gRPC, then the client's half)
-  against ``split_sample`` in one process with the same chain and models; the ratio of times (target
+  against ``handoff_sample`` in one process with the same chain and models; the ratio of times (target
   <= 1.05) and the largest difference of the images (they must agree).
 - ``codec``: ``common.codec`` encode + decode (with the server's checks) against a plain copy of the same
   bytes, and Release throughput over loopback gRPC (MB/s of x_cut payload).
@@ -41,7 +41,7 @@ from collafuse.common.codec import decode, encode
 from collafuse.common.config import ServerSettings
 from collafuse.common.diffusion import release
 from collafuse.common.models import as_denoiser, build_unet
-from collafuse.common.sampling import client_half, make_chain, server_half, split_sample
+from collafuse.common.sampling import client_half, handoff_sample, make_chain, server_half
 from collafuse.common.train_loop import seeded
 from collafuse.server.app import build_server
 from collafuse.server.protocols import store_tables
@@ -167,7 +167,7 @@ def sample(args: argparse.Namespace) -> dict[str, Any]:
             def local_arm() -> float:
                 started = time.perf_counter()
                 with torch.no_grad():
-                    outputs["local"] = split_sample(as_denoiser(server_model), as_denoiser(client_model), chain,
+                    outputs["local"] = handoff_sample(as_denoiser(server_model), as_denoiser(client_model), chain,
                                                     labels, 3, cut, shape)[1]
                 return time.perf_counter() - started
 

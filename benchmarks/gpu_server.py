@@ -21,10 +21,9 @@ from typing import Any
 import torch
 from bench_common import machine, write_result
 
-from collafuse.common.config import ServerSettings
+from collafuse.common.config import ServerSettings, TrainOptions
 from collafuse.common.models import as_denoiser, build_unet, count_parameters, null_label
 from collafuse.common.sampling import make_chain, server_half
-from collafuse.common.settings import TrainOptions
 from collafuse.common.train_loop import TrainCore, seeded
 from collafuse.server.protocols.ambient import ReleaseRows, ambient_source
 

@@ -1,4 +1,4 @@
-"""Load (issue 10): N concurrent clients on loopback for a fixed time, mixing Release, Heartbeat, Status
+"""Load: N concurrent clients on loopback for a fixed time, mixing Release, Heartbeat, Status
 and Sample against a real ``collafuse-server`` process that trains meanwhile.
 
 Every client is a thread with its own channel: its main loop sends a Heartbeat every ``--beat-ms``,

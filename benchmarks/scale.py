@@ -1,4 +1,4 @@
-"""Scale on one machine (issue 11, benchmark 6): ``collafuse-sim`` with 8, 16, 32 and 64 clients at tiny
+"""Scale on one machine: ``collafuse-sim`` with 8, 16, 32 and 64 clients at tiny
 budgets. Per run: wall time, the server's peak RSS, the clients' peak RSS (median and max), the server's
 seconds per training step (its own clock: steps only, no waiting) and whether the run finished in time.
 

@@ -1,7 +1,7 @@
 """``collafuse-client``: the client lifecycle and its single steps as sub-commands.
 
-    collafuse-client --data ./local --server HOST:PORT            # run: join, release, train, wait, generate
-    collafuse-client release --data ./local --server HOST:PORT    # one step
+    collafuse-client --data ./local --server HOST:PORT               # run: join, contribute, train, wait, generate
+    collafuse-client contribute --data ./local --server HOST:PORT    # one step
 
 Settings come from flags > ``COLLAFUSE_*`` env vars > ``--config`` file > defaults.
 Expected problems (bad data, bad settings, unreachable server, a server refusal, a
@@ -26,9 +26,11 @@ from collafuse.common.settings import ConfigError, SettingsFlags
 EXPECTED_ERRORS: tuple[type[BaseException], ...] = (DataError, ConfigError, ServerUnreachable, ClientError)
 
 COMMANDS: dict[str, str] = {
-    "run": "the full lifecycle: register, release, train locally, wait for the server, generate (default)",
+    "run": "the full lifecycle: register, contribute, train locally, wait for the server, generate (default)",
     "register": "join the server and check its image spec, schedule and classes against this client",
-    "release": "upload x_cut of every image not yet released (recorded in the ledger)",
+    "contribute": "send what --protocol trains the server with: ambient uploads x_cut of every image not yet "
+                  "released (recorded in the ledger); split runs split steps until the server or the budget stops it",
+    "release": "the ambient protocol's contribute (kept for scripts that call it)",
     "train": "train the local model on t in [1, cut] (resumes; offline once registered)",
     "generate": "server half of the sampling chain over gRPC, client half locally; writes samples/",
     "forget": "ask the server to drop every release of this client",
@@ -91,8 +93,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                 client.run()
             elif command == "register":
                 client.register()
+            elif command == "contribute":
+                client.contribute()
             elif command == "release":
-                client.release()
+                if settings.protocol != "ambient":
+                    raise ClientError(f"release is the ambient protocol's step; with --protocol {settings.protocol} use "
+                                      "contribute")
+                client.contribute()
             elif command == "train":
                 client.train()
             elif command == "generate":

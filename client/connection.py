@@ -237,12 +237,14 @@ class ServerConnection:
         """Upload one client stream of release chunks; ``chunks`` is called afresh for every attempt.
 
         The factory must yield the same messages each time (the ledger's per-image seeds make the
-        payload identical), so a retried upload is a no-op for items the server already stored.
+        payload identical), so a retried upload is a no-op for items the server already stored. The final
+        message goes out with the end-of-stream marker (``end_of_stream``): the server stores a stream only
+        when it ends with it, so one cut short (a cancel, a passed deadline) stores nothing.
         """
 
         def attempt(stats: RpcTraffic) -> collafuse_pb2.ReleaseAck:
             def counted() -> Iterator[collafuse_pb2.ReleaseChunk]:
-                for chunk in chunks():
+                for chunk in end_of_stream(chunks()):
                     stats.bytes_sent += chunk.ByteSize()
                     yield chunk
 
@@ -299,6 +301,23 @@ class ServerConnection:
         the call gets the long deadline (a retry of an answered step is acknowledged, not re-applied)."""
         return self._unary("SplitBackward", self._stub.SplitBackward, request, timeout=max(self.long_timeout,
                                                                                           self.rpc_timeout))
+
+
+def end_of_stream(chunks: Iterable[collafuse_pb2.ReleaseChunk]) -> Iterator[collafuse_pb2.ReleaseChunk]:
+    """``chunks`` with the final one sent as a copy that carries the end-of-stream marker (``last`` and the
+    stream's ``total_items``); the caller's messages are not changed. An empty stream stays empty."""
+    items = 0
+    held: collafuse_pb2.ReleaseChunk | None = None
+    for chunk in chunks:
+        if held is not None:
+            yield held
+        items += len(chunk.items)
+        held = chunk
+    if held is not None:
+        final = collafuse_pb2.ReleaseChunk()
+        final.CopyFrom(held)
+        final.last, final.total_items = True, items
+        yield final
 
 
 def _decode_chunk(

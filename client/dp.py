@@ -1,60 +1,56 @@
-"""Differential privacy for what leaves a client: per-image clipping and Gaussian noise, an accountant, a budget.
+"""Differential privacy for what leaves a client: per-image clipping and Gaussian noise, and what each send costs.
 
 Split learning (docs/design.md §3) sends g = dL/d(eps_hat) per image; for the MSE loss g = 2(eps_hat - eps)/n, so
-whoever holds eps_hat and g holds eps, and with x_t also x_0. ``privatize`` clips every image's gradient to
-L2 norm C and adds N(0, (sigma C)^2) to every element before it leaves (the Gaussian mechanism of DP-SGD,
-applied to the per-sample rows the client sends instead of their sum).
+whoever holds eps_hat and g holds eps, and with x_t also x_0. ``privatize`` clips every image's gradient row to
+L2 norm C and adds N(0, (sigma C)^2) to every element before it leaves.
 
-Unit of privacy: one image. Two adjacency notions, chosen once and used for both protocols so that
-their numbers compare:
+**Neighbouring relation: replace-one, labels fixed.** Two data sets are neighbours when they have the same
+number of images with the same labels and differ in the pixels of one image (any two images in [-1, 1]^d).
+Labels are sent in the clear with every release and split row, so they are not protected. Add/remove is not
+offered: the server sees every image's release or rows as such (it counts them), so an image's presence is
+never hidden. ``zero`` is the special case of replacing an image by the null record, the all-zero image run
+through the same code: half the x sensitivity, but *not* half the gradient's: the zero image's gradient row is
+not zero, so two clipped rows still differ by up to 2C.
 
-- ``add_remove`` (default; Opacus' convention): a removed image's row is computed from a null record
-  (a zero gradient row; the zero image). L2 sensitivity C for a clipped gradient row, sqrt(ab) * sqrt(d)
-  for a release sqrt(ab) x_0 + sqrt(1 - ab) eps of an image clipped to [-1, 1]^d.
-- ``replace``: one image replaced by another: twice those sensitivities (2C; 2 sqrt(ab) sqrt(d)). Exact for
-  a single release (sample rate 1); with subsampling (q < 1) Opacus' sampled-Gaussian bound is proven for
-  add/remove only, so ``replace`` there is the usual approximation and the accountant says so in its log.
+**Unit: one image, composed over what was actually sent.** Every release and every split send of an image is a
+Gaussian mechanism on that image's pixels x_0; its strength is mu = L2 sensitivity / noise std (Gaussian DP).
+Composing Gaussian mechanisms adds mu^2 exactly (Dong, Roth & Su 2022), also adaptively, and an image's sends
+are chosen independently of any pixels (which image, when, at which t), so an image sent k times has
+mu^2 = sum_k mu_k^2, and epsilon at delta is that of one Gaussian mechanism with this mu (Balle & Wang 2018).
+No amplification by subsampling is claimed: a split step sends one row per image, so whether an image is in a
+batch is not hidden the way it is in a noised *sum* (DP-SGD); Poisson sampling gives such rows no amplification
+at all, and fixed-size sampling only while every image is treated alike, which the per-image caps of split
+(client/protocols/split.py) deliberately do not do. Epsilon is therefore the worst image's, whatever the sampler.
 
-The noise multiplier handed to the accountant is always noise std / L2 sensitivity. Opacus is imported on
-first use (it takes seconds to import).
+One send, per image, under replace-one (p_t = ab_t / (1 - ab_t)):
+
+- a release sqrt(ab) x_0 + sqrt(1 - ab) eps: sensitivity 2 sqrt(ab d), noise sqrt(1 - ab): mu^2 = 4 d p;
+- a split row's x_t: the same at its t;
+- its gradient row, given x_t: clip_C((2/d)(eps_hat - eps)) with eps = (x_t - sqrt(ab) x_0) / sqrt(1 - ab). Two
+  clipped rows differ by at most 2C; and since clipping is 1-Lipschitz and eps moves by sqrt(p) per unit of
+  x_0, they differ by at most (2/d) sqrt(p) * 2 sqrt(d) = 4 sqrt(p / d). Noise sigma C:
+  mu^2 = min(2C, 4 sqrt(p/d))^2 / (sigma C)^2. Without noise (sigma = 0 or no clipping) mu is infinite.
 """
 
 from __future__ import annotations
 
-import copy
-import logging
 import math
-import warnings
-from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Literal
 
 import torch
 
-log = logging.getLogger(__name__)
-
-Adjacency = Literal["add_remove", "replace"]
-AccountantKind = Literal["rdp", "prv"]
-
-# Opacus' default orders plus orders near 1 (tiny noise multipliers, e.g. a release just above the data)
-# and large orders (large noise multipliers), so the optimum is rarely at an end of the range.
-RDP_ORDERS: tuple[float, ...] = (
-    tuple(1.0 + k / 100 for k in range(1, 10))
-    + tuple(1.0 + x / 10.0 for x in range(1, 100))
-    + tuple(float(a) for a in range(12, 64))
-    + (128.0, 256.0, 512.0, 1024.0, 4096.0)
-)
+Relation = Literal["replace", "zero"]
+RELATIONS: tuple[str, ...] = ("replace", "zero")
 
 
-class PrivacyBudgetExceeded(RuntimeError):
-    """The next step would spend more privacy than the client's --dp-epsilon allows."""
-
-
-def _sensitivity_factor(adjacency: Adjacency) -> float:
-    if adjacency == "add_remove":
-        return 1.0
-    if adjacency == "replace":
+def _x_distance(relation: Relation) -> float:
+    """Largest ||x_0 - x_0'|| / sqrt(d) between neighbours: any two images in [-1, 1]^d, or an image and zero."""
+    if relation == "replace":
         return 2.0
-    raise ValueError(f"unknown adjacency {adjacency!r}: use 'add_remove' or 'replace'")
+    if relation == "zero":
+        return 1.0
+    raise ValueError(f"unknown neighbouring relation {relation!r}: use 'replace' (replace-one) or 'zero' "
+                     "(replace by the zero image); add/remove is not a relation these releases can meet")
 
 
 # ---- the mechanism ----------------------------------------------------------------------------------
@@ -94,28 +90,63 @@ def privatize(
     return clipped + (noise_multiplier * max_norm) * noise
 
 
-# ---- noise multipliers of the two protocols -----------------------------------------------------------
+# ---- what one release or send costs (mu^2, Gaussian DP) ---------------------------------------------
 
 
-def gradient_noise_multiplier(noise_multiplier: float, adjacency: Adjacency = "add_remove") -> float:
-    """The accountant's multiplier for clipped gradient rows with noise std sigma*C."""
-    return noise_multiplier / _sensitivity_factor(adjacency)
-
-
-def release_noise_multiplier(alpha_bar: float, num_elements: int, adjacency: Adjacency = "add_remove") -> float:
-    """Noise std / L2 sensitivity of one release sqrt(ab) x_0 + sqrt(1 - ab) eps of x_0 in [-1, 1]^d.
-
-    Sensitivity of sqrt(ab) x_0: sqrt(ab) * sqrt(d) (add/remove against the zero image) or twice that
-    (replace). ab = 1 (cut 0, the raw image) gives multiplier 0: no privacy at all.
-    """
+def _odds(alpha_bar: float) -> float:
     if not 0.0 <= alpha_bar <= 1.0:
         raise ValueError(f"alpha_bar must lie in [0, 1], got {alpha_bar}")
+    return math.inf if alpha_bar == 1.0 else alpha_bar / (1.0 - alpha_bar)
+
+
+def release_mu2(alpha_bar: float, num_elements: int, relation: Relation = "replace") -> float:
+    """mu^2 of one release sqrt(ab) x_0 + sqrt(1 - ab) eps of an image in [-1, 1]^d: (k sqrt(d))^2 * ab / (1 - ab).
+
+    k = 2 under replace-one, 1 against the zero image. ab = 1 (cut 0, the raw image): infinite.
+    """
     if num_elements < 1:
         raise ValueError(f"an image has at least one element, got d = {num_elements}")
-    if alpha_bar == 0.0:
-        return math.inf
-    sensitivity = _sensitivity_factor(adjacency) * math.sqrt(alpha_bar * num_elements)
-    return math.sqrt(1.0 - alpha_bar) / sensitivity
+    return _x_distance(relation) ** 2 * num_elements * _odds(alpha_bar)
+
+
+def gradient_mu2(
+    alpha_bar: float, num_elements: int, clip: float | None, noise_multiplier: float, relation: Relation = "replace"
+) -> float:
+    """mu^2 of one clipped, noised gradient row given its x_t (module docstring): min(2C, L)^2 / (sigma C)^2.
+
+    L = (2/d) sqrt(ab / (1 - ab)) * k sqrt(d) is how far the row can move when x_0 moves by the relation's
+    distance; 2C is how far two clipped rows can be apart, whichever image is the null record.
+    """
+    if clip is None or noise_multiplier <= 0:
+        return math.inf  # the exact gradient gives eps, hence x_0
+    lipschitz = 2.0 / num_elements * math.sqrt(_odds(alpha_bar)) * _x_distance(relation) * math.sqrt(num_elements)
+    return (min(2.0 * clip, lipschitz) / (noise_multiplier * clip)) ** 2
+
+
+def split_send_mu2(
+    alpha_bar: float, num_elements: int, clip: float | None, noise_multiplier: float, relation: Relation = "replace"
+) -> float:
+    """mu^2 of one split send of one image at a level alpha_bar: its x_t and its gradient row, composed."""
+    return release_mu2(alpha_bar, num_elements, relation) + gradient_mu2(
+        alpha_bar, num_elements, clip, noise_multiplier, relation)
+
+
+# ---- noise multipliers (noise std / sensitivity = 1 / mu) ------------------------------------------
+
+
+def release_noise_multiplier(alpha_bar: float, num_elements: int, adjacency: Relation = "replace") -> float:
+    """Noise std / L2 sensitivity of one release of x_0 in [-1, 1]^d (1 / mu); 0 for the raw image (cut 0)."""
+    mu2 = release_mu2(alpha_bar, num_elements, adjacency)
+    return 0.0 if math.isinf(mu2) else (math.inf if mu2 == 0 else mu2**-0.5)
+
+
+def gradient_noise_multiplier(noise_multiplier: float, adjacency: Relation = "replace") -> float:
+    """Multiplier of a clipped row with noise sigma C, from the clipping bound alone: sigma C / 2C = sigma / 2.
+
+    The same under both relations: the null record's row is not zero. (``gradient_mu2`` is tighter at high t.)
+    """
+    _x_distance(adjacency)
+    return noise_multiplier / 2.0
 
 
 def combined_noise_multiplier(*multipliers: float) -> float:
@@ -128,47 +159,7 @@ def combined_noise_multiplier(*multipliers: float) -> float:
     return 0.0 if math.isinf(inverse) else (math.inf if inverse == 0 else inverse**-0.5)
 
 
-# ---- accounting -------------------------------------------------------------------------------------
-
-
-def gaussian_rdp(order: float, noise_multiplier: float) -> float:
-    """RDP of the (unsampled) Gaussian mechanism at order alpha: alpha / (2 s^2), s = std / sensitivity."""
-    return math.inf if noise_multiplier == 0 else order / (2.0 * noise_multiplier**2)
-
-
-def analytic_gaussian_epsilon(noise_multiplier: float, delta: float) -> float:
-    """Exact epsilon of one Gaussian mechanism at delta (Balle & Wang 2018), for a single release.
-
-    delta(eps) = Phi(1/(2s) - eps s) - e^eps Phi(-1/(2s) - eps s) with s = noise multiplier; bisection in eps.
-    """
-    from scipy.stats import norm
-
-    _check_delta(delta)
-    if noise_multiplier == 0:
-        return math.inf
-    if math.isinf(noise_multiplier):
-        return 0.0
-    s = noise_multiplier
-
-    def delta_of(eps: float) -> float:
-        # log-space for the second term: e^eps overflows where Phi underflows.
-        second = math.exp(eps + float(norm.logcdf(-1.0 / (2 * s) - eps * s)))
-        return float(norm.cdf(1.0 / (2 * s) - eps * s)) - second
-
-    if delta_of(0.0) <= delta:
-        return 0.0
-    low, high = 0.0, 1.0
-    while delta_of(high) > delta:
-        low, high = high, high * 2
-        if high > 1e7:
-            return math.inf
-    for _ in range(200):
-        mid = 0.5 * (low + high)
-        if delta_of(mid) > delta:
-            low = mid
-        else:
-            high = mid
-    return high
+# ---- epsilon ----------------------------------------------------------------------------------------
 
 
 def _check_delta(delta: float) -> None:
@@ -176,146 +167,91 @@ def _check_delta(delta: float) -> None:
         raise ValueError(f"delta must lie in (0, 1), got {delta}; a usual choice is below 1 / (number of images)")
 
 
-def _make_accountant(kind: AccountantKind) -> Any:
-    from opacus.accountants import PRVAccountant, RDPAccountant
+def _log_delta(mu: float, eps: float) -> float:
+    """ln delta(eps) of a mu-GDP mechanism: Phi(mu/2 - eps/mu) - e^eps Phi(-mu/2 - eps/mu), in log space."""
+    from scipy.stats import norm
 
-    if kind == "rdp":
-        return RDPAccountant()
-    if kind == "prv":
-        return PRVAccountant()
-    raise ValueError(f"unknown accountant {kind!r}: use 'rdp' or 'prv'")
+    first = float(norm.logcdf(mu / 2 - eps / mu))
+    second = eps + float(norm.logcdf(-mu / 2 - eps / mu))
+    return first + math.log1p(-math.exp(second - first)) if second < first else -math.inf
 
 
-class PrivacyAccountant:
-    """Opacus' RDP (default) or PRV accountant over (noise multiplier, sample rate) steps.
+def gaussian_epsilon(mu: float, delta: float) -> float:
+    """Exact epsilon at delta of a Gaussian mechanism with mu = sensitivity / noise std (Balle & Wang 2018)."""
+    from scipy.optimize import brentq
 
-    Zero noise (a raw image, or DP off) makes epsilon infinite; it is recorded, not passed to Opacus.
-    ``state_dict`` is plain JSON (a history of (multiplier, rate, steps)), for the client's ledger.
+    _check_delta(delta)
+    if mu <= 0:
+        return 0.0
+    if math.isinf(mu):
+        return math.inf
+    target = math.log(delta)
+    if _log_delta(mu, 0.0) <= target:
+        return 0.0
+    high = 1.0
+    while _log_delta(mu, high) > target:
+        high *= 2.0
+    return float(brentq(lambda e: _log_delta(mu, e) - target, high / 2 if high > 1 else 0.0, high, xtol=1e-12,
+                        rtol=1e-12))
+
+
+def gaussian_mu(epsilon: float, delta: float) -> float:
+    """The largest mu whose Gaussian mechanism is (epsilon, delta)-DP: the inverse of ``gaussian_epsilon``."""
+    from scipy.optimize import brentq
+
+    _check_delta(delta)
+    if math.isinf(epsilon):
+        return math.inf
+    if not epsilon >= 0:
+        raise ValueError(f"epsilon must be >= 0, got {epsilon}")
+    target = math.log(delta)
+    low, high = 1e-6, 1.0
+    while _log_delta(high, epsilon) < target:
+        low, high = high, high * 2.0
+    if _log_delta(low, epsilon) > target:
+        return 0.0
+    return float(brentq(lambda m: _log_delta(m, epsilon) - target, low, high, xtol=1e-12, rtol=1e-12))
+
+
+def epsilon_of_mu2(mu2: float, delta: float) -> float:
+    """Epsilon at delta after Gaussian mechanisms whose mu^2 add up to ``mu2`` (their exact composition)."""
+    return gaussian_epsilon(math.sqrt(mu2), delta) if mu2 > 0 else 0.0
+
+
+def analytic_gaussian_epsilon(noise_multiplier: float, delta: float) -> float:
+    """Exact epsilon of one Gaussian mechanism with noise std / sensitivity = ``noise_multiplier``."""
+    _check_delta(delta)
+    if noise_multiplier == 0:
+        return math.inf
+    return gaussian_epsilon(1.0 / noise_multiplier, delta)
+
+
+def epsilon_after(noise_multiplier: float, sample_rate: float, steps: int, delta: float) -> float:
+    """Epsilon at delta after ``steps`` Gaussian mechanisms on the same image, each at ``noise_multiplier``.
+
+    ``sample_rate`` must be 1: no amplification by subsampling is claimed for per-image releases (module docstring).
     """
-
-    def __init__(self, kind: AccountantKind = "rdp") -> None:
-        self.kind: AccountantKind = kind
-        self._accountant = _make_accountant(kind)
-        self._unbounded = False  # a step with zero noise was taken
-
-    @property
-    def history(self) -> list[tuple[float, float, int]]:
-        return [(float(s), float(q), int(n)) for s, q, n in self._accountant.history]
-
-    @property
-    def steps(self) -> int:
-        return sum(n for _, _, n in self.history)
-
-    def step(self, noise_multiplier: float, sample_rate: float, steps: int = 1) -> None:
-        if not 0.0 < sample_rate <= 1.0:
-            raise ValueError(f"sample rate q must lie in (0, 1], got {sample_rate}")
-        if noise_multiplier < 0 or steps < 0:
-            raise ValueError(f"noise multiplier and steps must be >= 0, got {noise_multiplier}, {steps}")
-        if steps == 0 or math.isinf(noise_multiplier):
-            return  # a step that releases nothing about the image costs nothing
-        if noise_multiplier == 0:
-            self._unbounded = True
-            return
-        history = self._accountant.history
-        if history and history[-1][:2] == (noise_multiplier, sample_rate):
-            history[-1] = (noise_multiplier, sample_rate, history[-1][2] + steps)
-        else:
-            history.append((noise_multiplier, sample_rate, steps))
-
-    def epsilon(self, delta: float) -> float:
-        _check_delta(delta)
-        if self._unbounded:
-            return math.inf
-        if not self._accountant.history:
-            return 0.0
-        if self.kind == "rdp":
-            with warnings.catch_warnings():
-                # At the smallest order for tiny multipliers (a nearly raw release): still a valid upper bound.
-                warnings.filterwarnings("ignore", message="Optimal order is the (smallest|largest) alpha")
-                return float(self._accountant.get_epsilon(delta=delta, alphas=list(RDP_ORDERS)))
-        return float(self._accountant.get_epsilon(delta=delta))
-
-    def copy(self) -> PrivacyAccountant:
-        return copy.deepcopy(self)
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"kind": self.kind, "history": [list(h) for h in self.history], "unbounded": self._unbounded}
-
-    @classmethod
-    def from_state_dict(cls, state: dict[str, Any]) -> PrivacyAccountant:
-        accountant = cls(state.get("kind", "rdp"))
-        for s, q, n in state.get("history", []):
-            accountant.step(float(s), float(q), int(n))
-        accountant._unbounded = bool(state.get("unbounded", False))
-        return accountant
-
-
-def epsilon_after(
-    noise_multiplier: float, sample_rate: float, steps: int, delta: float, kind: AccountantKind = "rdp"
-) -> float:
-    """Epsilon at delta after ``steps`` subsampled Gaussian steps (Poisson rate q, multiplier s)."""
-    accountant = PrivacyAccountant(kind)
-    accountant.step(noise_multiplier, sample_rate, steps)
-    return accountant.epsilon(delta)
+    if sample_rate != 1.0:
+        raise ValueError(f"sample rate {sample_rate}: amplification by subsampling does not apply to per-image rows "
+                         "(a row's presence is visible); account the sends each image actually made")
+    if steps < 0 or noise_multiplier < 0:
+        raise ValueError(f"noise multiplier and steps must be >= 0, got {noise_multiplier}, {steps}")
+    _check_delta(delta)
+    if steps == 0 or math.isinf(noise_multiplier):
+        return 0.0
+    if noise_multiplier == 0:
+        return math.inf
+    return epsilon_of_mu2(steps / noise_multiplier**2, delta)
 
 
 def release_epsilon(
-    alpha_bar: float, num_elements: int, delta: float, adjacency: Adjacency = "add_remove", releases: int = 1
-) -> dict[str, float]:
-    """What releasing one image at noise level alpha_bar costs, in the DP unit of the split protocol.
-
-    ``rdp``: the accountant's epsilon (composes with other steps); ``exact``: the analytic Gaussian
-    mechanism's epsilon for a single release (tight; only for ``releases`` = 1).
-    """
-    multiplier = release_noise_multiplier(alpha_bar, num_elements, adjacency)
-    out = {
-        "noise_multiplier": multiplier,
-        "epsilon_rdp": epsilon_after(multiplier, 1.0, releases, delta),
+    alpha_bar: float, num_elements: int, delta: float, adjacency: Relation = "replace", releases: int = 1
+) -> dict[str, float | str]:
+    """What releasing one image ``releases`` times at noise level alpha_bar costs (independent noise each time)."""
+    mu2 = release_mu2(alpha_bar, num_elements, adjacency)
+    return {
+        "relation": adjacency,
+        "noise_multiplier": 0.0 if math.isinf(mu2) else mu2**-0.5,
+        "mu": math.sqrt(mu2),
+        "epsilon_exact": epsilon_of_mu2(releases * mu2, delta) if math.isfinite(mu2) else math.inf,
     }
-    if releases == 1:
-        out["epsilon_exact"] = analytic_gaussian_epsilon(multiplier, delta)
-    return out
-
-
-@dataclass
-class PrivacyBudget:
-    """A client's budget (--dp-epsilon, --dp-delta): refuse any step that would spend past it."""
-
-    epsilon: float
-    delta: float
-    accountant: PrivacyAccountant
-
-    def __post_init__(self) -> None:
-        if not self.epsilon > 0:
-            raise ValueError(f"--dp-epsilon must be > 0, got {self.epsilon}")
-        _check_delta(self.delta)
-
-    @classmethod
-    def new(cls, epsilon: float, delta: float, kind: AccountantKind = "rdp") -> PrivacyBudget:
-        return cls(epsilon, delta, PrivacyAccountant(kind))
-
-    def spent(self) -> float:
-        return self.accountant.epsilon(self.delta)
-
-    def epsilon_if(self, noise_multiplier: float, sample_rate: float, steps: int = 1) -> float:
-        """Epsilon spent after the given further steps (the accountant itself is not changed)."""
-        trial = self.accountant.copy()
-        trial.step(noise_multiplier, sample_rate, steps)
-        return trial.epsilon(self.delta)
-
-    def allows(self, noise_multiplier: float, sample_rate: float, steps: int = 1) -> bool:
-        return self.epsilon_if(noise_multiplier, sample_rate, steps) <= self.epsilon
-
-    def charge(self, noise_multiplier: float, sample_rate: float, steps: int = 1) -> float:
-        """Account the steps if the budget allows them; else raise PrivacyBudgetExceeded (nothing charged)."""
-        after = self.epsilon_if(noise_multiplier, sample_rate, steps)
-        if after > self.epsilon:
-            raise PrivacyBudgetExceeded(
-                f"privacy budget spent: {self.accountant.steps} steps have used epsilon = {self.spent():.3g} "
-                f"of --dp-epsilon {self.epsilon:g} (delta {self.delta:g}); the next {steps} step(s) at noise "
-                f"multiplier {noise_multiplier:g}, sample rate {sample_rate:g} would bring it to {after:.3g}. "
-                "The client stops sending. To go on, raise --dp-epsilon, add noise (a larger noise multiplier), "
-                "or train the rest locally."
-            )
-        self.accountant.step(noise_multiplier, sample_rate, steps)
-        return after

@@ -27,3 +27,7 @@ class LedgerRefusal(ClientError):
 
 class ServerFingerprintChanged(ClientError):
     """The server's image spec / schedule / classes differ from what this client joined with."""
+
+
+class InconsistentServerReply(ClientError):
+    """The server's reply contradicts itself (e.g. a fingerprint that is not the one of the setup it serves)."""

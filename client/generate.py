@@ -3,7 +3,7 @@
 The request carries the labels, seed, chain length and scheduler; the server streams
 back x_hat_cut. The client builds the same chain once (``make_chain``) and runs its
 slice with ``common.sampling.client_half``, its EMA model, the same seed and the
-same image indices (0..N-1), so the result equals ``common.sampling.split_sample``
+same image indices (0..N-1), so the result equals ``common.sampling.handoff_sample``
 run in one process with the same weights.
 """
 

@@ -5,7 +5,7 @@ durable). It holds
 
 - the client secret (random, created once; it keys the image HMACs and the noise seeds and
   never leaves) and the client id;
-- per image: ``image_key = HMAC-SHA256(secret, 8-bit pixels as released)`` (client/identity.py:
+- per image: ``image_key = HMAC-SHA256(secret, 8-bit pixels as released)`` (client/image_identity.py:
   an image is its pixels, so a renamed or re-encoded copy has the same key; the server sees
   this opaque key, never a file name) and its perceptual hash (near-duplicates);
 - every release, written as ``sent`` *before* its bytes go and marked ``acked`` after the
@@ -42,7 +42,7 @@ from typing import Any, Self
 import torch
 
 from collafuse.client.errors import ClientError, LedgerRefusal
-from collafuse.client.identity import Copy, ImageIdentity, perceptual_hash, pixel_message
+from collafuse.client.image_identity import Copy, ImageIdentity, perceptual_hash, pixel_message
 from collafuse.common.schedule import ScheduleConfig
 
 log = logging.getLogger(__name__)
@@ -142,9 +142,23 @@ class PinnedSchedule:
     """The schedule first accepted (trust on first use) and the noise floor: the most alpha_bar a release may have."""
 
     config_json: str
-    fingerprint: str
+    digest: str  # the schedule config's sha256 (ScheduleConfig.config_digest)
     floor_alpha_bar: float
     floor_origin: str
+
+
+@dataclass(frozen=True)
+class FloorConfig:
+    """The client's own word on its noise floor (client/noise_floor.py): its reference schedule (the floor is
+    alpha_bar at --cut under it) and, when stated, --max-release-alpha-bar, which replaces that."""
+
+    reference: ScheduleConfig
+    max_alpha_bar: float | None = None
+
+    def describe(self) -> str:
+        r = self.reference
+        stated = f", --max-release-alpha-bar {self.max_alpha_bar:g}" if self.max_alpha_bar is not None else ""
+        return f"reference T={r.num_train_timesteps} {r.beta_schedule} {r.beta_start:g}..{r.beta_end:g}{stated}"
 
 
 class Ledger:
@@ -288,10 +302,10 @@ class Ledger:
             if self._meta("schedule_json") is not None:
                 return
             self._set_meta("schedule_json", schedule.config_json())
-            self._set_meta("schedule_fingerprint", schedule.config_fingerprint())
+            self._set_meta("schedule_fingerprint", schedule.config_digest())
             self._set_meta("floor_alpha_bar", repr(floor_alpha_bar))
             self._set_meta("floor_origin", origin)
-            self._event("pin", server, f"schedule {schedule.config_fingerprint()[:12]}, floor alpha_bar {floor_alpha_bar!r} ({origin})")
+            self._event("pin", server, f"schedule {schedule.config_digest()[:12]}, floor alpha_bar {floor_alpha_bar!r} ({origin})")
 
     def set_floor(self, floor_alpha_bar: float, origin: str, server: str) -> None:
         """Change the noise floor (the user said so with --max-release-alpha-bar); recorded as an event."""
@@ -303,7 +317,43 @@ class Ledger:
 
     def record_schedule_change(self, schedule: ScheduleConfig, server: str, detail: str) -> None:
         with self._transaction():
-            self._event("schedule", server, f"accepted schedule {schedule.config_fingerprint()[:12]}: {detail}")
+            self._event("schedule", server, f"accepted schedule {schedule.config_digest()[:12]}: {detail}")
+
+    def floor_config(self) -> FloorConfig:
+        """The client's own floor settings as last joined with (the defaults before any join)."""
+        reference = self._meta("reference_schedule_json")
+        stated = self._meta("max_release_alpha_bar")
+        return FloorConfig(
+            ScheduleConfig.model_validate_json(reference) if reference else ScheduleConfig(),
+            float(stated) if stated else None,
+        )
+
+    def set_floor_config(self, config: FloorConfig, server: str) -> None:
+        """Keep the reference schedule and the stated floor (--max-release-alpha-bar, None: not given) this client
+        joins with; every change is an event."""
+        with self._transaction():
+            old = self.floor_config()
+            self._set_meta("reference_schedule_json", config.reference.model_dump_json())
+            self._set_meta("max_release_alpha_bar", "" if config.max_alpha_bar is None else repr(config.max_alpha_bar))
+            if old != config:
+                self._event("floor", server, f"floor settings {old.describe()} -> {config.describe()}")
+
+    def look_gain(self, image_shape: Sequence[int] | None = None) -> float | None:
+        """The look gain (client/local_data.py::LookGain) of the spec last joined, if it is ``image_shape`` (None: any)."""
+        shape, gain = self._meta("look_gain_shape"), self._meta("look_gain")
+        if shape is None or gain is None:
+            return None
+        if image_shape is not None and shape != "x".join(map(str, image_shape)):
+            return None
+        return float(gain)
+
+    def set_look_gain(self, image_shape: Sequence[int], gain: float, server: str, detail: str) -> None:
+        with self._transaction():
+            shape = "x".join(map(str, image_shape))
+            if (self._meta("look_gain_shape"), self._meta("look_gain")) != (shape, repr(gain)):
+                self._event("spec", server, f"served {shape}, look gain {gain:.4g}: {detail}")
+            self._set_meta("look_gain_shape", shape)
+            self._set_meta("look_gain", repr(gain))
 
     # -- releases ---------------------------------------------------------------------------------
 
@@ -391,7 +441,7 @@ class Ledger:
             parts.append(
                 f"{len(other_level)} image(s){_examples(list(other_level), ids)} were already released at {shown}; "
                 f"releasing them at {level.describe()} too discloses more about each (two noisy copies). Keep "
-                f"--cut {previous[0][0]} at the same schedule, or use a fresh --workdir for other data"
+                f"--cut {previous[0][0]} at the same schedule"
             )
         if forgotten:
             parts.append(
@@ -491,8 +541,10 @@ class Ledger:
             "forgets": kinds.count("forget"),
             "resets": kinds.count("reset"),
             "fingerprint": self.fingerprint,
-            "schedule_fingerprint": pinned.fingerprint if pinned else "",
+            "schedule_fingerprint": pinned.digest if pinned else "",
             "floor_alpha_bar": pinned.floor_alpha_bar if pinned else None,
+            "floor_settings": self.floor_config().describe(),
+            "look_gain": self.look_gain(),
         }
 
 

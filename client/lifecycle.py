@@ -5,11 +5,11 @@ server's reply, the metrics file) and exposes each step as a method, so the CLI'
 sub-commands and an in-process simulation drive the same code:
 
     with ClientLifecycle(settings) as client:
-        metrics = client.run()          # or client.register(), client.release(), ...
+        metrics = client.run()          # or client.register(), client.contribute(), ...
 
 Each step's work lives in its own module, the lifecycle only strings them together and
 records the metrics: joining.py (Register and its checks), local_data.py (images in the
-server's spec), release.py (release_images), trainer.py (train_local), waiting.py (the
+server's spec), protocols/ (what each protocol sends), trainer.py (train_local), waiting.py (the
 server's training), generate.py (generate_samples).
 
 Order matters for privacy and for errors: the data folder is checked before the
@@ -34,7 +34,7 @@ from collafuse.client.generate import GenerateResult, generate_samples
 from collafuse.client.ledger import Ledger
 from collafuse.client.local_data import LocalData, load_local_data, map_labels
 from collafuse.client.privacy_ledger import privacy_report
-from collafuse.client.release import ReleaseReport, release_images
+from collafuse.client.protocols import ContributionReport, client_protocol
 from collafuse.client.report import RunReport
 from collafuse.client.trainer import TrainResult, train_local
 from collafuse.client.waiting import POLL_SECONDS, wait_for_training
@@ -42,6 +42,7 @@ from collafuse.common.config import ClientSettings
 from collafuse.common.data import UNLABELED, DataError, scan_image_folder
 from collafuse.common.rpc import RetryPolicy
 from collafuse.common.runtime import resolve_device
+from collafuse.common.schedule import Cut
 from collafuse.common.settings import ConfigError
 from collafuse.v1 import collafuse_pb2
 
@@ -159,27 +160,28 @@ class ClientLifecycle:
         self.report.update(num_images=len(self._data.dataset))
         return self._data
 
-    def release(self) -> ReleaseReport:
-        """Upload x_cut for every image not yet released to this server (nothing at cut = T)."""
+    def contribute(self) -> ContributionReport:
+        """Send what the protocol trains the server with (client/protocols/): ambient releases x_cut of every image
+        not yet released to this server; split runs split steps until the server or the budget says stop.
+        Nothing at cut = T."""
         s = self.settings
         info = self.server_info()
         data = self.load_data()
-        with self.report.phase("release"):
+        with self.report.phase("contribute"):
             # Releases are tracked per server identity (stable across restarts and address changes).
             released_here = len({r.image_key for r in self.ledger.releases() if r.server == info.server_id})
             # A server holding fewer of our releases than the ledger recorded lost (part of) its store, or
             # is a new one: resending is safe, the ledger's seeds make every payload byte-identical.
-            resend = info.releases_stored < released_here and s.cut < info.schedule.num_train_timesteps
+            resend = info.releases_stored < released_here and Cut(s.cut, info.schedule.num_train_timesteps).server_steps
             if resend:
                 log.warning("the server holds %d of the %d releases this client made to it; sending them again "
                             "(identical bytes, the server ignores those it has)", info.releases_stored, released_here)
-            report = release_images(
+            report = client_protocol(s.protocol, s).contribute(
                 self.connection, self.ledger, client_id=self.client_id, images=data.dataset.images,
-                labels=data.labels.tolist(), paths=data.dataset.paths, cut=s.cut, protocol=s.protocol,
-                schedule=info.schedule, server=info.server_id, resend=resend, re_release=s.re_release_confirm,
-                settings=s,
+                labels=data.labels.tolist(), paths=data.dataset.paths, cut=s.cut, schedule=info.schedule,
+                server=info.server_id, resend=resend, re_release=s.re_release_confirm,
             )
-            self.report.update(release=report.to_json(), privacy=self.privacy())
+            self.report.update(contribution=report.to_json(), privacy=self.privacy())
         return report
 
     def train(self) -> TrainResult:
@@ -210,7 +212,7 @@ class ClientLifecycle:
         if not s.wait_for_server:
             log.info("not waiting for the server's training (--no-wait-for-server)")
             return None
-        if s.cut >= info.schedule.num_train_timesteps:
+        if Cut(s.cut, info.schedule.num_train_timesteps).independent:
             log.info("cut = T: the client runs every sampling step, so the server's training is not needed")
             return None
         with self.report.phase("wait_for_server"):
@@ -282,10 +284,10 @@ class ClientLifecycle:
             # Split steps wait for each round's other clients: the local model trains meanwhile.
             with ThreadPoolExecutor(1, thread_name_prefix="local-train") as pool:
                 training = pool.submit(self.train)
-                self.release()
+                self.contribute()
                 training.result()
         else:
-            self.release()
+            self.contribute()
             self.train()
         self.wait_for_server()
         self.generate()

@@ -1,15 +1,19 @@
-"""The privacy a client has spent, kept in its ledger file: one row per split step or release batch.
+"""The privacy a client has spent, kept in its ledger file: per image, every split send, and per step.
 
-The rows live in the release ledger's own SQLite file (``<workdir>/ledger.sqlite``, table
-``privacy_spend``) so that what left and what it cost are one durable record. Like a release, a step is
-recorded *before* its bytes go (status ``sent``) and marked ``acked`` after the server's answer: an
-unanswered send counts as spent.
+The tables live in the release ledger's own SQLite file (``<workdir>/ledger.sqlite``) so that what left and
+what it cost are one durable record:
 
-Each row is one Gaussian mechanism on every image of the client's data set: a noise multiplier s (noise
-std / L2 sensitivity; client/dp.py) and a sample rate q (the share of the images it touched). The spent
-epsilon at delta is Opacus' RDP accountant over all rows (client/dp.py ``PrivacyAccountant`` composes the
-same way); ``RdpTotal`` keeps the running RDP vector so that a step costs one vector addition instead of a
-fresh analysis of the whole history (0.36 s per step with the accountant, which a split step cannot afford).
+- ``split_sends``: one row per image per split send (image key, t, mu^2 of the send; client/dp.py);
+- ``split_exposure``: per image, the sum of its sends' mu^2 and how many sends (what its cap is held against);
+- ``privacy_spend``: one row per split step (the step's images, the share of the sendable images it drew,
+  its least noisy send as a noise multiplier 1/mu, and epsilon after it).
+
+Like a release, a step is recorded *before* its bytes go (status ``sent``) and marked ``acked`` after the
+server's answer: an unanswered send counts as spent.
+
+The unit is one image under replace-one (client/dp.py): Gaussian mechanisms compose by adding mu^2, so the
+client's epsilon at delta is that of its most exposed image, epsilon(max_i sum_k mu_ik^2). Ambient releases are
+priced the same way (one Gaussian mechanism per release, ``release_epsilon``).
 """
 
 from __future__ import annotations
@@ -17,15 +21,12 @@ from __future__ import annotations
 import math
 import sqlite3
 import time
-import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
-from collafuse.client.dp import RDP_ORDERS, release_epsilon
+from collafuse.client.dp import epsilon_of_mu2, release_epsilon, release_mu2
 from collafuse.client.errors import ClientError
 from collafuse.client.ledger import Ledger
 
@@ -42,59 +43,39 @@ CREATE TABLE IF NOT EXISTS privacy_spend (
     delta REAL NOT NULL,
     status TEXT NOT NULL CHECK (status IN ('sent', 'acked'))
 );
+CREATE TABLE IF NOT EXISTS split_exposure (
+    image_key TEXT PRIMARY KEY,
+    mu2 REAL NOT NULL,
+    sends INTEGER NOT NULL,
+    phash TEXT
+);
+CREATE TABLE IF NOT EXISTS split_sends (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    step INTEGER NOT NULL,
+    image_key TEXT NOT NULL,
+    t INTEGER NOT NULL,
+    mu2 REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS split_sends_by_image ON split_sends(image_key);
 """
 
 
-class RdpTotal:
-    """RDP of a composition of (sub)sampled Gaussian mechanisms over ``RDP_ORDERS``, kept as a running sum."""
+@dataclass(frozen=True)
+class Exposure:
+    """What split has sent of one image: mu^2 summed over its sends, and their number."""
 
-    def __init__(self) -> None:
-        self.orders = list(RDP_ORDERS)
-        self.rdp = np.zeros(len(self.orders))
-        self.unbounded = False  # a mechanism without noise was composed: epsilon is infinite
-        self.steps = 0
-        self._per_step: dict[tuple[float, float], np.ndarray] = {}
+    mu2: float = 0.0
+    sends: int = 0
 
-    def _one(self, noise_multiplier: float, sample_rate: float) -> np.ndarray:
-        key = (noise_multiplier, sample_rate)
-        if key not in self._per_step:
-            from opacus.accountants.analysis.rdp import compute_rdp
 
-            self._per_step[key] = np.asarray(
-                compute_rdp(q=sample_rate, noise_multiplier=noise_multiplier, steps=1, orders=self.orders), dtype=float
-            )
-        return self._per_step[key]
+@dataclass(frozen=True)
+class Send:
+    """One image in one split step: its key, the t it was sent at, and the send's mu^2."""
 
-    def with_steps(self, noise_multiplier: float, sample_rate: float, steps: int = 1) -> tuple[np.ndarray, bool]:
-        """(rdp, unbounded) after ``steps`` more steps; ``self`` unchanged."""
-        if not 0.0 < sample_rate <= 1.0:
-            raise ValueError(f"sample rate q must lie in (0, 1], got {sample_rate}")
-        if steps == 0 or math.isinf(noise_multiplier):
-            return self.rdp, self.unbounded  # the step releases nothing about an image
-        if noise_multiplier <= 0:
-            return self.rdp, True
-        return self.rdp + steps * self._one(noise_multiplier, sample_rate), self.unbounded
-
-    def add(self, noise_multiplier: float, sample_rate: float, steps: int = 1) -> None:
-        self.rdp, self.unbounded = self.with_steps(noise_multiplier, sample_rate, steps)
-        self.steps += steps
-
-    def epsilon(self, delta: float, rdp: np.ndarray | None = None, unbounded: bool | None = None) -> float:
-        from opacus.accountants.analysis.rdp import get_privacy_spent
-
-        rdp = self.rdp if rdp is None else rdp
-        if self.unbounded if unbounded is None else unbounded:
-            return math.inf
-        if not rdp.any():
-            return 0.0
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message="Optimal order is the (smallest|largest) alpha")
-            eps, _ = get_privacy_spent(orders=self.orders, rdp=rdp, delta=delta)
-        return float(eps)
-
-    def epsilon_if(self, delta: float, noise_multiplier: float, sample_rate: float, steps: int = 1) -> float:
-        rdp, unbounded = self.with_steps(noise_multiplier, sample_rate, steps)
-        return self.epsilon(delta, rdp, unbounded)
+    image_key: str
+    t: int
+    mu2: float
+    phash: int | None = None
 
 
 @dataclass(frozen=True)
@@ -117,7 +98,7 @@ def finite_or_none(value: float) -> float | None:
 
 
 class PrivacyLedger:
-    """The ``privacy_spend`` table of a workdir's ledger file, with the running accountant over it."""
+    """The split tables of a workdir's ledger file: per-image exposure, every send, and the steps."""
 
     def __init__(self, ledger_path: Path) -> None:
         self.path = Path(ledger_path)
@@ -126,35 +107,63 @@ class PrivacyLedger:
             self._db.executescript(SCHEMA)
         except sqlite3.DatabaseError as exc:
             raise ClientError(f"the ledger {self.path} cannot be read ({exc}); restore it or use a fresh --workdir") from exc
-        self.total = RdpTotal()
-        for s, q, n in self._history():
-            self.total.add(s, q, n)
 
     def close(self) -> None:
         self._db.close()
 
-    def _history(self) -> list[tuple[float, float, int]]:
-        """Consecutive rows with the same (multiplier, rate) merged: the accountant's history."""
-        merged: list[tuple[float, float, int]] = []
-        for s, q in self._db.execute("SELECT noise_multiplier, sample_rate FROM privacy_spend ORDER BY seq"):
-            if merged and merged[-1][:2] == (s, q):
-                merged[-1] = (s, q, merged[-1][2] + 1)
-            else:
-                merged.append((float(s), float(q), 1))
-        return merged
+    # -- per image ------------------------------------------------------------------------------------
 
-    def record(
-        self, *, server: str, protocol: str, images: int, sample_rate: float, noise_multiplier: float, delta: float
+    def exposures(self) -> dict[str, Exposure]:
+        rows = self._db.execute("SELECT image_key, mu2, sends FROM split_exposure").fetchall()
+        return {str(k): Exposure(float(m), int(s)) for k, m, s in rows}
+
+    def sent_hashes(self) -> dict[str, int]:
+        """Perceptual hash of every image split has sent (for near-duplicate checks, like released ones)."""
+        rows = self._db.execute("SELECT image_key, phash FROM split_exposure WHERE sends > 0 AND phash IS NOT NULL")
+        return {str(k): int(h, 16) for k, h in rows.fetchall()}
+
+    def max_mu2(self) -> float:
+        row = self._db.execute("SELECT MAX(mu2) FROM split_exposure").fetchone()
+        return float(row[0] or 0.0)
+
+    def epsilon(self, delta: float) -> float:
+        """Epsilon at delta of the most exposed image over every split send in this ledger."""
+        return epsilon_of_mu2(self.max_mu2(), delta)
+
+    # -- steps ----------------------------------------------------------------------------------------
+
+    def record_step(
+        self,
+        *,
+        server: str,
+        protocol: str,
+        sends: Sequence[Send],
+        sample_rate: float,
+        delta: float,
     ) -> tuple[int, float]:
-        """Charge one mechanism (before its bytes go); returns (row, epsilon spent after it)."""
-        self.total.add(noise_multiplier, sample_rate)
-        epsilon = self.total.epsilon(delta)
-        cursor = self._db.execute(
-            "INSERT INTO privacy_spend(time, server, protocol, images, sample_rate, noise_multiplier, epsilon, delta, "
-            "status) VALUES (?, ?, ?, ?, ?, ?, ?, ?, 'sent')",
-            (time.time(), server, protocol, int(images), float(sample_rate), float(noise_multiplier), epsilon, delta),
-        )
-        return int(cursor.lastrowid or 0), epsilon
+        """Charge one step's sends (before its bytes go); returns (row, epsilon after it)."""
+        if not sends:
+            raise ValueError("a step sends at least one image")
+        worst = max(s.mu2 for s in sends)
+        with self._transaction() as db:
+            for send in sends:
+                db.execute(
+                    "INSERT INTO split_exposure(image_key, mu2, sends, phash) VALUES (?, ?, 1, ?) "
+                    "ON CONFLICT(image_key) DO UPDATE SET mu2 = mu2 + excluded.mu2, sends = sends + 1, "
+                    "phash = COALESCE(excluded.phash, phash)",
+                    (send.image_key, send.mu2, None if send.phash is None else f"{send.phash:016x}"),
+                )
+            epsilon = epsilon_of_mu2(float(db.execute("SELECT MAX(mu2) FROM split_exposure").fetchone()[0]), delta)
+            cursor = db.execute(
+                "INSERT INTO privacy_spend(time, server, protocol, images, sample_rate, noise_multiplier, epsilon, "
+                "delta, status) VALUES (?, ?, ?, ?, ?, ?, ?, ?, 'sent')",
+                (time.time(), server, protocol, len(sends), float(sample_rate),
+                 0.0 if math.isinf(worst) else worst**-0.5, epsilon, delta),
+            )
+            seq = int(cursor.lastrowid or 0)
+            db.executemany("INSERT INTO split_sends(step, image_key, t, mu2) VALUES (?, ?, ?, ?)",
+                           [(seq, s.image_key, int(s.t), s.mu2) for s in sends])
+        return seq, epsilon
 
     def mark_acked(self, seqs: Sequence[int]) -> None:
         self._db.executemany("UPDATE privacy_spend SET status = 'acked' WHERE seq = ?", [(s,) for s in seqs])
@@ -166,28 +175,73 @@ class PrivacyLedger:
         ).fetchall()
         return [SpendRecord(*row) for row in rows]
 
-    def summary(self, delta: float) -> dict[str, Any]:
-        """Steps charged, and the epsilon spent at ``delta`` over all of them."""
+    def sends(self) -> list[tuple[int, str, int, float]]:
+        """(step, image key, t, mu^2) of every split send, in order."""
+        rows = self._db.execute("SELECT step, image_key, t, mu2 FROM split_sends ORDER BY seq").fetchall()
+        return [(int(a), str(b), int(c), float(d)) for a, b, c, d in rows]
+
+    def summary(self, delta: float, reference_mu2: float | None = None) -> dict[str, Any]:
+        """Steps and sends charged, and epsilon at ``delta`` of the most exposed image.
+
+        ``reference_mu2``: mu^2 of one ambient release at the client's floor, to state exposure in those units.
+        """
         one = self._db.execute
+        steps = int(one("SELECT COUNT(*) FROM privacy_spend").fetchone()[0])
         by_protocol = dict(one("SELECT protocol, COUNT(*) FROM privacy_spend GROUP BY protocol").fetchall())
-        epsilon = self.total.epsilon(delta)
-        return {
-            "accountant": "rdp",
+        images, sends = one("SELECT COUNT(*), COALESCE(SUM(sends), 0) FROM split_exposure WHERE sends > 0").fetchone()
+        worst = self.max_mu2()
+        epsilon = epsilon_of_mu2(worst, delta)
+        out: dict[str, Any] = {
+            "accountant": "per-image Gaussian composition (exact), replace-one, labels public; no subsampling "
+                          "amplification",
             "delta": delta,
             "epsilon": finite_or_none(epsilon),
             "epsilon_unbounded": math.isinf(epsilon),
-            "steps": self.total.steps,
+            "steps": steps,
             "steps_by_protocol": {str(k): int(v) for k, v in by_protocol.items()},
+            "images_sent": int(images),
+            "sends": int(sends),
+            "max_sends_per_image": int(one("SELECT COALESCE(MAX(sends), 0) FROM split_exposure").fetchone()[0]),
+            "max_image_mu": finite_or_none(math.sqrt(worst)),
             "sent_unacknowledged": int(one("SELECT COUNT(*) FROM privacy_spend WHERE status = 'sent'").fetchone()[0]),
         }
+        if reference_mu2 is not None and 0 < reference_mu2 < math.inf:
+            out["max_image_exposure_releases"] = finite_or_none(worst / reference_mu2)
+        return out
+
+    # -- plumbing -------------------------------------------------------------------------------------
+
+    def _transaction(self) -> _Transaction:
+        return _Transaction(self._db)
+
+
+class _Transaction:
+    def __init__(self, db: sqlite3.Connection) -> None:
+        self.db = db
+
+    def __enter__(self) -> sqlite3.Connection:
+        self.db.execute("BEGIN IMMEDIATE")
+        return self.db
+
+    def __exit__(self, kind: object, *_: object) -> None:
+        self.db.execute("COMMIT" if kind is None else "ROLLBACK")
+
+
+def ambient_mu2(ledger: Ledger, num_elements: int) -> dict[str, float]:
+    """mu^2 (replace-one) of every image's ambient releases in the ledger, by image key: each release counts."""
+    out: dict[str, float] = {}
+    for record in ledger.releases():
+        out[record.image_key] = out.get(record.image_key, 0.0) + release_mu2(record.alpha_bar, num_elements)
+    return out
 
 
 def privacy_report(ledger: Ledger, delta: float, image_shape: Sequence[int]) -> dict[str, Any]:
-    """What this client's data has cost, in one unit (epsilon at ``delta``), for metrics.json and status.
+    """What this client's data has cost, in one unit (epsilon at ``delta``, replace-one), for metrics.json and status.
 
-    ``split``: the accountant over every split step in the ledger. ``ambient``: per noise level released at,
-    the epsilon of one release of an image there (a Gaussian mechanism on the image clipped to [-1, 1];
-    client/dp.py ``release_epsilon``) and how many releases were made at it.
+    ``split``: the most exposed image over every split send in the ledger. ``ambient``: per noise level released
+    at, the epsilon of one release of an image there (a Gaussian mechanism on the image in [-1, 1]^d) and how many
+    releases were made at it. ``worst_image``: an image's releases and split sends together, for the most exposed
+    image (what the client's data has cost as a whole).
     """
     elements = math.prod(int(d) for d in image_shape)
     levels: dict[float, list[int]] = {}
@@ -198,12 +252,18 @@ def privacy_report(ledger: Ledger, delta: float, image_shape: Sequence[int]) -> 
         cost = release_epsilon(alpha_bar, elements, delta)
         ambient.append({
             "cut": max(set(cuts), key=cuts.count), "alpha_bar": alpha_bar, "releases": len(cuts),
-            "noise_multiplier": finite_or_none(cost["noise_multiplier"]),
-            "epsilon_per_release": finite_or_none(cost.get("epsilon_exact", cost["epsilon_rdp"])),
-            "epsilon_per_release_rdp": finite_or_none(cost["epsilon_rdp"]),
+            "relation": "replace-one",
+            "noise_multiplier": finite_or_none(float(cost["noise_multiplier"])),
+            "epsilon_per_release": finite_or_none(float(cost["epsilon_exact"])),
         })
     split = PrivacyLedger(ledger.path)
     try:
-        return {"delta": delta, "split": split.summary(delta), "ambient": ambient}
+        totals = ambient_mu2(ledger, elements)
+        for key, exposure in split.exposures().items():
+            totals[key] = totals.get(key, 0.0) + exposure.mu2
+        worst = max(totals.values(), default=0.0)
+        return {"delta": delta, "relation": "replace-one (labels public)", "split": split.summary(delta),
+                "ambient": ambient, "worst_image": {"mu": finite_or_none(math.sqrt(worst)),
+                                                    "epsilon": finite_or_none(epsilon_of_mu2(worst, delta))}}
     finally:
         split.close()

@@ -20,11 +20,10 @@ import torch
 from tqdm.auto import tqdm
 
 from collafuse.common import checkpoint
-from collafuse.common.config import ClientSettings
+from collafuse.common.config import ClientSettings, TrainOptions
 from collafuse.common.diffusion import Denoiser, client_loss
 from collafuse.common.models import build_unet, count_parameters, drop_labels, null_label
-from collafuse.common.schedule import ScheduleConfig
-from collafuse.common.settings import TrainOptions
+from collafuse.common.schedule import Cut, ScheduleConfig
 from collafuse.common.train_loop import StepResult, TrainCore, seeded
 
 log = logging.getLogger(__name__)
@@ -95,7 +94,7 @@ def train_local(
     checkpoint_every: int = CHECKPOINT_EVERY,
 ) -> TrainResult:
     """Train (or resume training) the client's model up to ``settings.train_steps`` steps in total."""
-    if cut == 0:
+    if Cut(cut, schedule.num_train_timesteps).global_model:
         log.info("cut 0 (global model): the client owns no timesteps, so there is no local model to train")
         return TrainResult(trained=False)
     if images.shape[0] == 0:

@@ -1,8 +1,9 @@
-"""Settings of the server and the client (flags, ``COLLAFUSE_*`` env vars, config files).
+"""What the server, the client and the simulation can be configured with (``common/settings.py`` reads them from
+flags, ``COLLAFUSE_*`` env vars and config files).
 
-Shared fields are declared once: the schedule's in ``common.schedule.ScheduleFields``,
-training and process fields in ``common.settings.TrainingFields`` / ``RuntimeFields``;
-the simulation (``deploy/sim.py``) inherits the same ones.
+Every field is declared once: groups shared by several programs (the training core's ``TrainOptions``,
+``TrainingFields``, ``RuntimeFields``, ``TlsFields``, ``AmbientFields``, ``SplitFields``; the schedule's
+``common.schedule.ScheduleFields``) are inherited by the settings that use them.
 """
 
 from __future__ import annotations
@@ -14,16 +15,59 @@ from typing import Literal
 from pydantic import BaseModel, Field, field_validator
 from pydantic_settings import CliVariadicArg
 
-from collafuse.common.schedule import ScheduleFields
-from collafuse.common.settings import (
-    CollafuseSettings,
-    RuntimeFields,
-    TlsFields,
-    TrainingFields,
-    build_settings,
-)
+from collafuse.common.schedule import BetaSchedule, ScheduleFields
+from collafuse.common.settings import CollafuseSettings, build_settings
 
 log = logging.getLogger(__name__)
+
+Device = Literal["auto", "cpu", "cuda"]
+
+
+class TrainOptions(BaseModel):
+    """The knobs of the training core (common/train_loop.py), declared once: the server's, the client's and the
+    simulation's settings include them, and ``from_settings`` hands every one of them to the core."""
+
+    lr: float = Field(2e-3, gt=0, description="AdamW learning rate (after the warm-up)")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay")
+    ema_decay: float = Field(0.995, ge=0, lt=1, description="EMA decay of the model used for sampling")
+    warmup_steps: int = Field(0, ge=0, description="linear learning-rate warm-up steps (0: constant lr)")
+    grad_clip: float = Field(0.0, ge=0, description="clip the gradient norm to this (0: no clipping)")
+    mixed_precision: Literal["auto", "bf16", "off"] = Field(
+        "auto", description="bf16 autocast in training: auto uses it on a GPU that supports bf16 (never on the "
+        "CPU), off trains in float32")
+    max_nonfinite_steps: int = Field(10, ge=1, description="stop training after this many NaN/Inf losses in a row")
+    seed: int = Field(0, description="seed of the initial weights, of training and of sampling")
+
+    @classmethod
+    def from_settings(cls, settings: TrainOptions) -> TrainOptions:
+        """The core's knobs out of a server's, client's or simulation's settings (which include them all)."""
+        return cls.model_validate(settings.model_dump(include=set(cls.model_fields)))
+
+
+class TrainingFields(TrainOptions):
+    """Training settings the server, the client and the simulation share: the core's knobs and the batches."""
+
+    batch_size: int = Field(64, ge=1, description="training minibatch")
+    label_dropout: float = Field(0.1, ge=0, le=1, description="classifier-free label drop-out")
+
+
+class RuntimeFields(BaseModel):
+    """Process settings the server, the client and the simulation share."""
+
+    threads: int = Field(0, ge=0, description="torch CPU threads (0: torch's default)")
+    device: Device = Field("auto", description="auto takes the GPU when there is one")
+    token: str | None = Field(None, description="shared token clients send and the server requires (unset: no auth)")
+    log_level: str = Field("INFO", description="logging level")
+
+
+class TlsFields(BaseModel):
+    """Mutual TLS files of the server and the client (common/tls.py; collafuse-tls makes development ones)."""
+
+    tls_cert: Path | None = Field(None, description="PEM certificate of this process (a client's names its client id)")
+    tls_key: Path | None = Field(None, description="PEM private key of --tls-cert")
+    tls_ca: Path | None = Field(None, description="PEM CA: the server requires client certificates it signed; "
+                                "the client verifies the server with it")
+
 
 Protocol = Literal["ambient", "split"]
 DIGIT_CLASSES = [str(i) for i in range(10)]
@@ -91,6 +135,33 @@ class ServerSettings(CollafuseSettings, ScheduleFields, TrainingFields, RuntimeF
                                  "round's backward runs in chunks of this)")
     split_max_wait_ms: float = Field(5.0, ge=0, le=10_000, description="how long a split forward waits for other "
                                      "clients' forwards to merge with (only while other clients are active)")
+    # Reliability (issue 16): the update guard of every training step, checkpoints to go back to, bounds.
+    guard_refuse_norm: float = Field(1e6, ge=0, description="refuse a training update whose gradient L2 norm is "
+                                     "above this (NaN/Inf norms are always refused; 0: no bound)")
+    guard_spike_factor: float = Field(10.0, ge=0, description="scale a training update whose gradient norm exceeds "
+                                      "this many times the running norm down to that bound (0: off)")
+    guard_warmup_steps: int = Field(10, ge=0, description="updates that seed the running gradient norm before "
+                                    "--guard-spike-factor applies")
+    guard_undo: bool = Field(True, description="copy the weights and optimizer state before each update and put them "
+                             "back if the update left NaN/Inf (one extra copy of the model and optimizer state)")
+    keep_checkpoints: int = Field(3, ge=1, description="checkpoints kept: latest plus this minus one older ones "
+                                  "under <store>/checkpoints-history (see collafuse-server checkpoints)")
+    split_max_strikes: int = Field(10, ge=0, description="split protocol: split gradients refused in a row (NaN/Inf, "
+                                   "over --split-max-grad-norm, malformed) after which a client is dropped for "
+                                   "--split-strike-cooldown (0: never)")
+    split_strike_cooldown: float = Field(600.0, ge=0, description="split protocol: seconds a dropped client's split "
+                                         "steps are refused")
+    split_clip_grad_norm: float = Field(0.0, ge=0, description="split protocol: scale each image's gradient row "
+                                        "down to this L2 norm before it enters a round (0: off; rows above "
+                                        "--split-max-grad-norm are refused either way)")
+    split_relative_grad_clip: float = Field(10.0, ge=0, description="split protocol: scale an image's gradient row "
+                                            "down to this many times the clients' median row norm (each client one "
+                                            "vote, so no single client moves it; 0: off)")
+    release_max_stream_bytes: int = Field(1 << 30, ge=1 << 20, description="most bytes one Release stream may carry "
+                                          "(more: RESOURCE_EXHAUSTED, nothing stored; split the upload)")
+    release_max_stream_chunks: int = Field(4096, ge=1, description="most messages one Release stream may carry")
+    max_clients: int = Field(10_000, ge=1, description="most registered clients (a new id beyond it: "
+                             "RESOURCE_EXHAUSTED); forgotten clients free their place")
 
     @property
     def image_shape(self) -> tuple[int, int, int]:
@@ -145,9 +216,18 @@ class SplitFields(BaseModel):
                                   "L2 norm before it leaves (unset: no clipping, no DP)")
     dp_noise_multiplier: float = Field(0.0, ge=0, description="split protocol: Gaussian noise std on the clipped "
                                        "gradients, in units of --dp-clip")
-    dp_epsilon: float | None = Field(None, gt=0, description="privacy budget: stop sending before the privacy "
-                                     "spent (epsilon at --dp-delta) would exceed it (unset: no limit, still reported)")
+    dp_epsilon: float | None = Field(None, gt=0, description="split protocol: privacy budget per image (epsilon at "
+                                     "--dp-delta, replace-one): an image whose next send would pass it is sent no "
+                                     "more (unset: the exposure cap --split-max-image-exposure is the budget; epsilon "
+                                     "is still reported)")
     dp_delta: float = Field(1e-5, gt=0, lt=1, description="delta at which epsilon is reported and budgeted")
+    split_max_image_exposure: float = Field(1.0, gt=0, description="split protocol: most one image may be exposed, "
+                                            "in ambient releases at the client's noise floor (its x_t and noised "
+                                            "gradients over every send, as Gaussian mechanisms); an image whose next "
+                                            "send would pass it is sent no more. inf: no cap (without DP noise a "
+                                            "send reveals its image exactly)")
+    split_max_sends_per_image: int = Field(0, ge=0, description="split protocol: most times one image is sent "
+                                           "(0: no count limit; --split-max-image-exposure still applies)")
 
 
 class ClientSettings(CollafuseSettings, TrainingFields, RuntimeFields, TlsFields, SplitFields):
@@ -174,7 +254,14 @@ class ClientSettings(CollafuseSettings, TrainingFields, RuntimeFields, TlsFields
                          "(0: retry with backoff and jitter until --wait-timeout)")
     # The client's own noise floor (client/noise_floor.py): the server's schedule is checked against it.
     max_release_alpha_bar: float | None = Field(None, gt=0, le=1, description="most alpha_bar a release may have "
-                                                "(its noise floor; default: alpha_bar at --cut under the first "
-                                                "schedule accepted, kept in the ledger)")
+                                                "per native pixel (its noise floor), for this run; default: "
+                                                "alpha_bar at --cut under the reference schedule")
     re_release_confirm: bool = Field(False, description="confirm releasing images again: at another noise level "
                                      "(independent noise) or after a forget; counted in the ledger")
+    # The client's reference schedule (client/noise_floor.py): without --max-release-alpha-bar its noise floor is
+    # alpha_bar at --cut under this schedule, whatever schedule a server sends (the standard DDPM one by default).
+    reference_timesteps: int = Field(1000, ge=2, le=10_000, description="T of this client's reference schedule: "
+                                     "its noise floor is alpha_bar at --cut under it (not the server's schedule)")
+    reference_beta_start: float = Field(1e-4, gt=0, lt=1, description="first beta of the reference schedule")
+    reference_beta_end: float = Field(0.02, gt=0, lt=1, description="last beta of the reference schedule")
+    reference_beta_schedule: BetaSchedule = Field("linear", description="beta schedule of the reference schedule")

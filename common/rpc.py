@@ -272,7 +272,7 @@ class RequestGuardInterceptor(grpc.ServerInterceptor):
     gRPC answers an undecodable *stream* message itself (INTERNAL, from its receive callback); the
     handler then sees the stream end, returns, and gRPC sends a second status for the same call
     unless the client has gone already. That batch never completes, so ``server.stop(grace)`` waits
-    forever (grpcio 1.85, issue 10). Decoding tolerantly and aborting from inside the handler keeps
+    forever (seen with grpcio 1.85). Decoding tolerantly and aborting from inside the handler keeps
     one status per call. ``check(message)`` returns a problem to report, or None.
     """
 

@@ -9,7 +9,7 @@ k-diffusion's samplers run a slice of ``sigmas``.
 Noise is derived per image from (seed, image index, timestep): the generator of
 image j at 0-based timestep i is seeded with the first 8 bytes (little-endian,
 top bit cleared) of SHA-256 of ``f"{seed}:{j}:{i}"``, and x_T uses i = -1. So the
-result does not depend on which side runs a step (``split_sample`` equals
+result does not depend on which side runs a step (``handoff_sample`` equals
 ``client_half(server_half(...))`` bit for bit), and on how images are batched only through
 the float rounding of a different batch (about 1e-6 relative; docs/design.md §5).
 """
@@ -58,7 +58,7 @@ class Chain:
 
     def split(self, cut: int) -> tuple[list[int], list[int]]:
         """(server's steps: t > cut, x_T -> x_hat_cut; client's steps: t <= cut, x_hat_cut -> x_hat_0)."""
-        return split_timesteps(self.timesteps, cut)
+        return timesteps_by_owner(self.timesteps, cut)
 
     def server_steps(self, cut: int) -> list[int]:
         return self.split(cut)[0]
@@ -159,7 +159,7 @@ def client_half(
     return sample_steps(denoiser, chain.scheduler, x_cut, labels, chain.client_steps(cut), seed, indices, progress)
 
 
-def split_sample(
+def handoff_sample(
     server_denoiser: Denoiser,
     client_denoiser: Denoiser,
     chain: Chain,
@@ -173,16 +173,8 @@ def split_sample(
     return x_cut, client_half(client_denoiser, chain, x_cut, labels, seed, cut)
 
 
-def chain_timesteps(schedule: ScheduleConfig, kind: SchedulerKind, num_inference_steps: int) -> list[int]:
-    return list(make_chain(schedule, kind, num_inference_steps).timesteps)
-
-
-def split_timesteps(timesteps: Sequence[int], cut: int) -> tuple[list[int], list[int]]:
+def timesteps_by_owner(timesteps: Sequence[int], cut: int) -> tuple[list[int], list[int]]:
     """(server's steps, client's steps) of a chain, in chain order."""
     server = [t for t in timesteps if server_evaluates(t, cut)]
     return server, [t for t in timesteps if not server_evaluates(t, cut)]
 
-
-def count_model_evaluations(schedule: ScheduleConfig, kind: SchedulerKind, num_inference_steps: int, cut: int) -> tuple[int, int]:
-    """(server evaluations, client evaluations) per image for a chain."""
-    return make_chain(schedule, kind, num_inference_steps).evaluations(cut)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from dataclasses import dataclass
 from typing import Any, Literal, Self
 
 import torch
@@ -86,16 +87,16 @@ class ScheduleConfig(ScheduleFields):
         """The canonical JSON of ``diffusers_config`` (sorted keys): the bytes that travel and get hashed."""
         return _canonical_json(self.diffusers_config())
 
-    def config_fingerprint(self) -> str:
+    def config_digest(self) -> str:
         return _sha256(self.config_json())
 
     @classmethod
-    def from_wire(cls, config_json: str, config_fingerprint: str) -> ScheduleConfig:
-        """The schedule a peer sent, checked: it must hash to its fingerprint, rebuild with
+    def from_wire(cls, config_json: str, config_digest: str) -> ScheduleConfig:
+        """The schedule a peer sent, checked: it must hash to its digest, rebuild with
         ``DDPMScheduler.from_config``, use only options this side supports, and give finite, strictly
         decreasing alphas_cumprod in (0, 1). Raises ScheduleError saying what is wrong."""
-        if _sha256(config_json) != config_fingerprint:
-            raise ScheduleError("scheduler config does not match its fingerprint (corrupted or altered in transit)")
+        if _sha256(config_json) != config_digest:
+            raise ScheduleError("scheduler config does not match its digest (corrupted or altered in transit)")
         try:
             received = json.loads(config_json)
         except json.JSONDecodeError as exc:
@@ -153,14 +154,45 @@ def _sha256(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
+@dataclass(frozen=True)
+class Cut:
+    """A cut point zeta in [0, T], and its edge cases named once: 0 is the global model (the server runs every
+    step, and a release is the raw image), T the independent client model (the server runs none)."""
+
+    value: int
+    num_train_timesteps: int
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.value <= self.num_train_timesteps:
+            raise ValueError(
+                f"cut point {self.value} is outside [0, {self.num_train_timesteps}]: use 0 for the global model, "
+                f"{self.num_train_timesteps} for independent client models, or a value in between"
+            )
+
+    @property
+    def global_model(self) -> bool:
+        """zeta = 0: the server owns every step (a baseline, never private)."""
+        return self.value == 0
+
+    @property
+    def independent(self) -> bool:
+        """zeta = T: the client owns every step; nothing goes to the server's training."""
+        return self.value == self.num_train_timesteps
+
+    @property
+    def server_steps(self) -> bool:
+        """The server owns some steps (t in (zeta, T])."""
+        return not self.independent
+
+    @property
+    def client_steps(self) -> bool:
+        """The client owns some steps (t in [1, zeta])."""
+        return not self.global_model
+
+
 def validate_cut(cut: int, num_train_timesteps: int) -> int:
-    """A cut point must lie in [0, T]; 0 is the global model, T the independent client model."""
-    if not 0 <= cut <= num_train_timesteps:
-        raise ValueError(
-            f"cut point {cut} is outside [0, {num_train_timesteps}]: use 0 for the global model, "
-            f"{num_train_timesteps} for independent client models, or a value in between"
-        )
-    return cut
+    """``cut``, or ValueError when it is outside [0, T] (see ``Cut``)."""
+    return Cut(cut, num_train_timesteps).value
 
 
 def server_evaluates(timestep: int, cut: int) -> bool:

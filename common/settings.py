@@ -13,10 +13,10 @@ import argparse
 import contextvars
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Generic, Literal, TypeVar
+from typing import Any, Generic, TypeVar
 
 import yaml
-from pydantic import BaseModel, Field, ValidationError
+from pydantic import ValidationError
 from pydantic_settings import (
     BaseSettings,
     CliApp,
@@ -29,7 +29,6 @@ from pydantic_settings import (
 )
 
 S = TypeVar("S", bound="CollafuseSettings")
-Device = Literal["auto", "cpu", "cuda"]
 
 # The --config file of the settings being built: settings_customise_sources is a classmethod with a
 # fixed signature, so the path reaches it through a context variable set only around construction.
@@ -73,52 +72,6 @@ class CollafuseSettings(BaseSettings):
         if config_file is None:
             return (init_settings, env_settings)
         return (init_settings, env_settings, config_file_source(settings_cls, config_file))
-
-
-class TrainOptions(BaseModel):
-    """The knobs of the training core (common/train_loop.py), declared once: the server's, the client's and the
-    simulation's settings include them, and ``from_settings`` hands every one of them to the core."""
-
-    lr: float = Field(2e-3, gt=0, description="AdamW learning rate (after the warm-up)")
-    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay")
-    ema_decay: float = Field(0.995, ge=0, lt=1, description="EMA decay of the model used for sampling")
-    warmup_steps: int = Field(0, ge=0, description="linear learning-rate warm-up steps (0: constant lr)")
-    grad_clip: float = Field(0.0, ge=0, description="clip the gradient norm to this (0: no clipping)")
-    mixed_precision: Literal["auto", "bf16", "off"] = Field(
-        "auto", description="bf16 autocast in training: auto uses it on a GPU that supports bf16 (never on the "
-        "CPU), off trains in float32")
-    max_nonfinite_steps: int = Field(10, ge=1, description="stop training after this many NaN/Inf losses in a row")
-    seed: int = Field(0, description="seed of the initial weights, of training and of sampling")
-
-    @classmethod
-    def from_settings(cls, settings: TrainOptions) -> TrainOptions:
-        """The core's knobs out of a server's, client's or simulation's settings (which include them all)."""
-        return cls.model_validate(settings.model_dump(include=set(cls.model_fields)))
-
-
-class TrainingFields(TrainOptions):
-    """Training settings the server, the client and the simulation share: the core's knobs and the batches."""
-
-    batch_size: int = Field(64, ge=1, description="training minibatch")
-    label_dropout: float = Field(0.1, ge=0, le=1, description="classifier-free label drop-out")
-
-
-class RuntimeFields(BaseModel):
-    """Process settings the server, the client and the simulation share."""
-
-    threads: int = Field(0, ge=0, description="torch CPU threads (0: torch's default)")
-    device: Device = Field("auto", description="auto takes the GPU when there is one")
-    token: str | None = Field(None, description="shared token clients send and the server requires (unset: no auth)")
-    log_level: str = Field("INFO", description="logging level")
-
-
-class TlsFields(BaseModel):
-    """Mutual TLS files of the server and the client (common/tls.py; collafuse-tls makes development ones)."""
-
-    tls_cert: Path | None = Field(None, description="PEM certificate of this process (a client's names its client id)")
-    tls_key: Path | None = Field(None, description="PEM private key of --tls-cert")
-    tls_ca: Path | None = Field(None, description="PEM CA: the server requires client certificates it signed; "
-                                "the client verifies the server with it")
 
 
 # Fields that never go on a command line (argv is visible to every user of the machine): children get

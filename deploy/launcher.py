@@ -38,6 +38,14 @@ LauncherKind = Literal["forkserver", "subprocess"]
 PRELOAD = ["__main__", "collafuse.server.cli", "collafuse.client.cli", "collafuse.deploy.sim"]
 
 
+def preload() -> list[str]:
+    """PRELOAD without the module that already is ``__main__`` (``python -m collafuse.deploy.sim``): a child
+    re-runs its parent's main module under its own name at start-up, and finding it imported under that
+    name already makes runpy warn once per child."""
+    main = getattr(sys.modules.get("__main__"), "__spec__", None)
+    return [m for m in PRELOAD if main is None or m != main.name]
+
+
 def default_launcher() -> LauncherKind:
     return "forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else "subprocess"
 
@@ -88,7 +96,7 @@ class ChildProcess:
         self._log: IO[str] | None = None
         if launcher == "forkserver":
             context = multiprocessing.get_context("forkserver")
-            context.set_forkserver_preload(PRELOAD)
+            context.set_forkserver_preload(preload())
             self._process = context.Process(target=_child_main, args=(command, str(log_path), env), name=name, daemon=False)
             self._process.start()
         else:

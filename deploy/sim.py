@@ -38,20 +38,20 @@ from collafuse.common.config import (
     AmbientFields,
     ClientSettings,
     Protocol,
+    RuntimeFields,
     ServerSettings,
     SplitFields,
+    TrainingFields,
 )
 from collafuse.common.data import DataError
 from collafuse.common.files import read_json
 from collafuse.common.images import save_curves
 from collafuse.common.runtime import run_cli, setup_logging
-from collafuse.common.schedule import ScheduleFields
+from collafuse.common.schedule import Cut, ScheduleFields
 from collafuse.common.settings import (
     SECRET_FIELDS,
     CollafuseSettings,
     ConfigError,
-    RuntimeFields,
-    TrainingFields,
     build_settings,
     parse_settings,
     to_cli_args,
@@ -240,7 +240,10 @@ def client_settings(settings: SimSettings, k: int, shard: Path, port: int, pki: 
         model_preset=settings.client_preset, train_steps=settings.client_steps,
         samples_per_class=settings.samples_per_class, inference_steps=settings.inference_steps,
         # An independent client model needs nothing from the server's training.
-        wait_for_server=settings.cut_of(k) < settings.num_train_timesteps,
+        wait_for_server=Cut(settings.cut_of(k), settings.num_train_timesteps).server_steps,
+        # The simulation's schedule is its clients' own: their noise floor is the cut under it.
+        reference_timesteps=settings.num_train_timesteps, reference_beta_start=settings.beta_start,
+        reference_beta_end=settings.beta_end, reference_beta_schedule=settings.beta_schedule,
     )
 
 
@@ -294,7 +297,9 @@ def _watch(server: ChildProcess, clients: list[ChildProcess], port: int, setting
             status = _server_status(port, credentials)
             if status and (status["step"] != bar.n or not running):
                 bar.n = min(status["step"], bar.total)
-                bar.set_postfix(phase=status["phase"], loss=f"{status['loss']:.4f}", clients_left=len(running))
+                # One refresh per update: set_postfix would draw the bar a second time.
+                bar.set_postfix(phase=status["phase"], loss=f"{status['loss']:.4f}", clients_left=len(running),
+                                refresh=False)
                 bar.refresh()
             if not running:
                 return

@@ -15,6 +15,12 @@ Credentials (docs/design.md §7, "each participant acts only as itself"):
 ``AuthInterceptor`` authenticates every CollaFuse RPC (unary and streaming; health and
 reflection stay open for probes), refuses a request - or any chunk of a client stream - whose
 ``client_id`` is not the caller's, and makes the caller available to the handlers (``caller()``).
+
+Guessing is made slow and uninformative: a token for an unknown client id costs what a wrong token for a known
+one costs (``TokenTable.identify`` checks against a dummy hash of every scheme the table holds, so the time
+tells nothing about which ids exist), and failed authentications are limited per peer address
+(``FailureLimiter``: a burst of ``AUTH_FAILURE_BURST``, then one per ``AUTH_FAILURE_REFILL_S``; beyond it,
+RESOURCE_EXHAUSTED with a retry hint and no token is checked). A token already verified is never slowed.
 """
 
 from __future__ import annotations
@@ -30,7 +36,9 @@ import re
 import secrets
 import sys
 import threading
-from collections.abc import Callable, Iterator, Mapping, Sequence
+import time
+from collections import Counter, OrderedDict
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -49,6 +57,10 @@ SCHEMES = ("sha256", "scrypt")
 # scrypt cost for person-chosen secrets: ~16 MiB and tens of ms, once per token (verified tokens are cached).
 SCRYPT_N, SCRYPT_R, SCRYPT_P = 2**14, 8, 1
 _ID = re.compile(r"^\S+$")
+# Failed authentications one peer address may make: a burst, then one more every refill interval.
+AUTH_FAILURE_BURST = 32
+AUTH_FAILURE_REFILL_S = 10.0
+AUTH_PEERS_TRACKED = 10_000  # the least recently failing peers are forgotten beyond this
 
 
 class AuthConfigError(StartupError):
@@ -163,6 +175,10 @@ class TokenTable:
     hashes: dict[str, str]
     path: Path | None = None
     _verified: dict[bytes, str] = field(default_factory=dict, repr=False)
+    _dummies: dict[str, str] = field(default_factory=dict, repr=False)
+
+    def __post_init__(self) -> None:
+        self._dummies = dummy_hashes(self.hashes.values())
 
     @classmethod
     def load(cls, path: Path) -> TokenTable:
@@ -188,22 +204,48 @@ class TokenTable:
             raise AuthConfigError(f"--tokens {path} holds no entries: add one per client with collafuse-token")
         return cls(hashes, Path(path))
 
+    def verified(self, token: str) -> str | None:
+        """The client id of a token verified before (no hashing work), or None."""
+        known = self._verified.get(_sha256(token))
+        return known if known is not None and known in self.hashes else None
+
     def identify(self, token: str) -> str | None:
-        """The client id the token belongs to, or None."""
-        key = _sha256(token)
-        known = self._verified.get(key)
-        if known is not None and known in self.hashes:
+        """The client id the token belongs to, or None.
+
+        Every check of a token not verified before does the same work whatever its id: one verification per hash
+        scheme the table holds (the id's own entry where it exists, a dummy hash for the others), so the time a
+        refusal takes tells nothing about which client ids exist or how their tokens are stored.
+        """
+        known = self.verified(token)
+        if known is not None:
             return known
         client_id = token_client_id(token)
         stored = self.hashes.get(client_id)
-        if stored is None:
-            # Same work for an unknown id as for a wrong secret, so timing tells nothing about which ids exist.
-            hmac.compare_digest(key, _sha256("collafuse-no-such-client"))
+        scheme = stored.partition("$")[0] if stored is not None else None
+        ok = verify_token(token, stored) if stored is not None else False
+        for other, dummy in self._dummies.items():
+            if other != scheme:
+                verify_token(token, dummy)
+        if not ok:
             return None
-        if not verify_token(token, stored):
-            return None
-        self._verified[key] = client_id
+        self._verified[_sha256(token)] = client_id
         return client_id
+
+
+def dummy_hashes(stored: Iterable[str]) -> dict[str, str]:
+    """A hash per scheme in ``stored`` that no token matches, at that scheme's cost (scrypt: the most used
+    parameters), to check a token for an unknown id against."""
+    stored = list(stored)
+    schemes = [h.partition("$")[0] for h in stored]
+    dummies: dict[str, str] = {}
+    if "sha256" in schemes:
+        dummies["sha256"] = "sha256$" + secrets.token_hex(32)
+    params = Counter(tuple(h.split("$")[1:4]) for h in stored if h.startswith("scrypt$"))
+    if params:
+        (n, r, p), _ = params.most_common(1)[0]
+        b64 = base64.b64encode
+        dummies["scrypt"] = f"scrypt${n}${r}${p}${b64(os.urandom(16)).decode()}${b64(os.urandom(64)).decode()}"
+    return dummies
 
 
 def add_token(path: Path, client_id: str, scheme: str = "sha256", replace: bool = False) -> str:
@@ -284,6 +326,17 @@ class Authenticator:
                                  "missing or wrong token: pass --token (COLLAFUSE_TOKEN) as the server's")
         return frozenset()
 
+    def verified(self, token: str | None) -> frozenset[str] | None:
+        """``check_token``'s answer when it needs no hashing work and accepts (a per-client token verified before,
+        the shared token, or no tokens configured); None when the token must be checked in full."""
+        if self.tokens is not None:
+            owner = self.tokens.verified(token) if token else None
+            return frozenset({owner}) if owner is not None else None
+        try:
+            return self.check_token(token)
+        except RequestRefused:
+            return None
+
     def identify(self, token_names: frozenset[str], auth_context: Mapping[str, Sequence[bytes]]) -> Identity:
         """The caller, from its token's id and its certificate's names (which must agree)."""
         names = token_names
@@ -316,16 +369,62 @@ def _raw(data: bytes) -> bytes:
     return data
 
 
+def peer_address(peer: str) -> str:
+    """The address part of gRPC's ``context.peer()`` ("ipv4:10.0.0.5:53122" -> "ipv4:10.0.0.5"): every
+    connection of one host counts as one peer."""
+    if peer.startswith(("ipv4:", "ipv6:")):
+        return peer.rpartition(":")[0]
+    return peer
+
+
+class FailureLimiter:
+    """Failed authentications per peer address, as a token bucket: ``burst`` failures at once, then one more every
+    ``refill_s`` seconds. ``wait`` says how long a peer must wait before its next attempt is checked at all."""
+
+    def __init__(self, burst: int | None = None, refill_s: float | None = None, max_peers: int = AUTH_PEERS_TRACKED,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.burst = float(AUTH_FAILURE_BURST if burst is None else burst)
+        self.refill_s = AUTH_FAILURE_REFILL_S if refill_s is None else refill_s
+        self.max_peers = max_peers
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._peers: OrderedDict[str, tuple[float, float]] = OrderedDict()  # peer -> (allowance, as of)
+
+    def _allowance(self, peer: str, now: float) -> float:
+        left, since = self._peers.get(peer, (self.burst, now))
+        return min(self.burst, left + (now - since) / self.refill_s)
+
+    def wait(self, peer: str) -> float:
+        """Seconds until ``peer`` may try again (0: now)."""
+        with self._lock:
+            now = self._clock()
+            left = self._allowance(peer, now)
+        return 0.0 if left >= 1.0 else (1.0 - left) * self.refill_s
+
+    def fail(self, peer: str) -> None:
+        with self._lock:
+            now = self._clock()
+            self._peers[peer] = (self._allowance(peer, now) - 1.0, now)
+            self._peers.move_to_end(peer)
+            while len(self._peers) > self.max_peers:
+                self._peers.popitem(last=False)
+
+
 class AuthInterceptor(grpc.ServerInterceptor):
     """Authenticates every CollaFuse call and checks the ``client_id`` of every request message.
 
-    Install it outermost: a refused call then never reaches the request guard or the transcript.
+    Install it outermost: a refused call then never reaches the request guard or the transcript. A token verified
+    before is admitted at once; any other is checked in the call's handler thread, where the peer is known: a peer
+    past its failure allowance is answered RESOURCE_EXHAUSTED with a retry hint before any hashing, and a refused
+    call's payload is never parsed.
     """
 
-    def __init__(self, authenticator: Authenticator) -> None:
+    def __init__(self, authenticator: Authenticator, limiter: FailureLimiter | None = None) -> None:
         self._auth = authenticator
+        self._limiter = limiter or FailureLimiter()
         self._lock = threading.Lock()
         self.denied = 0  # calls refused before their message was parsed (no or a wrong token)
+        self.limited = 0  # calls refused because their peer failed too often (RESOURCE_EXHAUSTED)
 
     def intercept_service(
         self,
@@ -337,22 +436,59 @@ class AuthInterceptor(grpc.ServerInterceptor):
         if handler is None or method.startswith(OPEN_PREFIXES):
             return handler
         metadata = dict(handler_call_details.invocation_metadata or ())  # type: ignore[attr-defined]
-        token = metadata.get(AUTH_METADATA_KEY)
+        raw_token = metadata.get(AUTH_METADATA_KEY)
+        token = raw_token if isinstance(raw_token, str) else None
+        token_names = self._auth.verified(token)
+        if token_names is not None:
+            return rewrap_handler(handler, lambda inner: self._guarded(handler, inner, token_names))
+        # No deserializer: the payload is parsed only once the token is accepted.
+        return rewrap_handler(handler, lambda inner: self._checked(handler, inner, method, token),
+                              request_deserializer=_raw)
+
+    def _admit(self, token: str | None, method: str, context: grpc.ServicerContext) -> frozenset[str]:
+        """The token's names, or the call ended: RESOURCE_EXHAUSTED for a peer past its allowance, the refusal for
+        a missing or wrong token (counted against the peer)."""
+        peer = peer_address(context.peer() or "")
+        wait = self._limiter.wait(peer)
+        if wait > 0:
+            with self._lock:
+                self.limited += 1
+            refuse(context, RequestRefused(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"too many failed authentications from {peer}: no token is checked for {wait:.0f}s; retry then with "
+                "the token collafuse-token made for this client id",
+                retry_after_s=wait,
+            ))
         try:
-            token_names = self._auth.check_token(token if isinstance(token, str) else None)
-        except RequestRefused as exc:
-            refused = exc  # the except name is unbound after the block; deny() runs later
+            return self._auth.check_token(token)
+        except RequestRefused as refused:
+            self._limiter.fail(peer)
             with self._lock:
                 self.denied += 1
                 denied = self.denied
-            log.warning("denied %s: %s (%d denied calls so far)", method, refused.code.name, denied)
+            log.warning("denied %s from %s: %s (%d denied calls so far)", method, peer, refused.code.name, denied)
+            refuse(context, refused)
 
-            def deny(request_or_iterator: Any, context: grpc.ServicerContext) -> Any:
-                refuse(context, refused)
+    def _checked(self, handler: grpc.RpcMethodHandler, inner: Behavior, method: str, token: str | None) -> Behavior:
+        parse = handler.request_deserializer or _raw
 
-            # No deserializer: the payload of a refused call is never parsed.
-            return rewrap_handler(handler, lambda _inner: deny, request_deserializer=_raw)
-        return rewrap_handler(handler, lambda inner: self._guarded(handler, inner, token_names))
+        def admitted(request: Any, context: grpc.ServicerContext) -> tuple[Behavior, Any]:
+            names = self._admit(token, method, context)
+            if handler.request_streaming:
+                parsed: Any = (parse(raw) for raw in request)
+            else:
+                parsed = parse(request)
+            return self._guarded(handler, inner, names), parsed
+
+        def unary(request: Any, context: grpc.ServicerContext) -> Any:
+            behavior, parsed = admitted(request, context)
+            return behavior(parsed, context)
+
+        def streaming(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
+            behavior, parsed = admitted(request, context)
+            yield from behavior(parsed, context)
+
+        return streaming if handler.response_streaming else unary
 
     def _guarded(self, handler: grpc.RpcMethodHandler, inner: Behavior, token_names: frozenset[str]) -> Behavior:
         auth = self._auth

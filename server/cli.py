@@ -1,12 +1,20 @@
-"""``collafuse-server``: serve the shared denoiser until SIGINT/SIGTERM, then stop gracefully."""
+"""``collafuse-server``: serve the shared denoiser until SIGINT/SIGTERM, then stop gracefully.
+
+``collafuse-server checkpoints list|rollback --store DIR``: the operator's view of the checkpoints a server
+keeps (``--keep-checkpoints``), and a rollback to one of them while no server runs on the store.
+"""
 
 from __future__ import annotations
 
 import argparse
+import fcntl
 import logging
 import signal
+import sys
 import threading
+import time
 from collections.abc import Sequence
+from pathlib import Path
 from types import FrameType
 
 from collafuse.common.config import ServerSettings
@@ -73,8 +81,72 @@ def serve(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
+CHECKPOINTS_COMMAND = "checkpoints"
+
+
+def checkpoints_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="collafuse-server checkpoints",
+        description="List the checkpoints a server keeps (--keep-checkpoints), or roll back to one of them. "
+        "A rollback needs the server stopped; what it replaces moves to <store>/checkpoints-discarded.",
+    )
+    actions = parser.add_subparsers(dest="action", required=True)
+    listing = actions.add_parser("list", help="the kept checkpoints, newest first")
+    listing.add_argument("--store", type=Path, default=ServerSettings.model_fields["store"].default,
+                         help="the server's --store")
+    listing.add_argument("--check", action="store_true", help="also load each one and say whether its weights "
+                         "and optimizer state are finite (slower)")
+    back = actions.add_parser("rollback", help="make a kept checkpoint the latest (the server resumes from it)")
+    back.add_argument("--store", type=Path, default=ServerSettings.model_fields["store"].default,
+                      help="the server's --store")
+    back.add_argument("--step", type=int, required=True, help="the step of the kept checkpoint to go back to")
+    return parser
+
+
+def checkpoints(argv: Sequence[str]) -> int:
+    """``collafuse-server checkpoints ...``: list or roll back (prints to stdout)."""
+    args = checkpoints_parser().parse_args(list(argv))
+    from collafuse.common import checkpoint  # torch and diffusers: only once the arguments are good
+    from collafuse.server.app import LOCK_FILE
+    from collafuse.server.trainer import CHECKPOINTS
+
+    store = Path(args.store)
+    root = store / CHECKPOINTS
+    if args.action == "list":
+        found = checkpoint.list_checkpoints(root)
+        if not found:
+            sys.stdout.write(f"no checkpoints under {root}\n")
+            return 0
+        for info in found:
+            saved = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(info.saved_at))
+            line = f"step {info.step:>9}  {'latest' if info.latest else 'kept  '}  {saved}  {info.folder}"
+            if args.check:
+                import torch
+
+                finite = checkpoint.is_finite(checkpoint.read(info.folder, torch.device("cpu")))
+                line += "  finite" if finite else "  NOT FINITE"
+            sys.stdout.write(line + "\n")
+        return 0
+    if not store.is_dir():
+        raise StartupError(f"{store} is not a server store: pass the server's --store")
+    with open(store / LOCK_FILE, "a+") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise StartupError(f"a collafuse-server is running on {store}: stop it before rolling back") from None
+        try:
+            target = checkpoint.rollback(root, args.step)
+        except checkpoint.CheckpointError as exc:
+            raise StartupError(str(exc)) from None
+    sys.stdout.write(f"{target} is now step {args.step}; start the server to resume from it\n")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     setup_logging("INFO", "server")
+    args = list(sys.argv[1:] if argv is None else argv)
+    if args[:1] == [CHECKPOINTS_COMMAND]:
+        return run_cli(lambda: checkpoints(args[1:]), expected=(ConfigError, StartupError))
     return run_cli(lambda: serve(argv), expected=(ConfigError, StartupError))
 
 

@@ -29,15 +29,14 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
 from collafuse.common import checkpoint
-from collafuse.common.config import ServerSettings
+from collafuse.common.config import ServerSettings, TrainOptions
 from collafuse.common.models import build_unet, null_label
 from collafuse.common.runtime import resolve_device
-from collafuse.common.settings import TrainOptions
 from collafuse.common.train_loop import TrainCore, seeded
 from collafuse.server.errors import StartupError
 from collafuse.server.protocols.ambient import AmbientSource, Partition, ReleaseRows, ambient_source
 from collafuse.server.protocols.base import TrainingSource
-from collafuse.server.trainer import CHECKPOINTS, Trainer
+from collafuse.server.trainer import CHECKPOINTS, Trainer, update_guard
 
 log = logging.getLogger(__name__)
 
@@ -167,7 +166,7 @@ class Channel:
 
     def agree(self, core: TrainCore) -> None:
         """Every rank must continue the same run: same step, generator, EMA and optimizer state as rank 0."""
-        mine = torch.tensor(fingerprint(core), dtype=torch.float64, device=self.device)
+        mine = torch.tensor(weights_checksum(core), dtype=torch.float64, device=self.device)
         theirs = mine.clone()
         dist.broadcast(theirs, src=0)
         differs = torch.tensor([0.0 if torch.equal(mine, theirs) else 1.0], device=self.device)
@@ -181,7 +180,7 @@ class Channel:
 
 
 @torch.no_grad()
-def fingerprint(core: TrainCore) -> list[float]:
+def weights_checksum(core: TrainCore) -> list[float]:
     """A few numbers that differ when two cores are not in the same training state."""
     optimizer_sum = sum(float(v.double().sum()) for s in core.optimizer.state.values()
                         for v in s.values() if isinstance(v, torch.Tensor))
@@ -296,9 +295,11 @@ def follow(settings: ServerSettings, world: World, device: torch.device) -> tupl
 def build_core(settings: ServerSettings, device: torch.device) -> TrainCore:
     """The core rank 0's trainer has: resumed from ``<store>/checkpoints`` (read only), else seeded fresh."""
     options = TrainOptions.from_settings(settings)
-    saved = checkpoint.load(settings.store / CHECKPOINTS, device)
+    guard = update_guard(settings)  # rank 0's guard: the replicas must skip and clip exactly the same steps
+    # Read only: moving a bad checkpoint aside is rank 0's to do.
+    saved = checkpoint.load(settings.store / CHECKPOINTS, device, repair=False)
     if saved is not None:
-        return checkpoint.resume_core(saved, options, device)
+        return checkpoint.resume_core(saved, options, device, guard=guard)
     shape = settings.image_shape
     return TrainCore(seeded(settings.seed, lambda: build_unet(settings.model_preset, shape, len(settings.classes))),
-                     options, device)
+                     options, device, guard=guard)

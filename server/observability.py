@@ -51,7 +51,7 @@ def _rpc_type(handler: grpc.RpcMethodHandler) -> str:
     return "server_stream" if handler.response_streaming else "unary"
 
 
-def _split(full_method: str) -> tuple[str, str]:
+def _service_and_method(full_method: str) -> tuple[str, str]:
     """``/collafuse.v1.CollaFuse/Register`` -> (``collafuse.v1.CollaFuse``, ``Register``)."""
     service, _, method = full_method.lstrip("/").rpartition("/")
     return service or "unknown", method
@@ -144,7 +144,7 @@ class RpcMetricsInterceptor(grpc.ServerInterceptor):
         if handler is None:
             return None  # gRPC answers UNIMPLEMENTED itself
         method: str = handler_call_details.method  # type: ignore[attr-defined]
-        labels = (_rpc_type(handler), *_split(method))
+        labels = (_rpc_type(handler), *_service_and_method(method))
         streams_out = handler.response_streaming
 
         def wrap(inner: Behavior) -> Behavior:
@@ -199,6 +199,14 @@ class _ServerCollector:
             yield GaugeMetricFamily("collafuse_training_loss", "loss of the latest training step", state.last_loss)
         yield GaugeMetricFamily("collafuse_training_skipped_steps", "steps skipped (non-finite loss or gradient)",
                                 state.skipped_steps)
+        yield GaugeMetricFamily("collafuse_training_clipped_steps", "updates the guard scaled down (a gradient "
+                                "spike)", state.clipped_steps)
+        yield GaugeMetricFamily("collafuse_training_refused_steps", "updates the guard refused or undid",
+                                state.refused_steps)
+        yield GaugeMetricFamily("collafuse_checkpoint_save_failures", "checkpoint saves that failed since the last "
+                                "one that worked", state.save_failures)
+        yield GaugeMetricFamily("collafuse_checkpoint_saved_step", "step of the newest checkpoint written",
+                                state.saved_step)
         current = phase_name(state.phase)
         yield StateSetMetricFamily(
             "collafuse_training_phase", "the trainer's phase",

@@ -4,8 +4,13 @@ A request's chain is built once (``Sampler.plan``) and its images are cut into p
 most ``max_batch``. ``Sampler.submit`` admits a request or refuses it (``QueueFull``, with a
 retry hint) when its client already has ``per_client`` calls queued or running, or all clients
 together ``total``. Admitted pieces wait in one queue per client; a fixed pool of ``workers``
-threads takes them round-robin across clients, so a client that floods the queue delays the
-others by at most the batches already running, and the gRPC threads never run a model.
+threads takes them fairly by work, not by requests: each client is charged the image-steps
+(images x server steps) of the pieces it was served, and the next batch is led by the waiting
+client whose head piece would finish first in that account (fair queueing by virtual time: a
+client that starts waiting is charged no less than the start of the piece served last, so no
+credit is banked while idle). A 4-image request therefore waits about one model batch behind clients
+that flood the queue with full batches, not one batch per flooding client, and the gRPC threads
+never run a model.
 
 Cross-client batching: a worker merges the head pieces of other clients' queues into its
 batch when they share the batch key (scheduler kind, number of inference steps, guidance
@@ -183,7 +188,11 @@ class Sampler:
         self._models = models
         self._cond = threading.Condition()
         self._queues: dict[str, deque[_Piece]] = {}  # waiting pieces per client
-        self._ring: deque[str] = deque()  # clients with waiting pieces, next to serve first
+        self._ring: deque[str] = deque()  # clients with waiting pieces, in the order they started waiting
+        # Image-steps each client has been charged (fair queueing by work), and the virtual time: the charge at
+        # which the piece served last started. Both start over when nobody waits or runs.
+        self._charged: dict[str, int] = {}
+        self._virtual = 0
         self._held: dict[str, int] = {}  # requests queued or running, per client
         self._live: set[SampleTicket] = set()
         self._closed = False
@@ -229,7 +238,7 @@ class Sampler:
             pieces = self._queues.setdefault(client_id, deque())
             pieces.extend(_Piece(ticket, indices) for indices in plan.batches)
             if client_id not in self._ring:
-                self._ring.append(client_id)
+                self._join_ring(client_id)
             self._start_workers()
             self._cond.notify_all()
         ticket.events.put((0, plan.total_steps))
@@ -277,6 +286,8 @@ class Sampler:
             else:
                 del self._queues[ticket.client_id]
                 self._ring.remove(ticket.client_id)
+        if ticket.client_id not in self._held and ticket.client_id not in self._ring:
+            self._charged.pop(ticket.client_id, None)  # it rejoins at the virtual time
         if isinstance(outcome, HandOff):
             took = time.monotonic() - ticket.admitted_at
             self._mean_request_s = 0.8 * self._mean_request_s + 0.2 * took
@@ -303,10 +314,28 @@ class Sampler:
                     for piece in batch:
                         self._finish(piece.ticket, exc)
 
+    def _join_ring(self, client_id: str) -> None:
+        """A client starts waiting: charged no less than the virtual time (no credit banked while idle)."""
+        if not self._ring and not self._live - {t for t in self._live if t.client_id == client_id}:
+            self._charged, self._virtual = {}, 0
+        self._charged[client_id] = max(self._charged.get(client_id, 0), self._virtual)
+        self._ring.append(client_id)
+
+    @staticmethod
+    def _work_of(piece: _Piece) -> int:
+        return len(piece.indices) * max(1, piece.steps)
+
+    def _next_client(self) -> str:
+        """The waiting client whose head piece would finish first if served by work (ties: longest waiting)."""
+        return min(self._ring, key=lambda c: self._charged.get(c, 0) + self._work_of(self._queues[c][0]))
+
     def _take(self, client_id: str) -> _Piece:
-        """Pop a client's head piece; the client goes to the back of the ring (round-robin)."""
+        """Pop a client's head piece and charge its work; the client goes to the back of the ring."""
         waiting = self._queues[client_id]
         piece = waiting.popleft()
+        start = self._charged.get(client_id, 0)
+        self._virtual = max(self._virtual, start)
+        self._charged[client_id] = start + self._work_of(piece)
         self._ring.remove(client_id)
         if waiting:
             self._ring.append(client_id)
@@ -326,7 +355,7 @@ class Sampler:
                 self._cond.wait()
             if self._closed:
                 return None
-            leader = self._take(self._ring[0])
+            leader = self._take(self._next_client())
             batch = [leader]
             model = self._pin(leader.ticket)
             if not self.limits.cross_client:

@@ -2,14 +2,33 @@
 
 Every handler validates its input and answers problems with the status code of
 docs/design.md §8 and a message a person can act on (``context.abort``).
+
+Reliability (issue 16):
+
+- Release is atomic: a stream is stored only when its final message carries the end-of-stream marker
+  (``last`` with ``total_items``), and its one transaction commits only if, right before COMMIT, the call
+  is still live and the client's registration is the one the stream was validated against. A stream is
+  bounded (``--release-max-stream-bytes``/``-chunks``).
+- Register, Forget and a Release's commit of one client are serialised (one lock per client id); while a
+  client holds releases its cut, protocol and classes are fixed (forget first to change them).
+- A full or failing disk is RESOURCE_EXHAUSTED with a retry hint naming the disk (``StorageFull``), never
+  UNKNOWN; a failed ``last_seen`` update does not fail the call it belongs to.
+- A split client whose steps keep being refused is dropped for a while (``server/strikes.py``).
+- Registrations are bounded (``--max-clients``), Status is paginated, and sampling the whole chain (cut 0)
+  is only for a client holding releases at cut 0.
 """
 
 from __future__ import annotations
 
+import functools
+import inspect
 import logging
+import sqlite3
 import threading
 import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any, TypeVar
 
 import grpc
 
@@ -18,7 +37,7 @@ from collafuse.common.enums import protocol_name
 from collafuse.common.rpc import CHUNK_BYTES
 from collafuse.common.schedule import validate_cut
 from collafuse.server.auth import caller, sample_scope_error
-from collafuse.server.errors import RequestRefused, abort, refuse
+from collafuse.server.errors import RequestRefused, StorageFull, abort, is_storage_error, refuse
 from collafuse.server.protocols import ServerProtocol
 from collafuse.server.sampler import QueueFull, SampleCancelled, Sampler
 from collafuse.server.sampling_rpc import (
@@ -28,6 +47,7 @@ from collafuse.server.sampling_rpc import (
     sample_job,
 )
 from collafuse.server.store import ClientRecord, ReleaseStore
+from collafuse.server.strikes import StrikeBook
 from collafuse.server.trainer import Trainer, TrainerState
 from collafuse.v1 import collafuse_pb2, collafuse_pb2_grpc
 
@@ -37,10 +57,69 @@ log = logging.getLogger(__name__)
 DEFAULT_CHUNK_BYTES = CHUNK_BYTES // 4
 
 Code = grpc.StatusCode
+# Status pages: the default and the largest number of clients in one reply.
+STATUS_PAGE = 1_000
+MAX_STATUS_PAGE = 10_000
+F = TypeVar("F", bound=Callable[..., Any])
 
 
 def spec_text(channels: int, height: int, width: int) -> str:
     return f"{height}x{width}x{channels}"
+
+
+def answers_storage_errors(handler: F) -> F:
+    """A handler whose RequestRefused (StorageFull included) and disk errors become their status code, never
+    UNKNOWN. Works for unary handlers and for response-streaming (generator) ones."""
+
+    def convert(context: grpc.ServicerContext, exc: BaseException) -> None:
+        if isinstance(exc, RequestRefused):
+            refuse(context, exc)
+        if isinstance(exc, (sqlite3.Error, OSError, RuntimeError)) and is_storage_error(exc):
+            refuse(context, StorageFull("the server's store", exc))
+
+    if inspect.isgeneratorfunction(handler):
+        @functools.wraps(handler)
+        def streaming(self: Any, request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
+            try:
+                yield from handler(self, request, context)
+            except (RequestRefused, sqlite3.Error, OSError, RuntimeError) as exc:
+                convert(context, exc)
+                raise
+        return streaming  # type: ignore[return-value]
+
+    @functools.wraps(handler)
+    def unary(self: Any, request: Any, context: grpc.ServicerContext) -> Any:
+        try:
+            return handler(self, request, context)
+        except (RequestRefused, sqlite3.Error, OSError, RuntimeError) as exc:
+            convert(context, exc)
+            raise
+    return unary  # type: ignore[return-value]
+
+
+class ClientLocks:
+    """One lock per client id, held while Register, Forget or a Release commit of that client runs; an entry
+    lives only while someone holds or waits for it."""
+
+    def __init__(self) -> None:
+        self._mutex = threading.Lock()
+        self._locks: dict[str, tuple[threading.Lock, int]] = {}
+
+    @contextmanager
+    def hold(self, client_id: str) -> Iterator[None]:
+        with self._mutex:
+            lock, users = self._locks.get(client_id, (threading.Lock(), 0))
+            self._locks[client_id] = (lock, users + 1)
+        try:
+            with lock:
+                yield
+        finally:
+            with self._mutex:
+                lock, users = self._locks[client_id]
+                if users <= 1:
+                    del self._locks[client_id]
+                else:
+                    self._locks[client_id] = (lock, users - 1)
 
 
 class CollaFuseServicer(collafuse_pb2_grpc.CollaFuseServicer):
@@ -69,8 +148,10 @@ class CollaFuseServicer(collafuse_pb2_grpc.CollaFuseServicer):
         self.chunk_bytes = max(1, chunk_bytes)
         self._traffic = traffic or (lambda: (0, 0))
         self._shutting_down = threading.Event()
-        # Serialises Register against itself so two racing registrations of one client see each other.
-        self._register_lock = threading.Lock()
+        # Serialises Register, Forget and a Release's commit of one client, so each sees the others' outcome.
+        self._client_locks = ClientLocks()
+        # Split clients whose steps keep being refused are dropped for a while.
+        self.strikes = StrikeBook(settings.split_max_strikes, settings.split_strike_cooldown)
         # The protocols this server speaks, by wire value (built once in app.py, shared with the trainer).
         self.protocols = protocols
         self.data_parallel = data_parallel
@@ -89,6 +170,13 @@ class CollaFuseServicer(collafuse_pb2_grpc.CollaFuseServicer):
         if not client_id.strip():
             abort(context, Code.INVALID_ARGUMENT, "client_id is empty: every client needs a stable, non-empty id")
         return client_id
+
+    def _touch(self, client_id: str) -> None:
+        """Record that a client was heard from; a disk that refuses it does not fail the call (last_seen only)."""
+        try:
+            self.store.touch(client_id)
+        except StorageFull as exc:
+            log.warning("last_seen of %s not updated: %s", client_id[:64], exc.cause)
 
     def _registered(self, client_id: str, context: grpc.ServicerContext, what: str) -> ClientRecord:
         record = self.store.get_client(client_id)
@@ -119,10 +207,11 @@ class CollaFuseServicer(collafuse_pb2_grpc.CollaFuseServicer):
     def _schedule_message(self) -> collafuse_pb2.ScheduleSpec:
         # diffusers' scheduler config and its hash: the client rebuilds it with from_config and checks it.
         return collafuse_pb2.ScheduleSpec(
-            config_json=self.schedule.config_json(), fingerprint=self.schedule.config_fingerprint()
+            config_json=self.schedule.config_json(), fingerprint=self.schedule.config_digest()
         )
 
     # ---- RPCs -----------------------------------------------------------------------------
+    @answers_storage_errors
     def Register(self, request: collafuse_pb2.RegisterRequest, context: grpc.ServicerContext) -> collafuse_pb2.RegisterReply:
         self._check_serving(context)
         client_id = self._client_id(request.client_id, context)
@@ -159,15 +248,22 @@ class CollaFuseServicer(collafuse_pb2_grpc.CollaFuseServicer):
                 f"{self.fingerprint[:12]}... (another schedule, image spec or class list). The client's stored state "
                 "was made with another server: delete the client workdir's state, or point it at the right server",
             )
-        with self._register_lock:
+        with self._client_locks.hold(client_id):
             existing = self.store.get_client(client_id)
             held = self.store.count(client_id)
-            if existing is not None and existing.cut != cut and held:
-                abort(
-                    context, Code.FAILED_PRECONDITION,
-                    f"client {client_id!r} has {held} releases stored at cut {existing.cut}; registering at cut {cut} "
-                    "would mix noise levels of the same images: run forget first (it deletes them), then register again",
-                )
+            if existing is not None and held:
+                problem = _fixed_while_held(existing, held, cut, request.protocol, list(request.class_names))
+                if problem:
+                    abort(context, Code.FAILED_PRECONDITION, problem)
+            if existing is None:
+                registered = self.store.client_count()
+                if registered >= self.settings.max_clients:
+                    abort(
+                        context, Code.RESOURCE_EXHAUSTED,
+                        f"the server already has {registered} registered clients (its --max-clients is "
+                        f"{self.settings.max_clients}): ask its operator to raise the limit or to forget clients "
+                        "that have left",
+                    )
             self.store.register_client(client_id, cut, request.protocol, list(request.class_names), self.fingerprint)
         if cut == 0:
             log.warning(
@@ -188,21 +284,39 @@ class CollaFuseServicer(collafuse_pb2_grpc.CollaFuseServicer):
             releases_stored=held,
         )
 
+    @answers_storage_errors
     def Heartbeat(self, request: collafuse_pb2.HeartbeatRequest, context: grpc.ServicerContext) -> collafuse_pb2.HeartbeatReply:
         self._check_serving(context)
         if request.client_id:
-            self.store.touch(request.client_id)
+            self._touch(request.client_id)
         return collafuse_pb2.HeartbeatReply(server_time=time.time(), trainer=self._trainer_state())
 
+    @answers_storage_errors
     def Release(self, request_iterator: Iterator[collafuse_pb2.ReleaseChunk], context: grpc.ServicerContext) -> collafuse_pb2.ReleaseAck:
-        """All or nothing: every message is validated first, then the whole stream is one store transaction."""
+        """All or nothing: every message is validated first, then the whole stream is one store transaction that
+        commits only when the stream ended with its marker and the call and the registration are still as they
+        were (checked under the store's lock right before COMMIT)."""
         self._check_serving(context)
         client: ClientRecord | None = None
         protocol: ServerProtocol | None = None
         pending: list[object] = []
+        items = size = 0
+        declared: int | None = None  # total_items of the final message: set once the marker came
+        max_bytes, max_chunks = self.settings.release_max_stream_bytes, self.settings.release_max_stream_chunks
         for number, chunk in enumerate(request_iterator):
             self._check_serving(context)
             where = f"release chunk {number}"
+            if declared is not None:
+                abort(context, Code.INVALID_ARGUMENT, f"{where} follows the end-of-stream marker (last) of chunk "
+                      f"{number - 1}: set last on the final message only; nothing of this stream was stored")
+            size += chunk.ByteSize()
+            if number >= max_chunks or size > max_bytes:
+                abort(
+                    context, Code.RESOURCE_EXHAUSTED,
+                    f"this Release stream passed the server's bound of {max_chunks} messages or {max_bytes} bytes "
+                    f"per stream at {where} ({size} bytes so far): nothing of it was stored; send fewer images per "
+                    "Release call",
+                )
             if client is None:
                 client_id = self._client_id(chunk.client_id, context)
                 client = self._registered(client_id, context, "Release")
@@ -214,10 +328,14 @@ class CollaFuseServicer(collafuse_pb2_grpc.CollaFuseServicer):
                     "the stream; nothing of this stream was stored",
                 )
             assert protocol is not None
-            try:
-                pending.extend(protocol.validate_release(chunk, client, where, self._label_error))
-            except RequestRefused as exc:
-                refuse(context, exc, "; nothing of this stream was stored")
+            if chunk.items or not chunk.last:  # a bare end-of-stream marker carries nothing to validate
+                try:
+                    pending.extend(protocol.validate_release(chunk, client, where, self._label_error))
+                except RequestRefused as exc:
+                    refuse(context, exc, "; nothing of this stream was stored")
+            items += len(chunk.items)
+            if chunk.last:
+                declared = int(chunk.total_items)
         # gRPC ends the request iterator of a call cancelled by shutdown (or by a vanished caller) as if the
         # client had finished it: such a stream is never committed, so it stays all-or-nothing across faults.
         if self._shutting_down.is_set() or not context.is_active():
@@ -225,16 +343,52 @@ class CollaFuseServicer(collafuse_pb2_grpc.CollaFuseServicer):
                    "this stream was stored: retry once the server is back")
         if client is None or protocol is None:
             return collafuse_pb2.ReleaseAck()
-        try:
-            # The ack goes out only after this commit (synchronous=FULL): stored means durable.
-            outcome = protocol.commit_release(client, pending)
-        except RequestRefused as exc:
-            refuse(context, exc)
-        self.store.touch(client.client_id)
+        if declared is not None and declared != items:
+            abort(context, Code.INVALID_ARGUMENT, f"the end-of-stream marker declares {declared} items but the "
+                  f"stream carried {items}: nothing of it was stored; send total_items = the items of every message")
+        with self._client_locks.hold(client.client_id), \
+                self.store.commit_only_if(lambda: self._release_commit_refusal(client, declared, context)):
+            try:
+                # The ack goes out only after this commit (synchronous=FULL): stored means durable.
+                outcome = protocol.commit_release(client, pending)
+            except RequestRefused as exc:
+                refuse(context, exc)
+        self._touch(client.client_id)
         total = self.store.count(client.client_id)
         log.info("client %s released %d new images (%d duplicates ignored), %d held",
                  client.client_id, outcome.stored, outcome.duplicates, total)
         return collafuse_pb2.ReleaseAck(stored=outcome.stored, duplicates=outcome.duplicates, total_for_client=total)
+
+    def _release_commit_refusal(self, client: ClientRecord, declared: int | None,
+                                context: grpc.ServicerContext) -> RequestRefused | None:
+        """Why a validated Release stream must not commit now (run under the store's lock before COMMIT)."""
+        if declared is None:
+            return RequestRefused(
+                Code.FAILED_PRECONDITION,
+                "the Release stream ended without its end-of-stream marker (last, with total_items, on the final "
+                "message), so it may have been cut short: nothing of it was stored. Send the marker (a client older "
+                "than this server does not: upgrade it) and retry",
+            )
+        remaining = context.time_remaining()
+        if self._shutting_down.is_set() or not context.is_active() or (remaining is not None and remaining <= 0):
+            return RequestRefused(Code.UNAVAILABLE, "the call ended (cancelled, past its deadline, or the server is "
+                                  "shutting down) before its commit: nothing of this stream was stored; retry")
+        now = self.store.get_client(client.client_id)
+        if now is None:
+            return RequestRefused(
+                Code.FAILED_PRECONDITION,
+                f"client {client.client_id[:64]!r} was forgotten while this Release stream was being received: "
+                "nothing of it was stored; register again before releasing",
+            )
+        if (now.cut, now.protocol, sorted(now.class_names), now.registered_at) != (
+                client.cut, client.protocol, sorted(client.class_names), client.registered_at):
+            return RequestRefused(
+                Code.FAILED_PRECONDITION,
+                f"client {client.client_id[:64]!r} registered again (cut {now.cut}, protocol "
+                f"{protocol_name(now.protocol)!r}) while this Release stream, made for cut {client.cut}, was being "
+                "received: nothing of it was stored; release again under the current registration",
+            )
+        return None
 
     def _protocol_of(self, client: ClientRecord, context: grpc.ServicerContext) -> ServerProtocol:
         protocol = self.protocols.get(client.protocol)
@@ -246,41 +400,65 @@ class CollaFuseServicer(collafuse_pb2_grpc.CollaFuseServicer):
             )
         return protocol
 
+    @answers_storage_errors
     def Forget(self, request: collafuse_pb2.ForgetRequest, context: grpc.ServicerContext) -> collafuse_pb2.ForgetReply:
         self._check_serving(context)
         client_id = self._client_id(request.client_id, context)
-        removed = self.store.forget(client_id)
+        with self._client_locks.hold(client_id):  # after any Release commit of this client, never during one
+            removed = self.store.forget(client_id)
+        for protocol in self.protocols.values():
+            protocol.forget_client(client_id)
         log.info("client %s forgotten: %d releases deleted", client_id, removed)
         return collafuse_pb2.ForgetReply(removed=removed)
 
+    @answers_storage_errors
     def Status(self, request: collafuse_pb2.StatusRequest, context: grpc.ServicerContext) -> collafuse_pb2.StatusReply:
+        """Server and trainer state, and the clients the caller may see, one page at a time (in id order)."""
         self._check_serving(context)
-        counts = self.store.counts()
+        if request.page_size < 0:
+            abort(context, Code.INVALID_ARGUMENT, f"page_size {request.page_size} is negative: leave it 0 for the "
+                  f"default page of {STATUS_PAGE} clients, or ask for 1..{MAX_STATUS_PAGE}")
+        size = min(request.page_size or STATUS_PAGE, MAX_STATUS_PAGE)
+        after = request.page_token
+        identity = caller()
+        if identity.operator or identity.unrestricted:
+            page = self.store.clients_page(after, size + 1)
+            total = self.store.client_count()
+        else:  # a client sees only itself: no scan of the others
+            own = [self.store.get_client(name) for name in sorted(identity.names)]
+            mine = [c for c in own if c is not None]
+            page, total = [c for c in mine if c.client_id > after][:size + 1], len(mine)
+        more = len(page) > size
+        page = page[:size]
+        counts = self.store.counts_of([c.client_id for c in page])
         received, sent = self._traffic()
+        clients = []
+        for c in page:
+            strikes, dropped_until = self.strikes.status(c.client_id)
+            clients.append(collafuse_pb2.ClientStatus(
+                client_id=c.client_id, cut=c.cut, protocol=c.protocol, releases=counts.get(c.client_id, 0),
+                last_seen=c.last_seen, strikes=strikes, dropped_until=dropped_until,
+            ))
         return collafuse_pb2.StatusReply(
             server_id=self.store.server_id,
             fingerprint=self.fingerprint,
             trainer=self._trainer_state(),
-            clients=[
-                collafuse_pb2.ClientStatus(
-                    client_id=c.client_id, cut=c.cut, protocol=c.protocol,
-                    releases=counts.get(c.client_id, 0), last_seen=c.last_seen,
-                )
-                for c in self.store.clients()
-                if caller().may_see(c.client_id)  # a client sees only itself; an operator sees all
-            ],
+            clients=clients,
             device=str(self.trainer.device),
             bytes_received=received,
             bytes_sent=sent,
             release_conflicts=self.store.release_conflicts,
+            next_page_token=page[-1].client_id if more and page else "",
+            clients_total=total,
         )
 
+    @answers_storage_errors
     def Sample(self, request: collafuse_pb2.SampleRequest, context: grpc.ServicerContext) -> Iterator[collafuse_pb2.SampleEvent]:
         """Who asks is checked here; the request's jobs live in server/sampling_rpc.py."""
         self._check_serving(context)
         client_id = self._client_id(request.client_id, context)
         record = self._registered(client_id, context, "Sample")
-        self.store.touch(client_id)
+        self._touch(client_id)
         try:
             job = sample_job(request, self.T, self.settings.max_sample_images, lambda y: self._label_error(y, None))
         except InvalidSample as exc:
@@ -288,6 +466,13 @@ class CollaFuseServicer(collafuse_pb2_grpc.CollaFuseServicer):
         beyond = sample_scope_error(record, job.labels, job.cut, self.classes, self.store.clients(), self.store.counts())
         if beyond:
             abort(context, Code.PERMISSION_DENIED, beyond)
+        if job.cut == 0 and not (record.cut == 0 and self.store.count(client_id) > 0):
+            abort(
+                context, Code.PERMISSION_DENIED,
+                f"cut 0 samples the whole chain (the global-model baseline): only a client that released its "
+                f"images at cut 0 may ask for it, and client {client_id[:64]!r} holds no releases at cut 0; ask for "
+                f"its registered cut {record.cut}",
+            )
         try:
             # Admitted into the sampler's bounded, per-client queue, or refused at once with a retry hint.
             ticket = self.sampler.submit(client_id, self.sampler.plan(job))
@@ -312,25 +497,53 @@ class CollaFuseServicer(collafuse_pb2_grpc.CollaFuseServicer):
         yield from handoff_chunks(handoff, self.chunk_bytes)
 
     # ---- the split protocol: the client's registered protocol answers (server/protocols) ----------------
+    @answers_storage_errors
     def SplitForward(self, request: collafuse_pb2.SplitForwardRequest, context: grpc.ServicerContext) -> collafuse_pb2.SplitForwardReply:
         self._check_serving(context)
         client = self._registered(self._client_id(request.client_id, context), context, "SplitForward")
         protocol = self._protocol_of(client, context)
+        dropped = self.strikes.refusal(client.client_id)
+        if dropped is not None:
+            refuse(context, dropped)
         try:
             reply = protocol.split_forward(request, client, self._label_error)
         except RequestRefused as exc:
             refuse(context, exc)
-        self.store.touch(client.client_id)
+        self._touch(client.client_id)
         return reply
 
+    @answers_storage_errors
     def SplitBackward(self, request: collafuse_pb2.SplitBackwardRequest, context: grpc.ServicerContext) -> collafuse_pb2.SplitBackwardReply:
         self._check_serving(context)
         client = self._registered(self._client_id(request.client_id, context), context, "SplitBackward")
         protocol = self._protocol_of(client, context)
+        dropped = self.strikes.refusal(client.client_id)
+        if dropped is not None:
+            refuse(context, dropped)
         try:
-            return protocol.split_backward(request, client)
+            reply = protocol.split_backward(request, client)
         except RequestRefused as exc:
+            self.strikes.strike(client.client_id, exc)
             refuse(context, exc)
+        if reply.applied:
+            self.strikes.clear(client.client_id)
+        return reply
+
+
+def _fixed_while_held(existing: ClientRecord, held: int, cut: int, protocol: int, class_names: list[str]) -> str | None:
+    """Why a re-registration may not change what a client holding releases registered (None: it may)."""
+    who = f"client {existing.client_id[:64]!r} has {held} releases stored"
+    if existing.cut != cut:
+        return (f"{who} at cut {existing.cut}; registering at cut {cut} would mix noise levels of the same images: "
+                "run forget first (it deletes them), then register again")
+    if existing.protocol != protocol:
+        return (f"{who} under protocol {protocol_name(existing.protocol)!r}; it cannot switch to "
+                f"{protocol_name(protocol)!r} while it holds them: run forget first, then register again")
+    if sorted(set(existing.class_names)) != sorted(set(class_names)):
+        return (f"{who} for classes {sorted(set(existing.class_names))}; its classes are fixed while it holds "
+                f"releases (asked for {sorted(set(class_names))[:16]}): register with the same classes, or run "
+                "forget first")
+    return None
 
 
 def _trainer_message(state: TrainerState) -> collafuse_pb2.TrainerState:
@@ -343,4 +556,9 @@ def _trainer_message(state: TrainerState) -> collafuse_pb2.TrainerState:
         clients_with_releases=state.clients_with_releases,
         error=state.error or "",
         skipped_steps=state.skipped_steps,
+        save_failures=state.save_failures,
+        save_error=state.save_error or "",
+        clipped_steps=state.clipped_steps,
+        refused_steps=state.refused_steps,
+        saved_step=state.saved_step,
     )

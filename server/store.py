@@ -8,6 +8,12 @@ protocol brings its own tables as a ``TableSpec`` (``server/protocols/``), and
 what they hold. ``version`` moves with every commit that changes training data,
 ``forget_epoch`` with every deletion, so a trainer loads only what is new and
 reloads everything only after a forget.
+
+A write the disk refuses (full, over quota, failing) raises ``StorageFull`` (RESOURCE_EXHAUSTED with a retry
+hint, naming the store's folder) after rolling the transaction back, so the connection stays usable once
+space is freed. A caller may make one transaction's COMMIT conditional (``commit_only_if``): the check runs
+under the store's lock right before COMMIT, and a refusal rolls everything back (the Release handler uses it
+so that a stream whose call ended, or whose client was re-registered or forgotten meanwhile, stores nothing).
 """
 
 from __future__ import annotations
@@ -18,13 +24,20 @@ import sqlite3
 import threading
 import time
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import cast
 
 from collafuse.common.enums import protocol_value
-from collafuse.server.errors import FingerprintMismatch, StoreError
+from collafuse.server.errors import (
+    FingerprintMismatch,
+    RequestRefused,
+    StorageFull,
+    StoreError,
+    is_storage_error,
+)
 from collafuse.v1 import collafuse_pb2
 
 log = logging.getLogger(__name__)
@@ -61,7 +74,7 @@ class TableSpec:
 class ClientRecord:
     client_id: str
     cut: int
-    protocol: int  # the wire's Protocol value
+    protocol: collafuse_pb2.Protocol  # the wire's Protocol value
     class_names: list[str]
     fingerprint: str
     registered_at: float
@@ -80,6 +93,8 @@ class ReleaseStore:
         self.root.mkdir(parents=True, exist_ok=True)
         self.path = self.root / DB_FILE
         self._lock = threading.RLock()
+        # A check the next transaction of this thread runs before its COMMIT (commit_only_if).
+        self._commit_checks = threading.local()
         try:
             # isolation_level=None: we issue BEGIN/COMMIT ourselves so one upload is one transaction.
             self._conn = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None, timeout=30.0)
@@ -98,15 +113,44 @@ class ReleaseStore:
     # ---- plumbing -------------------------------------------------------------------------
     @contextmanager
     def transaction(self) -> Iterator[sqlite3.Connection]:
-        """One write transaction (BEGIN IMMEDIATE ... COMMIT, ROLLBACK on any exception)."""
+        """One write transaction (BEGIN IMMEDIATE ... COMMIT, ROLLBACK on any exception, a failed COMMIT
+        included). A disk that refuses the write raises ``StorageFull``; a ``commit_only_if`` check of this thread
+        runs before the COMMIT and its refusal is raised after the ROLLBACK."""
+        check: Callable[[], RequestRefused | None] | None = getattr(self._commit_checks, "check", None)
+        self._commit_checks.check = None  # for this transaction only, not for any later one of the call
         with self._lock:
-            self._conn.execute("BEGIN IMMEDIATE")
             try:
-                yield self._conn
-            except BaseException:
-                self._conn.execute("ROLLBACK")
+                self._conn.execute("BEGIN IMMEDIATE")
+                try:
+                    yield self._conn
+                    refused = check() if check is not None else None
+                    if refused is not None:
+                        raise refused
+                    self._conn.execute("COMMIT")
+                except BaseException:
+                    if self._conn.in_transaction:
+                        self._rollback()
+                    raise
+            except (sqlite3.Error, OSError) as exc:
+                if is_storage_error(exc):
+                    raise StorageFull(self.root, exc) from exc
                 raise
-            self._conn.execute("COMMIT")
+
+    def _rollback(self) -> None:
+        try:
+            self._conn.execute("ROLLBACK")
+        except sqlite3.Error as exc:  # SQLite may have rolled back by itself (a full disk does that)
+            log.warning("rollback of the store %s: %s", self.path, exc)
+
+    @contextmanager
+    def commit_only_if(self, check: Callable[[], RequestRefused | None]) -> Iterator[None]:
+        """The next transaction this thread opens commits only if ``check()`` returns None right before its COMMIT
+        (under the store's lock); otherwise it rolls back and raises what ``check`` returned."""
+        self._commit_checks.check = check
+        try:
+            yield
+        finally:
+            self._commit_checks.check = None
 
     @contextmanager
     def reading(self) -> Iterator[sqlite3.Connection]:
@@ -176,6 +220,34 @@ class ReleaseStore:
         with self.transaction() as conn:
             conn.execute("UPDATE clients SET last_seen = ? WHERE client_id = ?", (time.time(), client_id))
 
+    def client_count(self) -> int:
+        with self._lock:
+            return int(self._conn.execute("SELECT COUNT(*) FROM clients").fetchone()[0])
+
+    def clients_page(self, after: str = "", limit: int = 1000) -> list[ClientRecord]:
+        """Clients whose id sorts after ``after``, in id order, at most ``limit`` of them."""
+        with self._lock:
+            rows = self._conn.execute(
+                "SELECT client_id, cut, protocol, class_names, fingerprint, registered_at, last_seen "
+                "FROM clients WHERE client_id > ? ORDER BY client_id LIMIT ?", (after, int(limit)),
+            ).fetchall()
+        return [_client(r) for r in rows]
+
+    def counts_of(self, client_ids: Sequence[str]) -> dict[str, int]:
+        """Releases held per client for ``client_ids`` (clients holding none are left out)."""
+        totals: dict[str, int] = {}
+        ids = list(dict.fromkeys(client_ids))
+        with self._lock:
+            for start in range(0, len(ids), 500):  # SQLite's bound-parameter limit
+                part = ids[start:start + 500]
+                marks = ", ".join("?" * len(part))
+                for spec in self.tables:
+                    for table in spec.client_tables:
+                        query = f"SELECT client_id, COUNT(*) FROM {table} WHERE client_id IN ({marks}) GROUP BY client_id"
+                        for client, n in self._conn.execute(query, part):
+                            totals[str(client)] = totals.get(str(client), 0) + int(n)
+        return totals
+
     def get_client(self, client_id: str) -> ClientRecord | None:
         with self._lock:
             row = self._conn.execute(
@@ -208,8 +280,11 @@ class ReleaseStore:
                 self.bump(conn, "forget_epoch")
         if removed:
             # Reclaim the pages so deleted x_cut bytes do not linger in the file.
-            with self._lock:
-                self._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            try:
+                with self._lock:
+                    self._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            except sqlite3.Error as exc:  # the deletion is committed; the next checkpoint reclaims the pages
+                log.warning("store %s: WAL checkpoint after a forget failed: %s", self.path, exc)
         return int(removed)
 
     def _counts(self, conn: sqlite3.Connection) -> dict[str, int]:
@@ -252,12 +327,12 @@ class ReleaseStore:
             self.bump(conn, "release_conflicts", n)
 
 
-def _protocol(stored: int | str) -> int:
+def _protocol(stored: int | str) -> collafuse_pb2.Protocol:
     """The stored protocol as its wire value: stores written before the value was kept hold the short name
     ("ambient"), and a TEXT column returns a number as text."""
     text = str(stored)
     if text.isdigit():
-        return int(text)
+        return cast(collafuse_pb2.Protocol, int(text))
     try:
         return protocol_value(text)
     except ValueError:

@@ -19,6 +19,13 @@ The server's own replies are not recorded, with one exception: ``SplitForward``'
 ``"request"``). A curious server knows what it answered; the audit needs that eps_hat to run the
 split protocol's gradient inversion on the recorded backward (eps = eps_hat - s g), and it cannot be
 recomputed afterwards: the weights change every step and only the latest checkpoint is kept.
+
+When the transcript cannot be written (a full disk), a line is never left half-written (the file is cut
+back to where the line began), and only the calls the audit must see fail: ``MUST_RECORD`` (every call
+that carries an image-derived payload, registers a cut or returns samples) is answered RESOURCE_EXHAUSTED
+with a retry hint, before the handler runs for a unary call (nothing happened) and before the stream is
+committed for a Release; Heartbeat, Status and Forget are served unrecorded (counted in ``unrecorded``
+and logged), so liveness, monitoring and deletion keep working.
 """
 
 from __future__ import annotations
@@ -36,12 +43,24 @@ from typing import Any
 import grpc
 
 from collafuse.common.rpc import Behavior, rewrap_handler
+from collafuse.server.errors import STORAGE_RETRY_S, abort
 
 log = logging.getLogger(__name__)
 
 FORGET_METHOD = "/collafuse.v1.CollaFuse/Forget"
 # Replies recorded beside the requests (the audit's split gradient inversion needs the eps_hat the server sent).
 RECORDED_REPLIES = frozenset({"/collafuse.v1.CollaFuse/SplitForward"})
+# Calls that fail when the transcript cannot record them; the others are served unrecorded.
+MUST_RECORD = frozenset(f"/collafuse.v1.CollaFuse/{m}" for m in (
+    "Register", "Release", "Sample", "SplitForward", "SplitBackward"))
+
+
+class TranscriptUnwritable(Exception):
+    """The transcript file refused a line (``cause``: the OSError)."""
+
+    def __init__(self, cause: OSError) -> None:
+        super().__init__(str(cause))
+        self.cause = cause
 
 
 def _size(message: Any) -> int:
@@ -54,14 +73,15 @@ class TranscriptInterceptor(grpc.ServerInterceptor):
     def __init__(self, path: Path | None = None) -> None:
         self.path = Path(path) if path is not None else None
         self._lock = threading.Lock()
-        self._file = None
+        self._fd: int | None = None
         self._seq = 0
         self.bytes_received = 0
         self.bytes_sent = 0
+        self.unrecorded = 0  # messages of calls served without a transcript line (the file refused it)
         if self.path is not None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            # Open for the server's lifetime (closed in close()): one append handle, fsynced per line.
-            self._file = open(self.path, "ab")  # noqa: SIM115
+            # Open for the server's lifetime (closed in close()): one unbuffered append descriptor, fsynced per line.
+            self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
             log.warning(
                 "recording every request payload to %s (privacy audit transcript): it keeps released images "
                 "after Forget, until you delete the file", self.path,
@@ -69,9 +89,9 @@ class TranscriptInterceptor(grpc.ServerInterceptor):
 
     def close(self) -> None:
         with self._lock:
-            if self._file is not None:
-                self._file.close()
-                self._file = None
+            if self._fd is not None:
+                os.close(self._fd)
+                self._fd = None
 
     def traffic(self) -> tuple[int, int]:
         with self._lock:
@@ -82,10 +102,28 @@ class TranscriptInterceptor(grpc.ServerInterceptor):
         size = _size(message)
         with self._lock:
             self.bytes_received += size
-            self._record_locked(method, message, context, "request")
+            self._record_or_refuse_locked(method, message, context, "request")
+
+    def _record_or_refuse_locked(self, method: str, message: Any, context: grpc.ServicerContext, direction: str) -> None:
+        """Record; when the file refuses, end a call the audit must see (RESOURCE_EXHAUSTED), else count it."""
+        try:
+            self._record_locked(method, message, context, direction)
+        except TranscriptUnwritable as exc:
+            self._seq -= 1
+            if method in MUST_RECORD:
+                log.error("transcript %s cannot be written (%s): refusing %s", self.path, exc.cause, method)
+                abort(context, grpc.StatusCode.RESOURCE_EXHAUSTED,
+                      f"the server cannot write its audit transcript {self.path} ({exc.cause}): its disk is full or "
+                      f"failing, and this call is not served unrecorded; nothing of it was stored. Retry in "
+                      f"{STORAGE_RETRY_S:.0f}s; the server's operator must free space on that disk",
+                      STORAGE_RETRY_S)
+            self.unrecorded += 1
+            if self.unrecorded == 1 or self.unrecorded % 100 == 0:
+                log.warning("transcript %s cannot be written (%s): %s served unrecorded (%d so far)",
+                            self.path, exc.cause, method, self.unrecorded)
 
     def _record_locked(self, method: str, message: Any, context: grpc.ServicerContext, direction: str) -> None:
-        if self._file is None:
+        if self._fd is None:
             return
         self._seq += 1
         line = {
@@ -97,16 +135,25 @@ class TranscriptInterceptor(grpc.ServerInterceptor):
             "peer": context.peer(),
             "payload_b64": base64.b64encode(message.SerializeToString()).decode("ascii"),
         }
-        self._file.write(json.dumps(line).encode() + b"\n")
-        self._file.flush()
-        os.fsync(self._file.fileno())
+        data = memoryview(json.dumps(line).encode() + b"\n")
+        start = os.lseek(self._fd, 0, os.SEEK_END)
+        try:
+            while data:
+                data = data[os.write(self._fd, data):]
+            os.fsync(self._fd)
+        except OSError as exc:
+            try:  # never leave half a line: the next line must start a record
+                os.ftruncate(self._fd, start)
+            except OSError:
+                pass
+            raise TranscriptUnwritable(exc) from exc
 
     def _sent(self, message: Any, method: str = "", context: grpc.ServicerContext | None = None) -> None:
         size = _size(message)
         with self._lock:
             self.bytes_sent += size
             if method in RECORDED_REPLIES and context is not None:
-                self._record_locked(method, message, context, "reply")
+                self._record_or_refuse_locked(method, message, context, "reply")
 
     def _stream_in(self, method: str, requests: Iterator[Any], context: grpc.ServicerContext) -> Iterator[Any]:
         for message in requests:
@@ -135,7 +182,7 @@ class TranscriptInterceptor(grpc.ServerInterceptor):
                 if handler.response_streaming:
                     return self._stream_out(response)
                 self._sent(response, method, context)
-                if method == FORGET_METHOD and self._file is not None:
+                if method == FORGET_METHOD and self._fd is not None:
                     log.warning("client %s was forgotten, but the audit transcript %s still holds what it sent",
                                 getattr(request, "client_id", "?"), self.path)
                 return response

@@ -2,7 +2,9 @@
 
 It implements the proto on 127.0.0.1 with a port picked by the OS, keeps a transcript
 of every release payload, and can simulate failures: a Release whose ack is lost
-after the store wrote it (UNAVAILABLE), a fingerprint check, unknown classes.
+after the store wrote it (UNAVAILABLE), a fingerprint check, unknown classes. A hostile
+one (tests/test_hostile_server.py) changes what it serves at will (``serve``) and may
+claim a fingerprint that is not the one of its setup.
 """
 
 from __future__ import annotations
@@ -45,12 +47,13 @@ class FakeState:
     # Phases Heartbeat reports in turn (short names of the Phase enum); the last one repeats.
     phases: list[str] = field(default_factory=lambda: ["done"])
     sample_chunk_images: int = 2
+    # A hostile server's claim: this fingerprint string whatever it serves (None: the honest one).
+    claimed_fingerprint: str | None = None
 
 
 class FakeServicer(collafuse_pb2_grpc.CollaFuseServicer):
     def __init__(self, state: FakeState, model_seed: int = 123) -> None:
         self.state = state
-        self.fingerprint = fingerprint(state.schedule, state.image_shape, list(state.classes))
         self.store: dict[tuple[str, str], StoredRelease] = {}
         self.transcript: list[collafuse_pb2.ReleaseChunk] = []
         self.release_calls = 0
@@ -59,6 +62,20 @@ class FakeServicer(collafuse_pb2_grpc.CollaFuseServicer):
         self._lock = threading.Lock()
         torch.manual_seed(model_seed)
         self.model = build_unet("tiny", state.image_shape, len(state.classes)).eval()
+
+    @property
+    def fingerprint(self) -> str:
+        """What the server says its fingerprint is: the honest one of its state, or the claimed string."""
+        s = self.state
+        return s.claimed_fingerprint or fingerprint(s.schedule, s.image_shape, list(s.classes))
+
+    def serve(self, **changes: object) -> None:
+        """Serve another setup from the next call on (e.g. ``schedule=``, ``image_shape=``, ``claimed_fingerprint=``);
+        a hostile server changes what it serves whenever it likes, and keeps what it got."""
+        for name, value in changes.items():
+            if not hasattr(self.state, name):
+                raise AttributeError(f"FakeState has no field {name!r}")
+            setattr(self.state, name, value)
 
     def _spec(self) -> collafuse_pb2.ImageSpec:
         c, h, w = self.state.image_shape
@@ -76,7 +93,7 @@ class FakeServicer(collafuse_pb2_grpc.CollaFuseServicer):
         return collafuse_pb2.RegisterReply(
             server_id=self.state.server_id,
             image_spec=self._spec(),
-            schedule=collafuse_pb2.ScheduleSpec(config_json=s.config_json(), fingerprint=s.config_fingerprint()),
+            schedule=collafuse_pb2.ScheduleSpec(config_json=s.config_json(), fingerprint=s.config_digest()),
             class_names=list(self.state.classes),
             fingerprint=self.fingerprint,
             releases_stored=held,

@@ -10,6 +10,7 @@ from typing import Any
 import grpc
 import torch
 
+from collafuse.client.connection import end_of_stream
 from collafuse.common.codec import encode
 from collafuse.common.config import ServerSettings
 from collafuse.common.enums import phase_name
@@ -80,8 +81,9 @@ def chunks(client_id: str, cut: int, n: int, per_chunk: int, prefix: str = "img"
 
 
 def upload(stub_: collafuse_pb2_grpc.CollaFuseStub, chunk_list: Sequence[collafuse_pb2.ReleaseChunk]) -> collafuse_pb2.ReleaseAck:
+    """A complete Release stream: the final chunk carries the end-of-stream marker, as the client sends it."""
     def stream() -> Iterator[collafuse_pb2.ReleaseChunk]:
-        yield from chunk_list
+        yield from end_of_stream(chunk_list)
 
     return stub_.Release(stream(), timeout=30)
 

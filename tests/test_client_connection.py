@@ -10,7 +10,7 @@ import pytest
 import torch
 from client_fake_server import FakeServer, FakeState, closed_port
 
-from collafuse.client.connection import ServerConnection
+from collafuse.client.connection import ServerConnection, end_of_stream
 from collafuse.client.errors import ClientError
 from collafuse.common.codec import encode
 from collafuse.common.models import as_denoiser
@@ -110,7 +110,8 @@ def test_release_retry_recreates_the_stream_from_its_factory():
     ):
         ack = conn.release(factory)
         assert len(made) == 2 and ack.duplicates == 1 and ack.total_for_client == 1
-        assert conn.traffic["Release"].bytes_sent == 2 * chunk.ByteSize()
+        # The final message goes out with the end-of-stream marker (last, total_items).
+        assert conn.traffic["Release"].bytes_sent == 2 * next(end_of_stream([chunk])).ByteSize()
 
 
 def test_sample_assembles_the_streamed_hand_off_and_reports_progress():

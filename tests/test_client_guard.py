@@ -23,7 +23,7 @@ from client_fake_server import FakeServer, FakeServicer, FakeState, make_image_f
 from PIL import Image
 
 from collafuse.client.errors import ClientError, LedgerRefusal
-from collafuse.client.identity import psnr_db
+from collafuse.client.image_identity import psnr_db
 from collafuse.client.lifecycle import ClientLifecycle
 from collafuse.client.noise_floor import NoiseFloorRefusal
 from collafuse.client.protocols.ambient import AmbientClient
@@ -82,7 +82,7 @@ def settings(tmp_path: Path, target: str, **overrides: Any) -> ClientSettings:
 
 def release_once(s: ClientSettings) -> None:
     with ClientLifecycle(s) as client:
-        client.release()
+        client.contribute()
 
 
 def solve_two_levels(x_a: torch.Tensor, a: float, x_b: torch.Tensor, b: float) -> torch.Tensor:
@@ -108,7 +108,7 @@ def test_a_bent_schedule_is_refused_and_nothing_leaves(tmp_path, bent):
         with ClientLifecycle(settings(tmp_path, server.target)) as client:
             client.reset()
             with pytest.raises(NoiseFloorRefusal, match=rf"gives alpha_bar {asked:.4g} .*at cut 20, your floor is {floor:.4g}"):
-                client.release()
+                client.contribute()
             # A caller that skips Register (or a server whose schedule changes later) meets the same check.
             data = load_image_folder(tmp_path / "data", 1, 8)
             with pytest.raises(NoiseFloorRefusal, match="refusing to release with less noise"):
@@ -156,11 +156,11 @@ def test_reset_does_not_reuse_noise_at_another_level(tmp_path):
             client.forget()  # the curious server keeps everything anyway
             client.reset()
             with pytest.raises(LedgerRefusal, match="already released at cut 20.*--re-release-confirm"):
-                client.release()
+                client.contribute()
         assert all(len(p) == 1 for p in payloads(server).values())
         # Confirmed: sent again with independent noise, and counted.
         with ClientLifecycle(settings(tmp_path, server.target, cut=40, re_release_confirm=True)) as client:
-            assert client.release().re_released == 2
+            assert client.contribute().re_released == 2
             assert client.ledger.summary()["max_levels_per_image"] == 2
             keys = client.ledger.image_keys(x0)
         received = payloads(server)
@@ -200,7 +200,7 @@ def test_copies_are_released_once(tmp_path, caplog):
 
     with curious(shape=(1, 16, 16)) as server:
         with ClientLifecycle(settings(tmp_path, server.target)) as client:
-            report = client.release()
+            report = client.contribute()
         received = payloads(server)
         assert (report.images, report.sent, report.copies) == (8, 4, 4)
         assert len(received) == 4 and all(len(p) == 1 for p in received.values())
@@ -212,7 +212,7 @@ def test_copies_are_released_once(tmp_path, caplog):
             path.unlink()
         (tmp_path / "data" / "1" / "holiday.png").rename(tmp_path / "data" / "0" / "again.png")
         with ClientLifecycle(settings(tmp_path, server.target)) as client:
-            report = client.release()
+            report = client.contribute()
         assert report.sent == 0 and len(payloads(server)) == 4
 
 
@@ -228,12 +228,12 @@ def test_a_failed_call_counts_as_released(tmp_path):
         with ClientLifecycle(settings(tmp_path, server.target, cut=40)) as client:
             assert client.ledger.summary()["sent_unacknowledged"] == 2
             with pytest.raises(LedgerRefusal, match="already released at cut 20"):
-                client.release()
+                client.contribute()
         assert {cut for p in payloads(server).values() for cut, _ in p} == {20}
         # Back at cut 20 the very same bytes go again and the records are completed.
         first = {k: v[0][1] for k, v in payloads(server).items()}
         with ClientLifecycle(settings(tmp_path, server.target, cut=20)) as client:
-            assert client.release().duplicates == 2
+            assert client.contribute().duplicates == 2
             assert client.ledger.summary()["sent_unacknowledged"] == 0
         for key, got in payloads(server).items():
             assert torch.equal(got[1][1], first[key])

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from collafuse.client.errors import ClientError, LedgerRefusal
-from collafuse.client.identity import ImageIdentity
+from collafuse.client.image_identity import ImageIdentity
 from collafuse.client.ledger import LEDGER_FILE, Ledger, ReleaseLevel, SentItem
 
 SERVER = "server-1"

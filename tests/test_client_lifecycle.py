@@ -59,10 +59,10 @@ def test_full_lifecycle_writes_outputs_and_matches_the_reference_sampler(tmp_pat
         assert stored["client_id"] == metrics["client_id"] and stored["cut"] == 20 and stored["num_images"] == 8
         assert len(stored["local_losses"]) == 3 and stored["local_train_steps"] == 3
         assert stored["model_evaluations_per_image"] == {"server": 6, "client": 4}
-        assert set(stored["wall_seconds"]) >= {"register", "load_data", "release", "train", "wait_for_server", "generate", "total"}
+        assert set(stored["wall_seconds"]) >= {"register", "load_data", "contribute", "train", "wait_for_server", "generate", "total"}
         assert {"Register", "Release", "Heartbeat", "Sample"} <= set(stored["rpc"])
         assert stored["bytes_sent"] > 0 and stored["bytes_received"] > 0
-        assert stored["release"]["sent"] == 8 and len(fake.servicer.store) == 8
+        assert stored["contribution"]["sent"] == 8 and len(fake.servicer.store) == 8
 
         # Same seed, same weights: the gRPC split equals one plain loop over the chain (tests/sampling_reference.py).
         labels = np.load(work / "samples/labels.npy")
@@ -82,7 +82,7 @@ def test_full_lifecycle_writes_outputs_and_matches_the_reference_sampler(tmp_pat
 
         # A second run re-releases nothing, and training resumes up to a new target.
         again = run_lifecycle(settings.model_copy(update={"train_steps": 5}), poll_interval=0.01)
-        assert again["release"]["sent"] == 0 and again["release"]["already_released"] == 8
+        assert again["contribution"]["sent"] == 0 and again["contribution"]["already_released"] == 8
         assert again["local_train_steps"] == 5 and again["local_train_steps_this_run"] == 2
         assert len(again["local_losses"]) == 5
         assert fake.servicer.release_calls == 1
@@ -110,25 +110,26 @@ def test_refusals_and_mismatches_are_clear_and_keep_the_ledger(tmp_path):
     with FakeServer() as fake:
         settings = _settings(tmp_path, fake.target)
         with ClientLifecycle(settings) as client:
-            client.release()
+            client.contribute()
         with ClientLifecycle(settings.model_copy(update={"cut": 30})) as client:
             with pytest.raises(LedgerRefusal, match="already released at cut 20"):
-                client.release()
+                client.contribute()
             assert client.ledger.summary()["releases"] == 2
         with ClientLifecycle(settings) as client:
             client.forget()
             with pytest.raises(LedgerRefusal, match="forget"):
-                client.release()
+                client.contribute()
             client.ledger.set_fingerprint("0" * 64, fake.target)
-            with pytest.raises(ServerFingerprintChanged, match="fresh --workdir"):
+            with pytest.raises(ServerFingerprintChanged, match="reset --yes") as changed:
                 client.register()
+            assert "workdir" not in str(changed.value)  # a fresh ledger would release every image again
             client.reset()
             client.register()
             # Releases outlive forget and reset: sending them again takes its own confirmation, and is counted.
             with pytest.raises(LedgerRefusal, match="forget.*--re-release-confirm"):
-                client.release()
+                client.contribute()
         with ClientLifecycle(settings.model_copy(update={"re_release_confirm": True})) as client:
-            assert client.release().re_released == 2
+            assert client.contribute().re_released == 2
             assert client.ledger.summary()["re_releases"] == 2
 
 

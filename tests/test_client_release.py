@@ -13,7 +13,7 @@ from diffusers import DDPMScheduler
 
 from collafuse.client.connection import ServerConnection
 from collafuse.client.ledger import Ledger
-from collafuse.client.release import build_chunks, release_images
+from collafuse.client.protocols.ambient import AmbientClient, ReleaseReport, build_chunks
 from collafuse.common.codec import encode
 from collafuse.common.rpc import RetryPolicy
 from collafuse.common.schedule import ScheduleConfig
@@ -30,10 +30,11 @@ def _images(n: int = 6) -> tuple[torch.Tensor, list[int]]:
 def _release(fake: FakeServer, ledger: Ledger, images: torch.Tensor, labels: list[int], cut: int, **kw):  # type: ignore[no-untyped-def]
     keys = ledger.image_keys(images)
     with ServerConnection(fake.target, policy=RetryPolicy(attempts=3), sleep=lambda s: None) as conn:
-        report = release_images(
+        report = AmbientClient().contribute(
             conn, ledger, client_id="c1", images=images, labels=labels, paths=None, cut=cut,
-            protocol="ambient", schedule=ScheduleConfig(num_train_timesteps=T), server=fake.target, **kw,
+            schedule=ScheduleConfig(num_train_timesteps=T), server=fake.target, **kw,
         )
+        assert isinstance(report, ReleaseReport)
         return report, keys, conn.traffic_report()
 
 

@@ -131,7 +131,7 @@ def test_server_trained_on_the_releases(smoke_run: dict[str, Any]) -> None:
 def test_client_released_trained_and_generated(smoke_run: dict[str, Any], client: str) -> None:
     files = smoke_run["files"][client]
     metrics = volume_json(client, "metrics.json", smoke_run["base_image"])
-    release, generate = metrics.get("release", {}), metrics.get("generate", {})
+    release, generate = metrics.get("contribution", {}), metrics.get("generate", {})
     assert release.get("stored", 0) > 0 and release["stored"] == metrics["num_images"], f"{client} released: {release}"
     assert metrics.get("local_train_steps") == 10, f"{client} should have trained its 10 smoke steps: {metrics}"
     assert metrics.get("server_trainer_step") == 20, f"{client} should have waited for the server's training: {metrics}"

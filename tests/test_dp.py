@@ -1,4 +1,6 @@
-"""Differential privacy of what leaves a client: clipping, noise, accountant, budget, the ambient release's epsilon."""
+"""Differential privacy of what leaves a client: clipping, noise, what one release or split send costs (mu^2 under
+replace-one), their exact composition, and epsilon. tests/test_dp_accounting.py checks the client's figures against
+an independent computation with dp-accounting."""
 
 from __future__ import annotations
 
@@ -9,23 +11,26 @@ import pytest
 import torch
 
 from collafuse.client.dp import (
-    RDP_ORDERS,
-    PrivacyAccountant,
-    PrivacyBudget,
-    PrivacyBudgetExceeded,
     analytic_gaussian_epsilon,
     clip_per_sample,
     combined_noise_multiplier,
     epsilon_after,
-    gaussian_rdp,
+    epsilon_of_mu2,
+    gaussian_epsilon,
+    gaussian_mu,
+    gradient_mu2,
+    gradient_noise_multiplier,
     per_sample_norms,
     privatize,
     release_epsilon,
+    release_mu2,
     release_noise_multiplier,
+    split_send_mu2,
 )
 from collafuse.common.schedule import ScheduleConfig
 
 DELTA = 1e-5
+AB = ScheduleConfig().alphas_cumprod()
 
 
 def test_clipping_bounds_every_row_and_keeps_small_rows() -> None:
@@ -55,30 +60,24 @@ def test_bad_parameters_say_what_to_do() -> None:
     with pytest.raises(ValueError, match="clipping norm"):
         clip_per_sample(torch.ones(2, 3), 0.0)
     with pytest.raises(ValueError, match="delta"):
-        epsilon_after(1.0, 0.1, 10, delta=0.0)
-    with pytest.raises(ValueError, match="sample rate"):
-        PrivacyAccountant().step(1.0, 0.0)
+        epsilon_after(1.0, 1.0, 10, delta=0.0)
+    with pytest.raises(ValueError, match="subsampling"):  # no amplification is claimed for per-image rows
+        epsilon_after(1.0, 0.1, 10, DELTA)
+    with pytest.raises(ValueError, match="add/remove"):
+        release_mu2(0.5, 64, "add_remove")  # type: ignore[arg-type]
 
 
-def test_epsilon_decreases_with_noise_and_grows_with_steps() -> None:
-    by_sigma = [epsilon_after(s, 0.01, 1000, DELTA) for s in (0.6, 0.8, 1.0, 2.0, 4.0)]
-    assert all(a > b for a, b in itertools.pairwise(by_sigma)), by_sigma
-    by_steps = [epsilon_after(1.0, 0.01, k, DELTA) for k in (10, 100, 1000, 10_000)]
+def test_epsilon_and_mu_are_inverse_and_monotone() -> None:
+    for mu in (0.05, 0.5, 1.0, 3.0, 20.0, 200.0):
+        eps = gaussian_epsilon(mu, DELTA)
+        assert gaussian_mu(eps, DELTA) == pytest.approx(mu, rel=1e-6)
+    by_mu = [gaussian_epsilon(m, DELTA) for m in (0.1, 0.5, 1, 2, 8, 50)]
+    assert all(a < b for a, b in itertools.pairwise(by_mu)), by_mu
+    by_steps = [epsilon_after(4.0, 1.0, k, DELTA) for k in (1, 10, 100, 1000)]
     assert all(a < b for a, b in itertools.pairwise(by_steps)), by_steps
-
-
-def test_rdp_matches_the_gaussian_closed_form() -> None:
-    """q = 1: RDP at order a is a / (2 s^2); epsilon = min_a rdp - (ln delta + ln a)/(a - 1) + ln((a - 1)/a)."""
-    sigma, steps = 3.0, 4
-    closed = min(
-        steps * gaussian_rdp(a, sigma) - (math.log(DELTA) + math.log(a)) / (a - 1) + math.log((a - 1) / a)
-        for a in RDP_ORDERS
-    )
-    assert epsilon_after(sigma, 1.0, steps, DELTA) == pytest.approx(closed, rel=1e-9)
-    # RDP is an upper bound on the exact (analytic) epsilon of one Gaussian mechanism, and not a loose one.
-    exact = analytic_gaussian_epsilon(sigma, DELTA)
-    rdp_one = epsilon_after(sigma, 1.0, 1, DELTA)
-    assert exact < rdp_one < 1.5 * exact
+    # Composition is exact: k mechanisms at multiplier s are one at s / sqrt(k).
+    assert epsilon_after(4.0, 1.0, 16, DELTA) == pytest.approx(analytic_gaussian_epsilon(1.0, DELTA), rel=1e-9)
+    assert epsilon_of_mu2(0.0, DELTA) == 0.0 and math.isinf(epsilon_of_mu2(math.inf, DELTA))
 
 
 def test_analytic_epsilon_meets_delta() -> None:
@@ -90,17 +89,48 @@ def test_analytic_epsilon_meets_delta() -> None:
     assert delta == pytest.approx(DELTA, rel=1e-6)
 
 
-def test_ambient_release_epsilon_falls_as_the_cut_grows() -> None:
-    ab = ScheduleConfig().alphas_cumprod()
+def test_ambient_release_epsilon_is_stated_for_replace_one() -> None:
     d = 64
-    values = [release_epsilon(float(ab[z]), d, DELTA) for z in (50, 100, 200, 500, 900)]
-    exact = [v["epsilon_exact"] for v in values]
+    values = [release_epsilon(float(AB[z]), d, DELTA) for z in (50, 100, 200, 500, 900)]
+    exact = [float(v["epsilon_exact"]) for v in values]
     assert all(a > b for a, b in itertools.pairwise(exact)), exact
-    assert all(v["epsilon_exact"] <= v["epsilon_rdp"] for v in values)
+    assert all(v["relation"] == "replace" for v in values)
+    # Any two images in [-1, 1]^d are 2 sqrt(d) apart: twice the distance to the zero image, half the multiplier.
+    assert release_noise_multiplier(0.5, d) == pytest.approx(release_noise_multiplier(0.5, d, "zero") / 2)
+    assert release_mu2(float(AB[200]), d) == pytest.approx(4 * d * float(AB[200]) / (1 - float(AB[200])))
+    # The issue's figures for "any two images" (replace-one), d = 64: 1,315 / 341 / 30 at cuts 100 / 200 / 500.
+    assert [round(float(release_epsilon(float(AB[z]), d, DELTA)["epsilon_exact"])) for z in (100, 200, 500)] == [
+        1315, 341, 30]
     # Cut 0 releases x_0 itself: no privacy.
-    assert math.isinf(release_epsilon(1.0, d, DELTA)["epsilon_exact"])
-    # Replace-one doubles the sensitivity: half the multiplier.
-    assert release_noise_multiplier(0.5, d, "replace") == pytest.approx(release_noise_multiplier(0.5, d) / 2)
+    assert math.isinf(float(release_epsilon(1.0, d, DELTA)["epsilon_exact"]))
+    # Two releases of one image at one level: twice the mu^2.
+    twice = release_epsilon(float(AB[500]), d, DELTA, releases=2)["epsilon_exact"]
+    assert twice == pytest.approx(epsilon_of_mu2(2 * release_mu2(float(AB[500]), d), DELTA))
+
+
+def test_the_null_record_is_not_a_zero_gradient_row() -> None:
+    """The zero image's gradient row is clip(2(eps_hat - eps)/d), not zero: two clipped rows differ by up to 2C under
+    either relation, so the clipping bound is sigma C / 2C = sigma / 2 for both."""
+    assert gradient_noise_multiplier(1.0) == gradient_noise_multiplier(1.0, "zero") == 0.5
+    low_t = float(AB[101])  # where the clipping bound 2C is the binding one
+    assert gradient_mu2(low_t, 64, 0.1, 0.5) == pytest.approx((2 * 0.1 / (0.5 * 0.1)) ** 2)
+    assert gradient_mu2(low_t, 64, 0.1, 0.5, "zero") == pytest.approx((2 * 0.1 / (0.5 * 0.1)) ** 2)
+
+
+def test_a_split_send_costs_its_x_t_and_its_gradient_row() -> None:
+    d, clip, sigma = 256, 1.0, 1.0
+    for t in (201, 600, 1000):
+        ab = float(AB[t])
+        p = ab / (1 - ab)
+        # Given x_t, the row moves by at most (2/d) sqrt(p) per unit of x_0 (clipping is 1-Lipschitz).
+        lipschitz = 2 / d * math.sqrt(p) * 2 * math.sqrt(d)
+        expected = 4 * d * p + (min(2 * clip, lipschitz) / (sigma * clip)) ** 2
+        assert split_send_mu2(ab, d, clip, sigma) == pytest.approx(expected)
+    # At high t the gradient is nearly free: its information about x_0 shrinks with ab / (1 - ab).
+    high = float(AB[950])
+    assert gradient_mu2(high, d, clip, sigma) < 1e-3 * (2 / sigma) ** 2
+    # Without noise on the gradient (no clipping, or sigma = 0) a send reveals the image.
+    assert math.isinf(split_send_mu2(high, d, None, 0.0)) and math.isinf(split_send_mu2(high, d, 1.0, 0.0))
 
 
 def test_split_step_counts_the_x_t_release_too() -> None:
@@ -109,24 +139,6 @@ def test_split_step_counts_the_x_t_release_too() -> None:
     assert combined_noise_multiplier(0.0, 1.0) == 0.0
 
 
-def test_budget_refuses_the_step_that_would_exceed_it() -> None:
-    budget = PrivacyBudget.new(epsilon=2.0, delta=DELTA)
-    taken = 0
-    with pytest.raises(PrivacyBudgetExceeded, match="--dp-epsilon 2"):
-        for _ in range(10_000):
-            budget.charge(1.1, 0.02, steps=10)
-            taken += 10
-    assert 0 < taken < 100_000
-    assert budget.spent() <= 2.0
-    assert not budget.allows(1.1, 0.02, 10)
-    # Round trip through the ledger's JSON keeps the spend.
-    restored = PrivacyAccountant.from_state_dict(budget.accountant.state_dict())
-    assert restored.epsilon(DELTA) == pytest.approx(budget.spent())
-    assert restored.steps == taken
-
-
 def test_zero_noise_is_infinite_epsilon() -> None:
-    accountant = PrivacyAccountant()
-    accountant.step(1.0, 0.1, 5)
-    accountant.step(0.0, 0.1)
-    assert math.isinf(accountant.epsilon(DELTA))
+    assert math.isinf(epsilon_after(0.0, 1.0, 1, DELTA))
+    assert epsilon_after(math.inf, 1.0, 5, DELTA) == 0.0

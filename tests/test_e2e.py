@@ -198,5 +198,5 @@ def test_baselines_run_through_the_same_code(tmp_path: Path, cut: int, launcher:
         assert server["releases"] == 16
     else:  # ICM: nothing released, the client does every step
         assert metrics["model_evaluations_per_image"] == {"server": 0, "client": 10}
-        assert metrics["release"]["sent"] == 0
+        assert metrics["contribution"]["sent"] == 0
         assert server.get("releases", 0) == 0

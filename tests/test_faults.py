@@ -444,7 +444,7 @@ def test_client_killed_mid_release_and_restarted_releases_each_image_once(tmp_pa
     log = (tmp_path / "c1.log").read_text()
     assert client.returncode == 0, log[-3000:]
     assert_ledger_matches_store(store, work, "c1", images)
-    release = json.loads((work / "metrics.json").read_text())["release"]
+    release = json.loads((work / "metrics.json").read_text())["contribution"]
     assert (release["stored"], release["duplicates"]) == (0, images), release
     assert store_meta(store, "release_conflicts") == "0"
     assert "ALREADY_EXISTS" not in log and "already stored" not in log

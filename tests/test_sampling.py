@@ -8,7 +8,7 @@ from diffusers.models import UNet2DModel
 from sampling_reference import reference_sample, relative_difference
 
 from collafuse.common.models import as_denoiser, build_unet
-from collafuse.common.sampling import client_half, initial_noise, make_chain, server_half, split_sample
+from collafuse.common.sampling import client_half, handoff_sample, initial_noise, make_chain, server_half
 from collafuse.common.schedule import ScheduleConfig
 
 SHAPE = (1, 8, 8)
@@ -28,13 +28,13 @@ def models() -> tuple[UNet2DModel, UNet2DModel]:
 @pytest.mark.parametrize("guidance", [1.0, 3.0], ids=["plain", "guided"])
 # 41: the paper's t = 41 is a step of the strided chain (0-based 40): "server evaluates t = cut" shows.
 @pytest.mark.parametrize("cut", [0, 41, T])
-def test_split_sampler_equals_the_plain_reference_loop(
+def test_handoff_sampler_equals_the_plain_reference_loop(
     models: tuple[UNet2DModel, UNet2DModel], kind: str, steps: int, guidance: float, cut: int
 ) -> None:
     server, client = models
     chain = make_chain(SCHEDULE, kind, steps)  # type: ignore[arg-type]
     labels = torch.tensor(LABELS)
-    x_cut, x0 = split_sample(as_denoiser(server, guidance), as_denoiser(client, guidance), chain, labels, 5, cut, SHAPE)
+    x_cut, x0 = handoff_sample(as_denoiser(server, guidance), as_denoiser(client, guidance), chain, labels, 5, cut, SHAPE)
     ref_cut, ref_x0 = reference_sample(
         server, client, num_train_timesteps=T, kind=kind, num_inference_steps=steps, cut=cut, labels=LABELS, seed=5,
         guidance=guidance, image_shape=SHAPE,
@@ -76,10 +76,10 @@ def test_cut_edges_are_the_baselines(models: tuple[UNet2DModel, UNet2DModel]) ->
     labels = torch.tensor([0, 1])
     chain = make_chain(SCHEDULE, "ddpm", 10)
     # ICM: the server runs nothing, the hand-off is x_T itself.
-    x_cut, _ = split_sample(server, client, chain, labels, 3, T, SHAPE)
+    x_cut, _ = handoff_sample(server, client, chain, labels, 3, T, SHAPE)
     assert torch.equal(x_cut, initial_noise(3, [0, 1], SHAPE))
     # GM: the client runs nothing, its output is the server's.
-    x_cut, x0 = split_sample(server, client, chain, labels, 3, 0, SHAPE)
+    x_cut, x0 = handoff_sample(server, client, chain, labels, 3, 0, SHAPE)
     assert torch.equal(x_cut, x0)
 
 

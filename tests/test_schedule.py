@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from collafuse.common.sampling import chain_timesteps, count_model_evaluations, split_timesteps
+from collafuse.common.sampling import make_chain, timesteps_by_owner
 from collafuse.common.schedule import (
     ScheduleConfig,
     ScheduleError,
@@ -38,13 +38,13 @@ def test_owner_rule_follows_paper_time() -> None:
 
 @pytest.mark.parametrize("cut,server,client", [(0, 1000, 0), (200, 800, 200), (1000, 0, 1000)])
 def test_full_chain_split_counts(cut: int, server: int, client: int) -> None:
-    assert count_model_evaluations(ScheduleConfig(), "ddpm", 0, cut) == (server, client)
+    assert make_chain(ScheduleConfig(), "ddpm", 0).evaluations(cut) == (server, client)
 
 
 def test_strided_chain_split() -> None:
-    steps = chain_timesteps(ScheduleConfig(), "ddpm", 100)
+    steps = list(make_chain(ScheduleConfig(), "ddpm", 100).timesteps)
     assert steps[0] == 990 and steps[-1] == 0 and len(steps) == 100
-    server, client = split_timesteps(steps, 200)
+    server, client = timesteps_by_owner(steps, 200)
     assert server[-1] == 200 and client[0] == 190
     assert server + client == steps
 
@@ -72,7 +72,7 @@ def _wire(config: dict[str, object]) -> tuple[str, str]:
 
 def test_wire_carries_diffusers_config_and_both_sides_rebuild_the_same_schedulers() -> None:
     schedule = ScheduleConfig(num_train_timesteps=50, beta_end=0.03)
-    received = ScheduleConfig.from_wire(schedule.config_json(), schedule.config_fingerprint())
+    received = ScheduleConfig.from_wire(schedule.config_json(), schedule.config_digest())
     assert received == schedule
     assert json.loads(schedule.config_json())["prediction_type"] == "epsilon"
     for kind in ("ddpm", "ddim"):
@@ -98,10 +98,10 @@ def test_a_bent_schedule_from_the_wire_is_refused(change: dict[str, object], mes
         ScheduleConfig.from_wire(*_wire(config))
 
 
-def test_wire_config_must_match_its_fingerprint_and_be_a_json_object() -> None:
+def test_wire_config_must_match_its_digest_and_be_a_json_object() -> None:
     schedule = ScheduleConfig()
-    with pytest.raises(ScheduleError, match="fingerprint"):
-        ScheduleConfig.from_wire(schedule.config_json(), ScheduleConfig(beta_end=0.03).config_fingerprint())
+    with pytest.raises(ScheduleError, match="digest"):
+        ScheduleConfig.from_wire(schedule.config_json(), ScheduleConfig(beta_end=0.03).config_digest())
     with pytest.raises(ScheduleError, match="not valid JSON"):
         ScheduleConfig.from_wire(*_wire_text("{not json"))
     with pytest.raises(ScheduleError, match="JSON object"):
@@ -124,7 +124,7 @@ def test_client_refuses_a_bent_server_schedule_with_a_clear_error() -> None:
     from collafuse.v1 import collafuse_pb2
 
     good = ScheduleConfig(num_train_timesteps=50)
-    spec = collafuse_pb2.ScheduleSpec(config_json=good.config_json(), fingerprint=good.config_fingerprint())
+    spec = collafuse_pb2.ScheduleSpec(config_json=good.config_json(), fingerprint=good.config_digest())
     assert schedule_from_spec(spec) == good
     text, digest = _wire({**good.diffusers_config(), "beta_start": 1e-9})
     with pytest.raises(ClientError, match="server sent a schedule this client refuses: alpha_bar_1 rounds to 1.0"):

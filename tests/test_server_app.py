@@ -14,6 +14,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from server_support import chunks, register, rpc_error, start, stub, upload
 
+from collafuse.client.connection import end_of_stream
 from collafuse.common.rpc import open_channel
 from collafuse.server.app import SERVICE_NAME
 from collafuse.server.errors import PortInUse, StoreError
@@ -67,7 +68,7 @@ def test_transcript_records_every_message_of_a_streamed_release(tmp_path: Path) 
     releases = [r for r in lines if r["method"] == "/collafuse.v1.CollaFuse/Release"]
     assert [r["request_type"] for r in releases] == ["collafuse.v1.ReleaseChunk"] * 3
     received = [collafuse_pb2.ReleaseChunk.FromString(base64.b64decode(r["payload_b64"])) for r in releases]
-    assert received == sent
+    assert received == list(end_of_stream(sent))  # the final message carries the end-of-stream marker
     assert [r["method"].rsplit("/", 1)[1] for r in lines] == ["Register", "Release", "Release", "Release", "Status"]
     assert all(r["time"] > 0 and r["peer"] for r in lines)
     assert status.bytes_received >= sum(c.ByteSize() for c in sent)

@@ -93,8 +93,8 @@ def test_nan_guard_rejects_the_schedule_at_start_up() -> None:
 
 
 def test_shared_settings_are_declared_once() -> None:
+    from collafuse.common.config import RuntimeFields, TrainingFields
     from collafuse.common.schedule import ScheduleFields
-    from collafuse.common.settings import RuntimeFields, TrainingFields
     from collafuse.deploy.sim import SimSettings
 
     for cls in (ServerSettings, ClientSettings, SimSettings):

@@ -86,7 +86,7 @@ def test_sim_with_tls_completes(tls_run: tuple[SimSettings, DevPki, CollaFuseSer
     metrics = json.loads((settings.out / "metrics.json").read_text())
     for k in range(2):
         client = metrics["clients"][f"client-{k}"]
-        assert client["release"]["stored"] == client["num_images"] > 0, f"client-{k} released over mTLS: {client}"
+        assert client["contribution"]["stored"] == client["num_images"] > 0, f"client-{k} released over mTLS: {client}"
         assert np.isfinite(np.load(settings.out / "clients" / f"client-{k}" / "samples" / "samples.npy")).all()
     assert metrics["server"]["step"] == settings.steps
 

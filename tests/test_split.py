@@ -21,10 +21,11 @@ import torch
 from client_fake_server import make_image_folder
 from server_support import SHAPE, T, chunks, rpc_error, start, stub, upload
 
-from collafuse.client.dp import PrivacyAccountant, release_epsilon
+from collafuse.client.dp import epsilon_of_mu2, gaussian_mu, release_epsilon
+from collafuse.client.errors import ClientError
 from collafuse.client.ledger import Ledger, ReleaseLevel, SentItem
 from collafuse.client.lifecycle import ClientLifecycle
-from collafuse.client.privacy_ledger import PrivacyLedger, RdpTotal, privacy_report
+from collafuse.client.privacy_ledger import PrivacyLedger, privacy_report
 from collafuse.client.protocols import client_protocol
 from collafuse.client.protocols import split as client_split
 from collafuse.client.protocols.split import (
@@ -38,11 +39,10 @@ from collafuse.client.protocols.split import (
     noise_batch,
 )
 from collafuse.common.codec import decode, encode
-from collafuse.common.config import ClientSettings
+from collafuse.common.config import ClientSettings, TrainOptions
 from collafuse.common.models import build_unet, load_model
 from collafuse.common.rpc import RETRY_AFTER_KEY
 from collafuse.common.schedule import ScheduleConfig
-from collafuse.common.settings import TrainOptions
 from collafuse.common.train_loop import StepResult, TrainCore
 from collafuse.server.errors import RequestRefused
 from collafuse.server.protocols import split_rounds
@@ -308,6 +308,22 @@ def test_a_vanished_client_cannot_stall_a_round_and_its_late_gradient_is_refused
     assert engine.backward("a", again.step_id, rows / 4).applied and core.step == 2
 
 
+def test_an_open_round_holds_the_ambient_trainer_until_it_closes_or_its_deadline() -> None:
+    now = [0.0]
+    core = _core()
+    engine = SplitEngine(core, max_steps=0, limits=RoundLimits(timeout=10.0), clock=lambda: now[0])
+    core.frozen = engine.frozen
+    b = _batch(4)
+    batches = lambda g: b
+    loss = lambda net, batch, g: (net(batch.x_t, batch.t, batch.labels) - batch.eps).pow(2).mean()
+    assert not engine.frozen() and not core.train_step(batches, loss).held
+    engine.forward("gone", b.x_t, b.t, b.labels)  # a split client that never comes back
+    held = core.train_step(batches, loss)
+    assert engine.frozen() and held.held and core.step == 1  # nothing drawn, nothing stepped
+    now[0] = 10.5  # its round's deadline: the weights are free again, though nobody closed the round yet
+    assert not engine.frozen() and not core.train_step(batches, loss).held and core.step == 2
+
+
 def test_rounds_of_clients_that_vanish_hold_no_memory() -> None:
     now = [0.0]
     engine = SplitEngine(_core(), max_steps=0, limits=RoundLimits(max_clients=4, timeout=1.0), clock=lambda: now[0])
@@ -523,13 +539,14 @@ def test_the_send_path_goes_through_the_guard(tmp_path: Path, monkeypatch: pytes
     monkeypatch.setattr(client_split, "noise_batch", unnoised)
     fake = FakeSplitConnection()
     with pytest.raises(UnsafeSend):
-        _contribute(tmp_path, fake, SplitOptions(batch_size=4, steps=2))
+        _contribute(tmp_path, fake, SplitOptions(batch_size=4, steps=2, max_image_exposure=math.inf))
     assert fake.forwards == []  # nothing left
 
 
 def test_every_sent_t_is_above_the_cut(tmp_path: Path) -> None:
     fake = FakeSplitConnection()
-    report = _contribute(tmp_path, fake, SplitOptions(batch_size=4, steps=5))
+    # No DP: each send gives the server its image, so only a lifted cap lets it go (the guard is what is tested).
+    report = _contribute(tmp_path, fake, SplitOptions(batch_size=4, steps=5, max_image_exposure=math.inf))
     assert report.steps == 5 and report.stopped == "steps" and len(fake.forwards) == 5
     assert all(CUT < t <= T for request in fake.forwards for t in request.t)
     assert all(request.HasField("loss") for request in fake.backwards)  # without DP the loss is reported
@@ -541,12 +558,12 @@ def test_every_sent_t_is_above_the_cut(tmp_path: Path) -> None:
 def test_dp_clips_each_image_before_it_leaves(tmp_path: Path) -> None:
     clip, batch = 0.01, 4
     fake = FakeSplitConnection()
-    _contribute(tmp_path / "dp", fake, SplitOptions(batch_size=batch, steps=3, dp_clip=clip))
+    _contribute(tmp_path / "dp", fake, SplitOptions(batch_size=batch, steps=3, dp_clip=clip, max_image_exposure=math.inf))
     norms = torch.cat([decode(r.grad).flatten(1).norm(dim=1) * batch for r in fake.backwards])
     assert norms.max() <= clip * (1 + 1e-5) and norms.min() > 0.5 * clip  # clipped, not zeroed
     assert not any(r.HasField("loss") for r in fake.backwards)  # with DP the loss stays on the client
     plain = FakeSplitConnection()
-    _contribute(tmp_path / "plain", plain, SplitOptions(batch_size=batch, steps=3))
+    _contribute(tmp_path / "plain", plain, SplitOptions(batch_size=batch, steps=3, max_image_exposure=math.inf))
     raw = torch.cat([decode(r.grad).flatten(1).norm(dim=1) * batch for r in plain.backwards])
     assert raw.min() > 10 * clip  # the control: without --dp-clip the rows are far larger
     noisy = FakeSplitConnection()
@@ -556,42 +573,49 @@ def test_dp_clips_each_image_before_it_leaves(tmp_path: Path) -> None:
 
 
 def test_the_client_stops_when_its_budget_is_spent(tmp_path: Path) -> None:
-    schedule = ScheduleConfig()  # T = 1000: at cut 900 x_t is noisy enough that a step costs little
+    """--dp-epsilon caps every image: each image's sends (x_t and gradient, at their t) compose to at most that
+    epsilon, the client stops when no image may be sent any more, and a second run does not start over."""
+    schedule = ScheduleConfig()  # T = 1000: at cut 900 x_t is noisy enough that a send costs little
     options = SplitOptions(batch_size=4, dp_clip=1.0, dp_noise_multiplier=2.0, dp_epsilon=3.0)
-    multiplier = SplitClient(options).noise_multiplier(schedule, 900, SHAPE)
-    total, expected = RdpTotal(), 0
-    assert options.dp_epsilon is not None
-    while total.epsilon_if(options.dp_delta, multiplier, 4 / 16) <= options.dp_epsilon:
-        total.add(multiplier, 4 / 16)
-        expected += 1
-    assert 1 <= expected < 50
     fake = FakeSplitConnection()
     report = _contribute(tmp_path, fake, options, cut=900, schedule=schedule)
-    assert report.steps == expected == len(fake.forwards)
     assert report.stopped.startswith("privacy budget spent") and report.epsilon is not None
-    assert report.epsilon <= options.dp_epsilon
-    again = FakeSplitConnection()  # the spend is in the ledger: a second run may not start over
-    assert _contribute(tmp_path, again, options, cut=900, schedule=schedule).steps == 0 and not again.forwards
+    assert 5 <= report.steps == len(fake.forwards) < 200
+    assert report.epsilon <= 3.0
+    assert fake.backwards[-1].last and not any(b.last for b in fake.backwards[:-1])  # it said when it was done
+    again = FakeSplitConnection()  # the spend is in the ledger: a second run only draws on what is left of each cap
+    second = _contribute(tmp_path, again, options, cut=900, schedule=schedule)
+    assert second.epsilon is not None and report.epsilon <= second.epsilon <= 3.0
     with Ledger(tmp_path / "work") as ledger:
         privacy = PrivacyLedger(ledger.path)
-        rows = privacy.records()
+        rows, sends, exposures = privacy.records(), privacy.sends(), privacy.exposures()
         privacy.close()
-    assert len(rows) == expected and all(r.status == "acked" for r in rows)
-    assert rows[-1].epsilon == pytest.approx(report.epsilon)
+    assert len(rows) == report.steps + second.steps and all(r.status == "acked" for r in rows)
+    assert rows[-1].epsilon == pytest.approx(second.epsilon)
+    # The ledger's sends are what the server got (t by t), and every image stayed within its epsilon.
+    assert sorted(t for _, _, t, _ in sends) == sorted(int(t) for r in fake.forwards + again.forwards for t in r.t)
+    per_image: dict[str, float] = {}
+    for _, key, _, mu2 in sends:
+        per_image[key] = per_image.get(key, 0.0) + mu2
+    assert max(per_image.values()) <= gaussian_mu(3.0, options.dp_delta) ** 2
+    assert per_image == pytest.approx({k: e.mu2 for k, e in exposures.items() if e.sends})
+    assert second.epsilon == pytest.approx(epsilon_of_mu2(max(per_image.values()), options.dp_delta))
 
 
 def test_without_dp_noise_a_budget_allows_no_step(tmp_path: Path) -> None:
+    """A client that may never send anything says so and stops (an error), rather than wait for a server it
+    will never train."""
     fake = FakeSplitConnection()
-    report = _contribute(tmp_path, fake, SplitOptions(batch_size=4, dp_epsilon=100.0))
-    assert report.steps == 0 and not fake.forwards and "without DP noise" in report.stopped
-
-
-def test_the_running_accountant_matches_the_dp_accountant() -> None:
-    total, accountant = RdpTotal(), PrivacyAccountant()
-    for s, q, n in ((1.5, 0.1, 7), (0.9, 0.25, 3), (1.5, 0.1, 2)):
-        total.add(s, q, n)
-        accountant.step(s, q, n)
-    assert total.epsilon(1e-5) == pytest.approx(accountant.epsilon(1e-5), rel=1e-9)
+    with pytest.raises(ClientError, match="without DP noise"):
+        _contribute(tmp_path, fake, SplitOptions(batch_size=4, dp_epsilon=100.0))
+    assert not fake.forwards
+    default = FakeSplitConnection()  # the default exposure cap alone refuses it too
+    with pytest.raises(ClientError, match="--split-max-image-exposure inf"):
+        _contribute(tmp_path / "default", default, SplitOptions(batch_size=4))
+    assert not default.forwards
+    noised = FakeSplitConnection()  # nothing of the refusal sticks: with DP noise the same workdir sends
+    assert _contribute(tmp_path / "default", noised, SplitOptions(batch_size=4, steps=2, dp_clip=0.1,
+                                                                  dp_noise_multiplier=1.0)).steps == 2
 
 
 def test_ambient_releases_are_reported_in_the_same_unit(tmp_path: Path) -> None:
@@ -634,27 +658,28 @@ def test_split_steps_and_the_ambient_trainer_share_the_model(tmp_path: Path) -> 
 
 
 def test_protocol_split_through_the_client_lifecycle(tmp_path: Path) -> None:
-    """A real server, a client run with --protocol split and a budget of two steps; outputs as for ambient."""
+    """A real server, a client run with --protocol split that may send each image once; outputs as for ambient."""
     srv = start(tmp_path / "store", classes=["0", "1", "2"], max_steps=100, checkpoint_every=1, batch_size=4)
     try:
         make_image_folder(tmp_path / "data", classes=("0", "2"), per_class=4)
-        base = SplitOptions(batch_size=4, dp_clip=1.0, dp_noise_multiplier=1.0)
-        multiplier = SplitClient(base).noise_multiplier(SCHEDULE, CUT, SHAPE)
-        total = RdpTotal()
-        total.add(multiplier, 4 / 8, 2)
-        budget = total.epsilon(1e-5) * (1 + 1e-9)  # exactly two steps
         settings = ClientSettings(
             data=tmp_path / "data", server=srv.address, workdir=tmp_path / "work", cut=CUT, protocol="split",
             train_steps=2, batch_size=4, inference_steps=5, samples_per_class=1, retries=2, rpc_timeout=10, seed=1,
-            device="cpu", dp_clip=1.0, dp_noise_multiplier=1.0, dp_epsilon=budget, wait_for_server=False,
+            device="cpu", dp_clip=1.0, dp_noise_multiplier=1.0, dp_epsilon=1e4, split_max_sends_per_image=1,
+            split_max_image_exposure=4.0, wait_for_server=False,
         )
-        assert client_protocol("split", settings).options.dp_epsilon == budget  # type: ignore[attr-defined]
+        chosen = client_protocol("split", settings).options  # type: ignore[attr-defined]
+        assert (chosen.dp_epsilon, chosen.max_sends_per_image, chosen.max_image_exposure) == (1e4, 1, 4.0)
         with ClientLifecycle(settings, poll_interval=0.01) as client:
             metrics = client.run()
             status = client.status()
-        assert metrics["release"]["steps"] == 2 and metrics["release"]["stopped"].startswith("privacy budget spent")
+        # 8 images, 4 a step, each sent once: two steps, and the client is done (it said so with the last one).
+        contribution = metrics["contribution"]
+        assert contribution["steps"] == 2 and contribution["stopped"].startswith("privacy budget spent")
         stored = json.loads((tmp_path / "work" / "metrics.json").read_text())
-        assert stored["privacy"]["split"]["steps"] == 2 and stored["privacy"]["split"]["epsilon"] <= budget
+        split = stored["privacy"]["split"]
+        assert split["steps"] == 2 and split["images_sent"] == 8 and split["max_sends_per_image"] == 1
+        assert 0 < split["epsilon"] <= 1e4
         assert status["privacy"]["split"]["steps"] == 2
         assert (tmp_path / "work" / "samples" / "grid.png").is_file()
         assert srv.trainer.core.step == 2

@@ -199,7 +199,8 @@ def run_server(root: Path, cross_client: bool) -> dict[str, Any]:
         return {"replies": replies, "merged": merger.merged if merger else 0, "model": model,
                 "step": server.trainer.core.step, "exported": {name: value(exported, f"collafuse_split_{name}_total")
                                                               for name in ("forwards", "forwards_merged",
-                                                                           "forward_model_calls")}}
+                                                                           "forward_model_calls", "rounds",
+                                                                           "late_gradients")}}
     finally:
         server.stop(0)
 
@@ -207,8 +208,10 @@ def run_server(root: Path, cross_client: bool) -> dict[str, Any]:
 def test_merging_changes_no_clients_eps_hat_or_the_model_over_grpc(tmp_path: Path) -> None:
     merged, plain = run_server(tmp_path / "merged", True), run_server(tmp_path / "plain", False)
     assert merged["merged"] == 2, "round 1's three forwards ran as one model call"
-    assert merged["exported"] == {"forwards": 6, "forwards_merged": 2, "forward_model_calls": 4}, "Prometheus"
-    assert plain["merged"] == 0 and plain["exported"]["forwards"] == 0  # no merger, no counters
+    assert merged["exported"] == {"forwards": 6, "forwards_merged": 2, "forward_model_calls": 4, "rounds": 2,
+                                  "late_gradients": 0}, "Prometheus"
+    assert plain["merged"] == 0 and plain["exported"]["forwards"] == 0  # no merger, no merge counters
+    assert plain["exported"]["rounds"] == 2
     for got_round, want_round in zip(merged["replies"], plain["replies"], strict=True):
         for client_id, want in want_round.items():
             torch.testing.assert_close(got_round[client_id], want, rtol=1e-5, atol=1e-6)

@@ -20,7 +20,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from server_support import register, start
 from test_auth import CALLS, own_chunks, refusal
 
-from collafuse.client.connection import ServerConnection, tls_credentials
+from collafuse.client.connection import ServerConnection, end_of_stream, tls_credentials
 from collafuse.client.errors import ClientError
 from collafuse.common.config import ClientSettings, ServerSettings
 from collafuse.common.rpc import RetryPolicy, open_channel
@@ -120,8 +120,8 @@ def mtls(pki: Pki, tmp_path_factory: pytest.TempPathFactory) -> Iterator[MtlsSer
         alice, bob = server.stub("alice"), server.stub("bob")
         register(alice, "alice", cut=20, classes=["a", "b"])
         register(bob, "bob", cut=30, classes=["c"])
-        assert alice.Release(iter(own_chunks("alice", 20, [0, 1], "alice")), timeout=30).stored == 2
-        assert bob.Release(iter(own_chunks("bob", 30, [2], "bob")), timeout=30).stored == 1
+        assert alice.Release(end_of_stream(own_chunks("alice", 20, [0, 1], "alice")), timeout=30).stored == 2
+        assert bob.Release(end_of_stream(own_chunks("bob", 30, [2], "bob")), timeout=30).stored == 1
         yield server
     finally:
         running.stop(0)

@@ -13,11 +13,10 @@ from server_support import tiny_settings
 
 from collafuse.client.trainer import model_dir, train_local
 from collafuse.common import checkpoint
-from collafuse.common.config import ClientSettings
+from collafuse.common.config import ClientSettings, TrainOptions
 from collafuse.common.diffusion import Denoiser
 from collafuse.common.models import build_unet, load_model
 from collafuse.common.schedule import ScheduleConfig
-from collafuse.common.settings import TrainOptions
 from collafuse.common.train_loop import NonFiniteLoss, TrainCore
 from collafuse.server.protocols import store_tables
 from collafuse.server.protocols.ambient import AmbientBatch, AmbientSource

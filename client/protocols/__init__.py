@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 from collafuse.client.protocols.ambient import AmbientClient
-from collafuse.client.protocols.base import ClientProtocol, ReleaseReport
+from collafuse.client.protocols.base import ClientProtocol, ContributionReport
 from collafuse.client.protocols.split import SplitClient
 from collafuse.common.config import ClientSettings
 from collafuse.common.enums import protocol_names
 
 REGISTRY: dict[str, type[ClientProtocol]] = {p.name: p for p in (AmbientClient, SplitClient)}
 
-__all__ = ["REGISTRY", "ClientProtocol", "ReleaseReport", "client_protocol"]
+__all__ = ["REGISTRY", "ClientProtocol", "ContributionReport", "client_protocol"]
 
 
 def client_protocol(name: str, settings: ClientSettings | None = None) -> ClientProtocol:

@@ -15,19 +15,20 @@ import functools
 import hashlib
 import logging
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 
 from collafuse.client.connection import ServerConnection
 from collafuse.client.errors import ClientError
-from collafuse.client.identity import find_copies
+from collafuse.client.image_identity import find_copies
 from collafuse.client.ledger import Ledger, SentItem
-from collafuse.client.noise_floor import check_schedule
-from collafuse.client.protocols.base import ClientProtocol, ReleaseReport
+from collafuse.client.noise_floor import check_schedule, release_look_gain
+from collafuse.client.protocols.base import ClientProtocol, ContributionReport
 from collafuse.common.codec import encode
 from collafuse.common.diffusion import release
 from collafuse.common.rpc import CHUNK_BYTES
-from collafuse.common.schedule import ScheduleConfig
+from collafuse.common.schedule import Cut, ScheduleConfig
 from collafuse.v1 import collafuse_pb2
 
 log = logging.getLogger(__name__)
@@ -55,6 +56,18 @@ def build_chunks(
     if current.items:
         chunks.append(current)
     return chunks, digests
+
+
+@dataclass
+class ReleaseReport(ContributionReport):
+    """An ambient contribution: the releases sent, and what the server and the ledger made of them."""
+
+    already_released: int = 0
+    stored: int = 0
+    duplicates: int = 0
+    total_for_client: int = 0
+    copies: int = 0  # not released: the same pixels as, or a near-duplicate of, another image (client/image_identity.py)
+    re_released: int = 0  # released again under --re-release-confirm
 
 
 class AmbientClient(ClientProtocol):
@@ -88,11 +101,13 @@ class AmbientClient(ClientProtocol):
         payload recorded as sent before it goes.
         """
         report = ReleaseReport(images=len(images), cut=cut)
-        if cut >= schedule.num_train_timesteps:
+        zeta = Cut(cut, schedule.num_train_timesteps)
+        if zeta.independent:
             log.info("cut %d = T: independent client model, nothing is released", cut)
             return report
-        level = check_schedule(ledger, schedule, cut, server)
-        if cut == 0:
+        # The floor per native pixel: the spec's look gain (recorded at the join, or grey sent as RGB) counts.
+        level = check_schedule(ledger, schedule, cut, server, look=release_look_gain(ledger, images))
+        if zeta.global_model:
             log.warning(
                 "!!! cut 0 is the GLOBAL-MODEL BASELINE: the RAW IMAGES (x_0, no noise) of %d files LEAVE THIS "
                 "CLIENT and are stored by the server at %s. This is not a private setting. !!!",

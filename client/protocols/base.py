@@ -21,20 +21,14 @@ from collafuse.v1 import collafuse_pb2
 
 
 @dataclass
-class ReleaseReport:
-    """What one contribution sent, as the client's metrics record it."""
+class ContributionReport:
+    """What one contribution sent (any protocol), as the client's metrics record it under "contribution"."""
 
-    images: int = 0
-    sent: int = 0
-    already_released: int = 0
-    stored: int = 0
-    duplicates: int = 0
-    total_for_client: int = 0
+    images: int = 0  # images the client holds
+    sent: int = 0  # images sent (with split, counted once per step they rode in)
     calls: int = 0
     payload_bytes: int = 0
     cut: int = 0
-    copies: int = 0  # not released: the same pixels as, or a near-duplicate of, another image (client/identity.py)
-    re_released: int = 0  # released again under --re-release-confirm
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -66,7 +60,7 @@ class ClientProtocol(ABC):
         server: str,
         resend: bool = False,
         re_release: bool = False,
-    ) -> ReleaseReport:
+    ) -> ContributionReport:
         """Send what this protocol sends for the server's training, each send recorded in the ledger before it goes.
 
         ``images`` are the pixels as they would leave (the ledger keys them by those pixels, never by ``paths``,

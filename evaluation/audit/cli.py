@@ -167,17 +167,17 @@ class ClientRecords:
                 pinned = ledger.pinned_schedule()
                 out.ledger = ledger.summary()
             if pinned is not None:
-                out.schedule = ScheduleConfig.from_wire(pinned.config_json, pinned.fingerprint)
+                out.schedule = ScheduleConfig.from_wire(pinned.config_json, pinned.digest)
                 out.floor_alpha_bar = pinned.floor_alpha_bar
         return out
 
     def dp(self) -> DpParams:
-        release = self.metrics.get("release") or {}
+        release = self.metrics.get("contribution") or {}
         return DpParams(release.get("dp_clip"), float(release.get("dp_noise_multiplier") or 0.0))
 
     def refusals(self) -> dict[str, Any]:
         """The client's own record of what its guard kept back (client/protocols/ambient.py, client/ledger.py)."""
-        release = self.metrics.get("release") or {}
+        release = self.metrics.get("contribution") or {}
         keys = ("copies", "already_released", "re_released", "sent")
         return {**{k: release.get(k) for k in keys},
                 **{k: self.ledger.get(k) for k in ("max_releases_per_image", "max_levels_per_image", "re_releases",
@@ -278,8 +278,8 @@ def audit_run(args: argparse.Namespace) -> dict[str, Any]:
         files = {path: (shard / path).read_bytes() for path in data.paths}
         report, recs, x0 = audit_split(mine_steps, data.images.float(), cut, ab, mine.dp(), mine.floor_alpha_bar, files)
         report.update(client_id=client, schedule_source="client ledger (pinned)" if mine.schedule else "server model",
-                      epsilon_spent=(mine.metrics.get("release") or {}).get("epsilon"),
-                      epsilon_unbounded=(mine.metrics.get("release") or {}).get("epsilon_unbounded"))
+                      epsilon_spent=(mine.metrics.get("contribution") or {}).get("epsilon"),
+                      epsilon_unbounded=(mine.metrics.get("contribution") or {}).get("epsilon_unbounded"))
         low = torch.cat([s.t for s in mine_steps]) <= report["t"]["low_band_max"]
         order = torch.nonzero(low).flatten()[: args.max_images]
         if extractor is not None and len(order) >= 2:

@@ -34,7 +34,7 @@ from collafuse.common.diffusion import (
     sample_server_times,
 )
 from collafuse.common.models import drop_labels
-from collafuse.common.schedule import validate_cut
+from collafuse.common.schedule import Cut, validate_cut
 from collafuse.server.errors import RequestRefused, StoreError
 from collafuse.server.protocols.base import LabelCheck, ReleaseOutcome, ServerProtocol, TrainingSource
 from collafuse.server.store import ClientRecord, ReleaseStore, TableSpec
@@ -300,7 +300,7 @@ class AmbientSource(TrainingSource[AmbientBatch]):
         self.label_dropout = label_dropout
         self.null_label = null_label
         self.device = device
-        # incremental=False reloads everything on every change (the old behaviour; benchmarks compare).
+        # incremental=False reloads everything on every change (benchmarks/store_load.py compares the two).
         self.incremental = incremental
         # "pooled": per-release weights so that mixed cuts learn the pooled E[eps | x_t] (common/diffusion.py).
         self.weighting = weighting
@@ -439,7 +439,7 @@ class AmbientProtocol(ServerProtocol):
                 f"{where}: released at cut {chunk.cut} but client {client.client_id!r} registered cut {client.cut}; "
                 "release at the registered cut, or forget and register again with the new cut",
             )
-        if chunk.cut == self.T:
+        if Cut(chunk.cut, self.T).independent:
             raise RequestRefused(
                 Code.INVALID_ARGUMENT, f"{where}: cut {chunk.cut} = T is an independent client model, which releases nothing"
             )

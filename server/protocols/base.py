@@ -96,15 +96,15 @@ class ServerProtocol(ABC):
         self, request: collafuse_pb2.SplitForwardRequest, client: ClientRecord, label_error: LabelCheck
     ) -> collafuse_pb2.SplitForwardReply:
         """The first half of a split step (protocols that train by split learning answer it)."""
-        raise self._not_split(client)
+        raise self._not_split_learning(client)
 
     def split_backward(
         self, request: collafuse_pb2.SplitBackwardRequest, client: ClientRecord
     ) -> collafuse_pb2.SplitBackwardReply:
         """The second half of a split step."""
-        raise self._not_split(client)
+        raise self._not_split_learning(client)
 
-    def _not_split(self, client: ClientRecord) -> RequestRefused:
+    def _not_split_learning(self, client: ClientRecord) -> RequestRefused:
         return RequestRefused(
             grpc.StatusCode.FAILED_PRECONDITION,
             f"client {client.client_id[:64]!r} registered protocol {self.name!r}: register with protocol split "
@@ -114,6 +114,9 @@ class ServerProtocol(ABC):
     # ---- training -----------------------------------------------------------------------------
     def attach(self, core: TrainCore, max_steps: int, after_step: Callable[[StepResult], None]) -> None:
         """Called once by app.py with the trainer's core, for protocols that step it themselves (split)."""
+
+    def forget_client(self, client_id: str) -> None:
+        """Drop what this protocol keeps about a client in memory (Forget)."""
 
     def metrics(self) -> Iterator[Metric]:
         """This protocol's Prometheus metric families (server/observability.py)."""

@@ -25,8 +25,10 @@ from prometheus_client.core import CounterMetricFamily, Metric
 from collafuse.common.codec import TensorError, decode, encode
 from collafuse.common.config import ServerSettings
 from collafuse.common.enums import protocol_name
+from collafuse.common.schedule import Cut
 from collafuse.common.train_loop import StepResult, TrainCore
 from collafuse.server.errors import RequestRefused
+from collafuse.server.gradient_bounds import RowNormBook, bound_gradient_rows
 from collafuse.server.protocols.base import LabelCheck, ServerProtocol
 from collafuse.server.protocols.split_merge import ForwardMerger
 from collafuse.server.protocols.split_rounds import RoundLimits, SplitEngine, TrainingFinished
@@ -66,7 +68,7 @@ def validate_forward(
             f"client {client.client_id[:64]!r} registered protocol {protocol_name(client.protocol)!r}: register with "
             "protocol split before sending split steps",
         )
-    if client.cut >= T:
+    if Cut(client.cut, T).independent:
         raise RequestRefused(
             Code.FAILED_PRECONDITION,
             f"client {client.client_id[:64]!r} registered cut {client.cut} = T (independent client model): the server "
@@ -133,6 +135,8 @@ class SplitProtocol(ServerProtocol):
         self.image_shape = settings.image_shape
         self.T = settings.num_train_timesteps
         self._engine: SplitEngine | None = None
+        # Each client's gradient rows bounded relative to the other clients' (server/gradient_bounds.py).
+        self.row_norms = RowNormBook(settings.split_relative_grad_clip)
 
     def attach(self, core: TrainCore, max_steps: int, after_step: Callable[[StepResult], None] | None = None) -> None:
         """Make this server's one engine around the trainer's core (app.py, once, before serving)."""
@@ -143,7 +147,12 @@ class SplitProtocol(ServerProtocol):
             label_dropout=self.settings.label_dropout, seed=self.settings.seed, merger=merger,
         )
 
+    def forget_client(self, client_id: str) -> None:
+        self.row_norms.forget(client_id)
+
     def metrics(self) -> Iterator[Metric]:
+        yield CounterMetricFamily("collafuse_split_rows_bounded", "split gradient rows scaled down (far above the "
+                                  "other clients' rows, or above --split-clip-grad-norm)", self.row_norms.clipped_rows)
         engine = self._engine
         if engine is None:
             return
@@ -196,6 +205,8 @@ class SplitProtocol(ServerProtocol):
         self, request: collafuse_pb2.SplitBackwardRequest, client: ClientRecord
     ) -> collafuse_pb2.SplitBackwardReply:
         engine = self.engine
+        bound_gradient_rows(request, client.client_id, self.row_norms, self.settings.split_clip_grad_norm,
+                            self.settings.split_max_grad_norm)
         grad, loss = validate_backward(request, engine.expected_shape(client.client_id, request.step_id))
         result = engine.backward(client.client_id, request.step_id, grad, loss, last=request.last)
         return collafuse_pb2.SplitBackwardReply(

@@ -17,8 +17,8 @@ A **round** is one optimizer step of the server's model:
 
 Why rounds and not one optimizer step per backward: with K concurrent clients, per-client steps apply
 gradients computed at weights up to K-1 versions old and, with class-partitioned clients, the model
-collapses to a label-blind average (issue 22's measurement: true/wrong-label eps-MSE 0.12/0.12 at three
-clients against 0.042/0.073 in process). A round applies no gradient to weights other than its own.
+collapses to a label-blind average (measured: true/wrong-label eps-MSE 0.12/0.12 at three clients
+against 0.042/0.073 in process). A round applies no gradient to weights other than its own.
 
 Who is **active**: the clients whose step was applied in the previous round (they are expected back), plus
 every client that sent a forward in this one. A client that sends ``last`` on its backward is not expected
@@ -253,7 +253,6 @@ class SplitEngine:
         self._cv = threading.Condition()  # guards everything below; never held during a model call
         self._round: SplitRound | None = None
         self._closing = False  # a round's step is being computed and applied
-        self._frozen = False  # a round is open (set under the model lock): other training paths wait
         self._next_round = 1
         self._active: set[str] = set()  # clients expected in the next round
         self._answered: OrderedDict[str, tuple[str, BackwardResult]] = OrderedDict()
@@ -265,9 +264,14 @@ class SplitEngine:
         return self.max_steps > 0 and self.core.step >= self.max_steps
 
     def frozen(self) -> bool:
-        """A round is open: the weights must not move until it closes. Read without a lock (the ambient trainer
-        asks while holding the model lock; a round opens under that lock, so the answer is never stale)."""
-        return self._frozen
+        """A round is open and has not passed its deadline (or is being applied): the weights must not move
+        until it closes. Read without the engine's lock (the ambient trainer asks while holding the model lock,
+        and a round opens under that lock, so the answer is never stale). A round whose clients all vanished
+        stops holding the weights at its deadline, even before anyone closes it."""
+        round_ = self._round
+        if self._closing:
+            return True
+        return round_ is not None and round_.outcome is None and self._clock() < round_.deadline
 
     @property
     def pending(self) -> int:
@@ -339,17 +343,16 @@ class SplitEngine:
         return round_
 
     def _open_locked(self) -> SplitRound:
-        with self.core.model_lock:  # never a half-applied optimizer step
+        with self.core.model_lock:  # never a half-applied optimizer step; frozen() sees the round at once
             stash, self._spare = self._spare, None
             if stash is None:
                 stash = WeightStash(self.core.model, self.core.step)
             else:
                 stash.load(self.core.model, self.core.step)
-            self._frozen = True
-        now = self._clock()
-        round_ = SplitRound(self._next_round, stash, now, now + self.limits.timeout)
-        self._next_round += 1
-        self._round = round_
+            now = self._clock()
+            round_ = SplitRound(self._next_round, stash, now, now + self.limits.timeout)
+            self._next_round += 1
+            self._round = round_
         return round_
 
     def _drop_labels(self, labels: torch.Tensor, number: int, client_id: str) -> torch.Tensor:
@@ -486,7 +489,6 @@ class SplitEngine:
             self._active = set()
         self._round = None
         self._closing = False
-        self._frozen = False
         self._cv.notify_all()
 
 
@@ -514,6 +516,8 @@ class SplitEngine:
             if self.observer is not None:
                 self.observer(round_.number, grads)
             applied = self.core.step_with_gradients(grads, loss)
+        if applied.refused:  # the core's update guard kept nothing of it
+            return RoundOutcome(round_.number, False, self.core.step, len(steps), images, applied.refused)
         if self.after_step is not None:
             self.after_step(applied)
         return RoundOutcome(round_.number, True, applied.step, len(steps), images)

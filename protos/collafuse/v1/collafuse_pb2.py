@@ -25,17 +25,17 @@ _sym_db = _symbol_database.Default()
 from collafuse.v1 import tensor_pb2 as collafuse_dot_v1_dot_tensor__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1c\x63ollafuse/v1/collafuse.proto\x12\x0c\x63ollafuse.v1\x1a\x19\x63ollafuse/v1/tensor.proto\"<\n\tImageSpec\x12\x10\n\x08\x63hannels\x18\x01 \x01(\x05\x12\x0e\n\x06height\x18\x02 \x01(\x05\x12\r\n\x05width\x18\x03 \x01(\x05\"\x8a\x01\n\x0cScheduleSpec\x12\x13\n\x0b\x63onfig_json\x18\x05 \x01(\t\x12\x13\n\x0b\x66ingerprint\x18\x06 \x01(\tJ\x04\x08\x01\x10\x02J\x04\x08\x02\x10\x03J\x04\x08\x03\x10\x04J\x04\x08\x04\x10\x05R\x13num_train_timestepsR\nbeta_startR\x08\x62\x65ta_endR\rbeta_schedule\"\xbb\x01\n\x0fRegisterRequest\x12\x11\n\tclient_id\x18\x01 \x01(\t\x12\x0b\n\x03\x63ut\x18\x02 \x01(\x05\x12(\n\x08protocol\x18\x03 \x01(\x0e\x32\x16.collafuse.v1.Protocol\x12\x13\n\x0b\x63lass_names\x18\x04 \x03(\t\x12\x1c\n\x14\x65xpected_fingerprint\x18\x05 \x01(\t\x12+\n\nimage_spec\x18\x06 \x01(\x0b\x32\x17.collafuse.v1.ImageSpec\"\xc0\x01\n\rRegisterReply\x12\x11\n\tserver_id\x18\x01 \x01(\t\x12+\n\nimage_spec\x18\x02 \x01(\x0b\x32\x17.collafuse.v1.ImageSpec\x12,\n\x08schedule\x18\x03 \x01(\x0b\x32\x1a.collafuse.v1.ScheduleSpec\x12\x13\n\x0b\x63lass_names\x18\x04 \x03(\t\x12\x13\n\x0b\x66ingerprint\x18\x05 \x01(\t\x12\x17\n\x0freleases_stored\x18\x06 \x01(\x03\"%\n\x10HeartbeatRequest\x12\x11\n\tclient_id\x18\x01 \x01(\t\"R\n\x0eHeartbeatReply\x12\x13\n\x0bserver_time\x18\x01 \x01(\x01\x12+\n\x07trainer\x18\x02 \x01(\x0b\x32\x1a.collafuse.v1.TrainerState\"\xbd\x01\n\x0cTrainerState\x12\"\n\x05phase\x18\x01 \x01(\x0e\x32\x13.collafuse.v1.Phase\x12\x0c\n\x04step\x18\x02 \x01(\x03\x12\x11\n\tmax_steps\x18\x03 \x01(\x03\x12\x11\n\tlast_loss\x18\x04 \x01(\x01\x12\x10\n\x08releases\x18\x05 \x01(\x03\x12\x1d\n\x15\x63lients_with_releases\x18\x06 \x01(\x05\x12\r\n\x05\x65rror\x18\x07 \x01(\t\x12\x15\n\rskipped_steps\x18\x08 \x01(\x03\"T\n\x0bReleaseItem\x12\x11\n\timage_key\x18\x01 \x01(\t\x12\r\n\x05label\x18\x02 \x01(\x05\x12#\n\x05x_cut\x18\x03 \x01(\x0b\x32\x14.collafuse.v1.Tensor\"X\n\x0cReleaseChunk\x12\x11\n\tclient_id\x18\x01 \x01(\t\x12\x0b\n\x03\x63ut\x18\x02 \x01(\x05\x12(\n\x05items\x18\x03 \x03(\x0b\x32\x19.collafuse.v1.ReleaseItem\"J\n\nReleaseAck\x12\x0e\n\x06stored\x18\x01 \x01(\x03\x12\x12\n\nduplicates\x18\x02 \x01(\x03\x12\x18\n\x10total_for_client\x18\x03 \x01(\x03\"\"\n\rForgetRequest\x12\x11\n\tclient_id\x18\x01 \x01(\t\"\x1e\n\x0b\x46orgetReply\x12\x0f\n\x07removed\x18\x01 \x01(\x03\"\x0f\n\rStatusRequest\"}\n\x0c\x43lientStatus\x12\x11\n\tclient_id\x18\x01 \x01(\t\x12\x0b\n\x03\x63ut\x18\x02 \x01(\x05\x12(\n\x08protocol\x18\x03 \x01(\x0e\x32\x16.collafuse.v1.Protocol\x12\x10\n\x08releases\x18\x04 \x01(\x03\x12\x11\n\tlast_seen\x18\x05 \x01(\x01\"\xe6\x01\n\x0bStatusReply\x12\x11\n\tserver_id\x18\x01 \x01(\t\x12\x13\n\x0b\x66ingerprint\x18\x02 \x01(\t\x12+\n\x07trainer\x18\x03 \x01(\x0b\x32\x1a.collafuse.v1.TrainerState\x12+\n\x07\x63lients\x18\x04 \x03(\x0b\x32\x1a.collafuse.v1.ClientStatus\x12\x0e\n\x06\x64\x65vice\x18\x05 \x01(\t\x12\x16\n\x0e\x62ytes_received\x18\x06 \x01(\x03\x12\x12\n\nbytes_sent\x18\x07 \x01(\x03\x12\x19\n\x11release_conflicts\x18\x08 \x01(\x03\"\x95\x01\n\rSampleRequest\x12\x11\n\tclient_id\x18\x01 \x01(\t\x12\x0e\n\x06labels\x18\x02 \x03(\x05\x12\x0c\n\x04seed\x18\x03 \x01(\x04\x12\x1b\n\x13num_inference_steps\x18\x04 \x01(\x05\x12\x11\n\tscheduler\x18\x05 \x01(\t\x12\x16\n\x0eguidance_scale\x18\x06 \x01(\x02\x12\x0b\n\x03\x63ut\x18\x07 \x01(\x05\"9\n\x0eSampleProgress\x12\x12\n\nsteps_done\x18\x01 \x01(\x05\x12\x13\n\x0bsteps_total\x18\x02 \x01(\x05\"T\n\x0bSampleChunk\x12\x0e\n\x06offset\x18\x01 \x01(\x05\x12\x1f\n\x01x\x18\x02 \x01(\x0b\x32\x14.collafuse.v1.Tensor\x12\x14\n\x0cserver_steps\x18\x03 \x01(\x05\"t\n\x0bSampleEvent\x12\x30\n\x08progress\x18\x01 \x01(\x0b\x32\x1c.collafuse.v1.SampleProgressH\x00\x12*\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x19.collafuse.v1.SampleChunkH\x00\x42\x07\n\x05\x65vent\"f\n\x13SplitForwardRequest\x12\x11\n\tclient_id\x18\x01 \x01(\t\x12!\n\x03x_t\x18\x02 \x01(\x0b\x32\x14.collafuse.v1.Tensor\x12\t\n\x01t\x18\x03 \x03(\x05\x12\x0e\n\x06labels\x18\x04 \x03(\x05\"\x91\x01\n\x11SplitForwardReply\x12\x0f\n\x07step_id\x18\x01 \x01(\t\x12%\n\x07\x65ps_hat\x18\x02 \x01(\x0b\x32\x14.collafuse.v1.Tensor\x12\x13\n\x0bserver_step\x18\x03 \x01(\x03\x12\x12\n\nexpires_in\x18\x04 \x01(\x01\x12\r\n\x05round\x18\x05 \x01(\x03\x12\x0c\n\x04\x64one\x18\x06 \x01(\x08\"\x88\x01\n\x14SplitBackwardRequest\x12\x11\n\tclient_id\x18\x01 \x01(\t\x12\x0f\n\x07step_id\x18\x02 \x01(\t\x12\"\n\x04grad\x18\x03 \x01(\x0b\x32\x14.collafuse.v1.Tensor\x12\x11\n\x04loss\x18\x04 \x01(\x01H\x00\x88\x01\x01\x12\x0c\n\x04last\x18\x05 \x01(\x08\x42\x07\n\x05_loss\"\xaa\x01\n\x12SplitBackwardReply\x12\x13\n\x0bserver_step\x18\x01 \x01(\x03\x12\x11\n\tmax_steps\x18\x02 \x01(\x03\x12\x0c\n\x04\x64one\x18\x03 \x01(\x08\x12\x0f\n\x07\x61pplied\x18\x04 \x01(\x08\x12\x11\n\tduplicate\x18\x05 \x01(\x08\x12\r\n\x05round\x18\x06 \x01(\x03\x12\x15\n\rround_clients\x18\x07 \x01(\x05\x12\x14\n\x0cround_images\x18\x08 \x01(\x05*N\n\x08Protocol\x12\x18\n\x14PROTOCOL_UNSPECIFIED\x10\x00\x12\x14\n\x10PROTOCOL_AMBIENT\x10\x01\x12\x12\n\x0ePROTOCOL_SPLIT\x10\x02*e\n\x05Phase\x12\x15\n\x11PHASE_UNSPECIFIED\x10\x00\x12\x0e\n\nPHASE_IDLE\x10\x01\x12\x11\n\rPHASE_WAITING\x10\x02\x12\x12\n\x0ePHASE_TRAINING\x10\x03\x12\x0e\n\nPHASE_DONE\x10\x04\x32\xd4\x04\n\tCollaFuse\x12\x46\n\x08Register\x12\x1d.collafuse.v1.RegisterRequest\x1a\x1b.collafuse.v1.RegisterReply\x12I\n\tHeartbeat\x12\x1e.collafuse.v1.HeartbeatRequest\x1a\x1c.collafuse.v1.HeartbeatReply\x12\x41\n\x07Release\x12\x1a.collafuse.v1.ReleaseChunk\x1a\x18.collafuse.v1.ReleaseAck(\x01\x12@\n\x06\x46orget\x12\x1b.collafuse.v1.ForgetRequest\x1a\x19.collafuse.v1.ForgetReply\x12@\n\x06Status\x12\x1b.collafuse.v1.StatusRequest\x1a\x19.collafuse.v1.StatusReply\x12\x42\n\x06Sample\x12\x1b.collafuse.v1.SampleRequest\x1a\x19.collafuse.v1.SampleEvent0\x01\x12R\n\x0cSplitForward\x12!.collafuse.v1.SplitForwardRequest\x1a\x1f.collafuse.v1.SplitForwardReply\x12U\n\rSplitBackward\x12\".collafuse.v1.SplitBackwardRequest\x1a .collafuse.v1.SplitBackwardReplyb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1c\x63ollafuse/v1/collafuse.proto\x12\x0c\x63ollafuse.v1\x1a\x19\x63ollafuse/v1/tensor.proto\"<\n\tImageSpec\x12\x10\n\x08\x63hannels\x18\x01 \x01(\x05\x12\x0e\n\x06height\x18\x02 \x01(\x05\x12\r\n\x05width\x18\x03 \x01(\x05\"\x8a\x01\n\x0cScheduleSpec\x12\x13\n\x0b\x63onfig_json\x18\x05 \x01(\t\x12\x13\n\x0b\x66ingerprint\x18\x06 \x01(\tJ\x04\x08\x01\x10\x02J\x04\x08\x02\x10\x03J\x04\x08\x03\x10\x04J\x04\x08\x04\x10\x05R\x13num_train_timestepsR\nbeta_startR\x08\x62\x65ta_endR\rbeta_schedule\"\xbb\x01\n\x0fRegisterRequest\x12\x11\n\tclient_id\x18\x01 \x01(\t\x12\x0b\n\x03\x63ut\x18\x02 \x01(\x05\x12(\n\x08protocol\x18\x03 \x01(\x0e\x32\x16.collafuse.v1.Protocol\x12\x13\n\x0b\x63lass_names\x18\x04 \x03(\t\x12\x1c\n\x14\x65xpected_fingerprint\x18\x05 \x01(\t\x12+\n\nimage_spec\x18\x06 \x01(\x0b\x32\x17.collafuse.v1.ImageSpec\"\xc0\x01\n\rRegisterReply\x12\x11\n\tserver_id\x18\x01 \x01(\t\x12+\n\nimage_spec\x18\x02 \x01(\x0b\x32\x17.collafuse.v1.ImageSpec\x12,\n\x08schedule\x18\x03 \x01(\x0b\x32\x1a.collafuse.v1.ScheduleSpec\x12\x13\n\x0b\x63lass_names\x18\x04 \x03(\t\x12\x13\n\x0b\x66ingerprint\x18\x05 \x01(\t\x12\x17\n\x0freleases_stored\x18\x06 \x01(\x03\"%\n\x10HeartbeatRequest\x12\x11\n\tclient_id\x18\x01 \x01(\t\"R\n\x0eHeartbeatReply\x12\x13\n\x0bserver_time\x18\x01 \x01(\x01\x12+\n\x07trainer\x18\x02 \x01(\x0b\x32\x1a.collafuse.v1.TrainerState\"\xaa\x02\n\x0cTrainerState\x12\"\n\x05phase\x18\x01 \x01(\x0e\x32\x13.collafuse.v1.Phase\x12\x0c\n\x04step\x18\x02 \x01(\x03\x12\x11\n\tmax_steps\x18\x03 \x01(\x03\x12\x11\n\tlast_loss\x18\x04 \x01(\x01\x12\x10\n\x08releases\x18\x05 \x01(\x03\x12\x1d\n\x15\x63lients_with_releases\x18\x06 \x01(\x05\x12\r\n\x05\x65rror\x18\x07 \x01(\t\x12\x15\n\rskipped_steps\x18\x08 \x01(\x03\x12\x15\n\rsave_failures\x18\t \x01(\x03\x12\x12\n\nsave_error\x18\n \x01(\t\x12\x15\n\rclipped_steps\x18\x0b \x01(\x03\x12\x15\n\rrefused_steps\x18\x0c \x01(\x03\x12\x12\n\nsaved_step\x18\r \x01(\x03\"T\n\x0bReleaseItem\x12\x11\n\timage_key\x18\x01 \x01(\t\x12\r\n\x05label\x18\x02 \x01(\x05\x12#\n\x05x_cut\x18\x03 \x01(\x0b\x32\x14.collafuse.v1.Tensor\"{\n\x0cReleaseChunk\x12\x11\n\tclient_id\x18\x01 \x01(\t\x12\x0b\n\x03\x63ut\x18\x02 \x01(\x05\x12(\n\x05items\x18\x03 \x03(\x0b\x32\x19.collafuse.v1.ReleaseItem\x12\x0c\n\x04last\x18\x04 \x01(\x08\x12\x13\n\x0btotal_items\x18\x05 \x01(\x03\"J\n\nReleaseAck\x12\x0e\n\x06stored\x18\x01 \x01(\x03\x12\x12\n\nduplicates\x18\x02 \x01(\x03\x12\x18\n\x10total_for_client\x18\x03 \x01(\x03\"\"\n\rForgetRequest\x12\x11\n\tclient_id\x18\x01 \x01(\t\"\x1e\n\x0b\x46orgetReply\x12\x0f\n\x07removed\x18\x01 \x01(\x03\"6\n\rStatusRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\"\xa5\x01\n\x0c\x43lientStatus\x12\x11\n\tclient_id\x18\x01 \x01(\t\x12\x0b\n\x03\x63ut\x18\x02 \x01(\x05\x12(\n\x08protocol\x18\x03 \x01(\x0e\x32\x16.collafuse.v1.Protocol\x12\x10\n\x08releases\x18\x04 \x01(\x03\x12\x11\n\tlast_seen\x18\x05 \x01(\x01\x12\x0f\n\x07strikes\x18\x06 \x01(\x05\x12\x15\n\rdropped_until\x18\x07 \x01(\x01\"\x96\x02\n\x0bStatusReply\x12\x11\n\tserver_id\x18\x01 \x01(\t\x12\x13\n\x0b\x66ingerprint\x18\x02 \x01(\t\x12+\n\x07trainer\x18\x03 \x01(\x0b\x32\x1a.collafuse.v1.TrainerState\x12+\n\x07\x63lients\x18\x04 \x03(\x0b\x32\x1a.collafuse.v1.ClientStatus\x12\x0e\n\x06\x64\x65vice\x18\x05 \x01(\t\x12\x16\n\x0e\x62ytes_received\x18\x06 \x01(\x03\x12\x12\n\nbytes_sent\x18\x07 \x01(\x03\x12\x19\n\x11release_conflicts\x18\x08 \x01(\x03\x12\x17\n\x0fnext_page_token\x18\t \x01(\t\x12\x15\n\rclients_total\x18\n \x01(\x03\"\x95\x01\n\rSampleRequest\x12\x11\n\tclient_id\x18\x01 \x01(\t\x12\x0e\n\x06labels\x18\x02 \x03(\x05\x12\x0c\n\x04seed\x18\x03 \x01(\x04\x12\x1b\n\x13num_inference_steps\x18\x04 \x01(\x05\x12\x11\n\tscheduler\x18\x05 \x01(\t\x12\x16\n\x0eguidance_scale\x18\x06 \x01(\x02\x12\x0b\n\x03\x63ut\x18\x07 \x01(\x05\"9\n\x0eSampleProgress\x12\x12\n\nsteps_done\x18\x01 \x01(\x05\x12\x13\n\x0bsteps_total\x18\x02 \x01(\x05\"T\n\x0bSampleChunk\x12\x0e\n\x06offset\x18\x01 \x01(\x05\x12\x1f\n\x01x\x18\x02 \x01(\x0b\x32\x14.collafuse.v1.Tensor\x12\x14\n\x0cserver_steps\x18\x03 \x01(\x05\"t\n\x0bSampleEvent\x12\x30\n\x08progress\x18\x01 \x01(\x0b\x32\x1c.collafuse.v1.SampleProgressH\x00\x12*\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x19.collafuse.v1.SampleChunkH\x00\x42\x07\n\x05\x65vent\"f\n\x13SplitForwardRequest\x12\x11\n\tclient_id\x18\x01 \x01(\t\x12!\n\x03x_t\x18\x02 \x01(\x0b\x32\x14.collafuse.v1.Tensor\x12\t\n\x01t\x18\x03 \x03(\x05\x12\x0e\n\x06labels\x18\x04 \x03(\x05\"\x91\x01\n\x11SplitForwardReply\x12\x0f\n\x07step_id\x18\x01 \x01(\t\x12%\n\x07\x65ps_hat\x18\x02 \x01(\x0b\x32\x14.collafuse.v1.Tensor\x12\x13\n\x0bserver_step\x18\x03 \x01(\x03\x12\x12\n\nexpires_in\x18\x04 \x01(\x01\x12\r\n\x05round\x18\x05 \x01(\x03\x12\x0c\n\x04\x64one\x18\x06 \x01(\x08\"\x88\x01\n\x14SplitBackwardRequest\x12\x11\n\tclient_id\x18\x01 \x01(\t\x12\x0f\n\x07step_id\x18\x02 \x01(\t\x12\"\n\x04grad\x18\x03 \x01(\x0b\x32\x14.collafuse.v1.Tensor\x12\x11\n\x04loss\x18\x04 \x01(\x01H\x00\x88\x01\x01\x12\x0c\n\x04last\x18\x05 \x01(\x08\x42\x07\n\x05_loss\"\xaa\x01\n\x12SplitBackwardReply\x12\x13\n\x0bserver_step\x18\x01 \x01(\x03\x12\x11\n\tmax_steps\x18\x02 \x01(\x03\x12\x0c\n\x04\x64one\x18\x03 \x01(\x08\x12\x0f\n\x07\x61pplied\x18\x04 \x01(\x08\x12\x11\n\tduplicate\x18\x05 \x01(\x08\x12\r\n\x05round\x18\x06 \x01(\x03\x12\x15\n\rround_clients\x18\x07 \x01(\x05\x12\x14\n\x0cround_images\x18\x08 \x01(\x05*N\n\x08Protocol\x12\x18\n\x14PROTOCOL_UNSPECIFIED\x10\x00\x12\x14\n\x10PROTOCOL_AMBIENT\x10\x01\x12\x12\n\x0ePROTOCOL_SPLIT\x10\x02*e\n\x05Phase\x12\x15\n\x11PHASE_UNSPECIFIED\x10\x00\x12\x0e\n\nPHASE_IDLE\x10\x01\x12\x11\n\rPHASE_WAITING\x10\x02\x12\x12\n\x0ePHASE_TRAINING\x10\x03\x12\x0e\n\nPHASE_DONE\x10\x04\x32\xd4\x04\n\tCollaFuse\x12\x46\n\x08Register\x12\x1d.collafuse.v1.RegisterRequest\x1a\x1b.collafuse.v1.RegisterReply\x12I\n\tHeartbeat\x12\x1e.collafuse.v1.HeartbeatRequest\x1a\x1c.collafuse.v1.HeartbeatReply\x12\x41\n\x07Release\x12\x1a.collafuse.v1.ReleaseChunk\x1a\x18.collafuse.v1.ReleaseAck(\x01\x12@\n\x06\x46orget\x12\x1b.collafuse.v1.ForgetRequest\x1a\x19.collafuse.v1.ForgetReply\x12@\n\x06Status\x12\x1b.collafuse.v1.StatusRequest\x1a\x19.collafuse.v1.StatusReply\x12\x42\n\x06Sample\x12\x1b.collafuse.v1.SampleRequest\x1a\x19.collafuse.v1.SampleEvent0\x01\x12R\n\x0cSplitForward\x12!.collafuse.v1.SplitForwardRequest\x1a\x1f.collafuse.v1.SplitForwardReply\x12U\n\rSplitBackward\x12\".collafuse.v1.SplitBackwardRequest\x1a .collafuse.v1.SplitBackwardReplyb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'collafuse.v1.collafuse_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_PROTOCOL']._serialized_start=2652
-  _globals['_PROTOCOL']._serialized_end=2730
-  _globals['_PHASE']._serialized_start=2732
-  _globals['_PHASE']._serialized_end=2833
+  _globals['_PROTOCOL']._serialized_start=2924
+  _globals['_PROTOCOL']._serialized_end=3002
+  _globals['_PHASE']._serialized_start=3004
+  _globals['_PHASE']._serialized_end=3105
   _globals['_IMAGESPEC']._serialized_start=73
   _globals['_IMAGESPEC']._serialized_end=133
   _globals['_SCHEDULESPEC']._serialized_start=136
@@ -49,39 +49,39 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_HEARTBEATREPLY']._serialized_start=700
   _globals['_HEARTBEATREPLY']._serialized_end=782
   _globals['_TRAINERSTATE']._serialized_start=785
-  _globals['_TRAINERSTATE']._serialized_end=974
-  _globals['_RELEASEITEM']._serialized_start=976
-  _globals['_RELEASEITEM']._serialized_end=1060
-  _globals['_RELEASECHUNK']._serialized_start=1062
-  _globals['_RELEASECHUNK']._serialized_end=1150
-  _globals['_RELEASEACK']._serialized_start=1152
-  _globals['_RELEASEACK']._serialized_end=1226
-  _globals['_FORGETREQUEST']._serialized_start=1228
-  _globals['_FORGETREQUEST']._serialized_end=1262
-  _globals['_FORGETREPLY']._serialized_start=1264
-  _globals['_FORGETREPLY']._serialized_end=1294
-  _globals['_STATUSREQUEST']._serialized_start=1296
-  _globals['_STATUSREQUEST']._serialized_end=1311
-  _globals['_CLIENTSTATUS']._serialized_start=1313
-  _globals['_CLIENTSTATUS']._serialized_end=1438
-  _globals['_STATUSREPLY']._serialized_start=1441
-  _globals['_STATUSREPLY']._serialized_end=1671
-  _globals['_SAMPLEREQUEST']._serialized_start=1674
-  _globals['_SAMPLEREQUEST']._serialized_end=1823
-  _globals['_SAMPLEPROGRESS']._serialized_start=1825
-  _globals['_SAMPLEPROGRESS']._serialized_end=1882
-  _globals['_SAMPLECHUNK']._serialized_start=1884
-  _globals['_SAMPLECHUNK']._serialized_end=1968
-  _globals['_SAMPLEEVENT']._serialized_start=1970
-  _globals['_SAMPLEEVENT']._serialized_end=2086
-  _globals['_SPLITFORWARDREQUEST']._serialized_start=2088
-  _globals['_SPLITFORWARDREQUEST']._serialized_end=2190
-  _globals['_SPLITFORWARDREPLY']._serialized_start=2193
-  _globals['_SPLITFORWARDREPLY']._serialized_end=2338
-  _globals['_SPLITBACKWARDREQUEST']._serialized_start=2341
-  _globals['_SPLITBACKWARDREQUEST']._serialized_end=2477
-  _globals['_SPLITBACKWARDREPLY']._serialized_start=2480
-  _globals['_SPLITBACKWARDREPLY']._serialized_end=2650
-  _globals['_COLLAFUSE']._serialized_start=2836
-  _globals['_COLLAFUSE']._serialized_end=3432
+  _globals['_TRAINERSTATE']._serialized_end=1083
+  _globals['_RELEASEITEM']._serialized_start=1085
+  _globals['_RELEASEITEM']._serialized_end=1169
+  _globals['_RELEASECHUNK']._serialized_start=1171
+  _globals['_RELEASECHUNK']._serialized_end=1294
+  _globals['_RELEASEACK']._serialized_start=1296
+  _globals['_RELEASEACK']._serialized_end=1370
+  _globals['_FORGETREQUEST']._serialized_start=1372
+  _globals['_FORGETREQUEST']._serialized_end=1406
+  _globals['_FORGETREPLY']._serialized_start=1408
+  _globals['_FORGETREPLY']._serialized_end=1438
+  _globals['_STATUSREQUEST']._serialized_start=1440
+  _globals['_STATUSREQUEST']._serialized_end=1494
+  _globals['_CLIENTSTATUS']._serialized_start=1497
+  _globals['_CLIENTSTATUS']._serialized_end=1662
+  _globals['_STATUSREPLY']._serialized_start=1665
+  _globals['_STATUSREPLY']._serialized_end=1943
+  _globals['_SAMPLEREQUEST']._serialized_start=1946
+  _globals['_SAMPLEREQUEST']._serialized_end=2095
+  _globals['_SAMPLEPROGRESS']._serialized_start=2097
+  _globals['_SAMPLEPROGRESS']._serialized_end=2154
+  _globals['_SAMPLECHUNK']._serialized_start=2156
+  _globals['_SAMPLECHUNK']._serialized_end=2240
+  _globals['_SAMPLEEVENT']._serialized_start=2242
+  _globals['_SAMPLEEVENT']._serialized_end=2358
+  _globals['_SPLITFORWARDREQUEST']._serialized_start=2360
+  _globals['_SPLITFORWARDREQUEST']._serialized_end=2462
+  _globals['_SPLITFORWARDREPLY']._serialized_start=2465
+  _globals['_SPLITFORWARDREPLY']._serialized_end=2610
+  _globals['_SPLITBACKWARDREQUEST']._serialized_start=2613
+  _globals['_SPLITBACKWARDREQUEST']._serialized_end=2749
+  _globals['_SPLITBACKWARDREPLY']._serialized_start=2752
+  _globals['_SPLITBACKWARDREPLY']._serialized_end=2922
+  _globals['_COLLAFUSE']._serialized_start=3108
+  _globals['_COLLAFUSE']._serialized_end=3704
 # @@protoc_insertion_point(module_scope)

@@ -95,7 +95,7 @@ class HeartbeatReply(_message.Message):
     def __init__(self, server_time: _Optional[float] = ..., trainer: _Optional[_Union[TrainerState, _Mapping]] = ...) -> None: ...
 
 class TrainerState(_message.Message):
-    __slots__ = ("phase", "step", "max_steps", "last_loss", "releases", "clients_with_releases", "error", "skipped_steps")
+    __slots__ = ("phase", "step", "max_steps", "last_loss", "releases", "clients_with_releases", "error", "skipped_steps", "save_failures", "save_error", "clipped_steps", "refused_steps", "saved_step")
     PHASE_FIELD_NUMBER: _ClassVar[int]
     STEP_FIELD_NUMBER: _ClassVar[int]
     MAX_STEPS_FIELD_NUMBER: _ClassVar[int]
@@ -104,6 +104,11 @@ class TrainerState(_message.Message):
     CLIENTS_WITH_RELEASES_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
     SKIPPED_STEPS_FIELD_NUMBER: _ClassVar[int]
+    SAVE_FAILURES_FIELD_NUMBER: _ClassVar[int]
+    SAVE_ERROR_FIELD_NUMBER: _ClassVar[int]
+    CLIPPED_STEPS_FIELD_NUMBER: _ClassVar[int]
+    REFUSED_STEPS_FIELD_NUMBER: _ClassVar[int]
+    SAVED_STEP_FIELD_NUMBER: _ClassVar[int]
     phase: Phase
     step: int
     max_steps: int
@@ -112,7 +117,12 @@ class TrainerState(_message.Message):
     clients_with_releases: int
     error: str
     skipped_steps: int
-    def __init__(self, phase: _Optional[_Union[Phase, str]] = ..., step: _Optional[int] = ..., max_steps: _Optional[int] = ..., last_loss: _Optional[float] = ..., releases: _Optional[int] = ..., clients_with_releases: _Optional[int] = ..., error: _Optional[str] = ..., skipped_steps: _Optional[int] = ...) -> None: ...
+    save_failures: int
+    save_error: str
+    clipped_steps: int
+    refused_steps: int
+    saved_step: int
+    def __init__(self, phase: _Optional[_Union[Phase, str]] = ..., step: _Optional[int] = ..., max_steps: _Optional[int] = ..., last_loss: _Optional[float] = ..., releases: _Optional[int] = ..., clients_with_releases: _Optional[int] = ..., error: _Optional[str] = ..., skipped_steps: _Optional[int] = ..., save_failures: _Optional[int] = ..., save_error: _Optional[str] = ..., clipped_steps: _Optional[int] = ..., refused_steps: _Optional[int] = ..., saved_step: _Optional[int] = ...) -> None: ...
 
 class ReleaseItem(_message.Message):
     __slots__ = ("image_key", "label", "x_cut")
@@ -125,14 +135,18 @@ class ReleaseItem(_message.Message):
     def __init__(self, image_key: _Optional[str] = ..., label: _Optional[int] = ..., x_cut: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ...) -> None: ...
 
 class ReleaseChunk(_message.Message):
-    __slots__ = ("client_id", "cut", "items")
+    __slots__ = ("client_id", "cut", "items", "last", "total_items")
     CLIENT_ID_FIELD_NUMBER: _ClassVar[int]
     CUT_FIELD_NUMBER: _ClassVar[int]
     ITEMS_FIELD_NUMBER: _ClassVar[int]
+    LAST_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_ITEMS_FIELD_NUMBER: _ClassVar[int]
     client_id: str
     cut: int
     items: _containers.RepeatedCompositeFieldContainer[ReleaseItem]
-    def __init__(self, client_id: _Optional[str] = ..., cut: _Optional[int] = ..., items: _Optional[_Iterable[_Union[ReleaseItem, _Mapping]]] = ...) -> None: ...
+    last: bool
+    total_items: int
+    def __init__(self, client_id: _Optional[str] = ..., cut: _Optional[int] = ..., items: _Optional[_Iterable[_Union[ReleaseItem, _Mapping]]] = ..., last: _Optional[bool] = ..., total_items: _Optional[int] = ...) -> None: ...
 
 class ReleaseAck(_message.Message):
     __slots__ = ("stored", "duplicates", "total_for_client")
@@ -157,25 +171,33 @@ class ForgetReply(_message.Message):
     def __init__(self, removed: _Optional[int] = ...) -> None: ...
 
 class StatusRequest(_message.Message):
-    __slots__ = ()
-    def __init__(self) -> None: ...
+    __slots__ = ("page_size", "page_token")
+    PAGE_SIZE_FIELD_NUMBER: _ClassVar[int]
+    PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    page_size: int
+    page_token: str
+    def __init__(self, page_size: _Optional[int] = ..., page_token: _Optional[str] = ...) -> None: ...
 
 class ClientStatus(_message.Message):
-    __slots__ = ("client_id", "cut", "protocol", "releases", "last_seen")
+    __slots__ = ("client_id", "cut", "protocol", "releases", "last_seen", "strikes", "dropped_until")
     CLIENT_ID_FIELD_NUMBER: _ClassVar[int]
     CUT_FIELD_NUMBER: _ClassVar[int]
     PROTOCOL_FIELD_NUMBER: _ClassVar[int]
     RELEASES_FIELD_NUMBER: _ClassVar[int]
     LAST_SEEN_FIELD_NUMBER: _ClassVar[int]
+    STRIKES_FIELD_NUMBER: _ClassVar[int]
+    DROPPED_UNTIL_FIELD_NUMBER: _ClassVar[int]
     client_id: str
     cut: int
     protocol: Protocol
     releases: int
     last_seen: float
-    def __init__(self, client_id: _Optional[str] = ..., cut: _Optional[int] = ..., protocol: _Optional[_Union[Protocol, str]] = ..., releases: _Optional[int] = ..., last_seen: _Optional[float] = ...) -> None: ...
+    strikes: int
+    dropped_until: float
+    def __init__(self, client_id: _Optional[str] = ..., cut: _Optional[int] = ..., protocol: _Optional[_Union[Protocol, str]] = ..., releases: _Optional[int] = ..., last_seen: _Optional[float] = ..., strikes: _Optional[int] = ..., dropped_until: _Optional[float] = ...) -> None: ...
 
 class StatusReply(_message.Message):
-    __slots__ = ("server_id", "fingerprint", "trainer", "clients", "device", "bytes_received", "bytes_sent", "release_conflicts")
+    __slots__ = ("server_id", "fingerprint", "trainer", "clients", "device", "bytes_received", "bytes_sent", "release_conflicts", "next_page_token", "clients_total")
     SERVER_ID_FIELD_NUMBER: _ClassVar[int]
     FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
     TRAINER_FIELD_NUMBER: _ClassVar[int]
@@ -184,6 +206,8 @@ class StatusReply(_message.Message):
     BYTES_RECEIVED_FIELD_NUMBER: _ClassVar[int]
     BYTES_SENT_FIELD_NUMBER: _ClassVar[int]
     RELEASE_CONFLICTS_FIELD_NUMBER: _ClassVar[int]
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    CLIENTS_TOTAL_FIELD_NUMBER: _ClassVar[int]
     server_id: str
     fingerprint: str
     trainer: TrainerState
@@ -192,7 +216,9 @@ class StatusReply(_message.Message):
     bytes_received: int
     bytes_sent: int
     release_conflicts: int
-    def __init__(self, server_id: _Optional[str] = ..., fingerprint: _Optional[str] = ..., trainer: _Optional[_Union[TrainerState, _Mapping]] = ..., clients: _Optional[_Iterable[_Union[ClientStatus, _Mapping]]] = ..., device: _Optional[str] = ..., bytes_received: _Optional[int] = ..., bytes_sent: _Optional[int] = ..., release_conflicts: _Optional[int] = ...) -> None: ...
+    next_page_token: str
+    clients_total: int
+    def __init__(self, server_id: _Optional[str] = ..., fingerprint: _Optional[str] = ..., trainer: _Optional[_Union[TrainerState, _Mapping]] = ..., clients: _Optional[_Iterable[_Union[ClientStatus, _Mapping]]] = ..., device: _Optional[str] = ..., bytes_received: _Optional[int] = ..., bytes_sent: _Optional[int] = ..., release_conflicts: _Optional[int] = ..., next_page_token: _Optional[str] = ..., clients_total: _Optional[int] = ...) -> None: ...
 
 class SampleRequest(_message.Message):
     __slots__ = ("client_id", "labels", "seed", "num_inference_steps", "scheduler", "guidance_scale", "cut")

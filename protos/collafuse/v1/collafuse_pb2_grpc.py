@@ -102,7 +102,10 @@ class CollaFuseServicer:
         """Client-streaming upload of x_cut releases. All or nothing: the server
         validates the whole stream first and stores it in one transaction, so a
         rejected stream (any error status) stored none of its items and an OK ack
-        means every item is durably written. Re-sending an image key with the
+        means every item is durably written. The stream's final message carries
+        the end-of-stream marker (ReleaseChunk.last with total_items): a stream
+        that ends without it (cancelled, past its deadline, cut off) stores
+        nothing, whatever the transport reports. Re-sending an image key with the
         same payload is an idempotent duplicate; a different payload under a
         stored key is ALREADY_EXISTS (a release is never replaced: it would give
         an observer two noise draws of one image) and nothing of the stream is
