@@ -173,6 +173,16 @@ class Evaluator:
         result = compare(real, fake, kid_subsets=50, kid_subset_size=min(len(real), len(fake), 1000))
         return {"fid": result.fid, "kid": result.kid_mean, "kid_std": result.kid_std, "n_real": result.n_real, "n_fake": result.n_fake}
 
+    def pooled(self, outputs: ArmOutputs) -> tuple[np.ndarray, dict[str, Any]]:
+        """Every client's samples together: their features, and FID/KID with its floor and the accuracy."""
+        fake = torch.cat(outputs.samples)
+        features = self.features(fake)
+        labels = [str(int(v)) for v in np.concatenate(outputs.labels)]
+        pooled: dict[str, Any] = dict(self.fid(features))
+        pooled["floor_fid"] = self.floor(len(fake))
+        pooled["accuracy"] = conditional_accuracy(self.classifier, fake.numpy(), labels, self.heldout).accuracy
+        return features, pooled
+
     def floor(self, n_fake: int, real_mask: np.ndarray | None = None) -> float | None:
         """FID of two disjoint real subsets with the sizes of the comparison (n_fake vs the rest)."""
         pool = self.real_features if real_mask is None else self.real_features[real_mask]

@@ -27,7 +27,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 from cut_study import ArmOutputs, Evaluator, Mode, finished, gather, machine
 from tqdm import tqdm
 
@@ -55,12 +54,7 @@ def arm_settings(args: argparse.Namespace, weighting: AmbientWeighting, seed: in
 
 def evaluate(evaluator: Evaluator, settings: SimSettings, outputs: ArmOutputs) -> dict[str, Any]:
     """Per client (its own samples) and pooled: FID against the real reference, its floor, accuracy."""
-    fake = torch.cat(outputs.samples)
-    features = evaluator.features(fake)
-    labels = [str(int(v)) for v in np.concatenate(outputs.labels)]
-    pooled: dict[str, Any] = dict(evaluator.fid(features))
-    pooled["floor_fid"] = evaluator.floor(len(fake))
-    pooled["accuracy"] = conditional_accuracy(evaluator.classifier, fake.numpy(), labels, evaluator.heldout).accuracy
+    features, pooled = evaluator.pooled(outputs)
     clients: dict[str, Any] = {}
     offset = 0
     for k, samples in enumerate(outputs.samples):

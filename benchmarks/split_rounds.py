@@ -114,12 +114,7 @@ def split_counters(outputs: ArmOutputs) -> dict[str, Any]:
 
 def evaluate(evaluator: Evaluator, settings: SimSettings, outputs: ArmOutputs) -> dict[str, Any]:
     """Pooled FID/KID against the real reference with its floor, accuracy pooled and per client."""
-    fake = torch.cat(outputs.samples)
-    features = evaluator.features(fake)
-    labels = [str(int(v)) for v in np.concatenate(outputs.labels)]
-    pooled: dict[str, Any] = dict(evaluator.fid(features))
-    pooled["floor_fid"] = evaluator.floor(len(fake))
-    pooled["accuracy"] = conditional_accuracy(evaluator.classifier, fake.numpy(), labels, evaluator.heldout).accuracy
+    _, pooled = evaluator.pooled(outputs)
     clients: dict[str, Any] = {}
     for k, samples in enumerate(outputs.samples):
         requested = [str(int(v)) for v in outputs.labels[k]]

@@ -36,7 +36,7 @@ import torch
 from diffusers.models import UNet2DModel
 
 from collafuse.common.config import TrainOptions
-from collafuse.common.files import fsync_dir, fsync_tree, replace_folder, restore_folder
+from collafuse.common.files import fsync_dir, replace_folder, restore_folder
 from collafuse.common.models import META_FILE, load_model, save_model
 from collafuse.common.train_loop import Ema, TrainCore, UpdateGuard, all_finite
 
@@ -141,27 +141,20 @@ def save(root: Path, core: TrainCore, meta: dict[str, Any], extra: dict[str, Any
 
 def _swap_keeping(tmp: Path, folder: Path, aside: Path, kept: Path, *, durable: bool) -> None:
     """``replace_folder``, but the replaced folder moves to ``kept/step-<N>`` instead of being deleted."""
-    if durable:
-        fsync_tree(tmp)
-    if aside.exists():
-        shutil.rmtree(aside)
-    if folder.exists():
-        os.replace(folder, aside)
-    os.replace(tmp, folder)
-    if durable:
-        fsync_dir(folder.parent)
-    if aside.exists():
-        step = saved_step(aside)
+
+    def keep(replaced: Path) -> None:
+        step = saved_step(replaced)
         if step is None:
-            shutil.rmtree(aside, ignore_errors=True)
-            return
+            return  # not a checkpoint: replace_folder deletes it
         kept.mkdir(parents=True, exist_ok=True)
         dest = kept / f"{STEP_PREFIX}{step:09d}"
         if dest.exists():
             shutil.rmtree(dest)
-        os.replace(aside, dest)
+        os.replace(replaced, dest)
         if durable:
             fsync_dir(kept)
+
+    replace_folder(tmp, folder, aside, durable=durable, dispose=keep)
 
 
 def _history_entries(kept: Path) -> list[tuple[int, Path]]:

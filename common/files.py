@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +36,8 @@ def read_json(path: Path) -> dict[str, Any]:
     return data if isinstance(data, dict) else {}
 
 
-def replace_folder(tmp: Path, folder: Path, aside: Path, *, durable: bool = False) -> None:
+def replace_folder(tmp: Path, folder: Path, aside: Path, *, durable: bool = False,
+                   dispose: Callable[[Path], None] | None = None) -> None:
     """Swap the complete folder ``tmp`` in as ``folder``.
 
     A rename cannot overwrite a non-empty folder, so the current ``folder`` is moved to ``aside`` first
@@ -52,6 +54,8 @@ def replace_folder(tmp: Path, folder: Path, aside: Path, *, durable: bool = Fals
     os.replace(tmp, folder)
     if durable:
         fsync_dir(folder.parent)
+    if dispose is not None and aside.exists():
+        dispose(aside)  # e.g. keep the replaced folder elsewhere (checkpoint history)
     shutil.rmtree(aside, ignore_errors=True)
 
 
