@@ -1,28 +1,33 @@
 """Data-parallel training of the server denoiser over several processes: ``torchrun --nproc-per-node N``.
 
-Rank 0 is the server as with one process: gRPC, the release store, checkpoints, sampling and the trainer
-thread. Ranks 1..N-1 hold a replica of the model and follow rank 0's trainer: before each action rank 0
-broadcasts a command (``Op``): ROWS (new release rows, or all of them again after a forget), STEP (one
-training step), IDLE (a heartbeat while it waits for data) or STOP.
+A wrapper around any protocol's ``TrainingSource``: nothing here knows what a batch holds.
 
-The releases are sharded: row ``p`` of the table (rowid order) lives on rank ``p % N`` only
-(``protocols/ambient.py::Partition``). With ROWS rank 0 broadcasts the new rows' labels and cuts (16 bytes
-a row) and sends each rank just its part's x_cut (48 KiB a 64x64x3 row), keeping its own part. Every rank
-draws the same global minibatch from the same generator (``batch_size / N`` rows from each part, with every
-random draw of the loss) and trains on its own part's group; DistributedDataParallel averages the gradients,
-so after each step every rank holds the model one process has after the same step on the whole minibatch.
+Rank 0 is the server as with one process: gRPC, the store, the training source with every row, checkpoints,
+sampling and the trainer thread. Ranks 1..N-1 hold a replica of the model and no data. Before each action
+rank 0 broadcasts a command (``Op``): STEP (one training step), IDLE (a heartbeat while it waits for data)
+or STOP. For a STEP rank 0 draws the global minibatch exactly as one process would (same generator, same
+draws), cuts it into N equal shards of rows (``shard_rows``) and scatters them; each rank computes the
+protocol's loss on its shard and DistributedDataParallel averages the gradients. After each step every rank
+holds the model one process has after the same step on the whole minibatch (up to the order of float sums).
+
+What a source must give for this: a batch that is a dataclass whose tensors all have one row per example
+(other fields are copied to every shard), a loss that is the mean over rows and draws nothing from the
+generator (the random draws of the loss live in the batch), and a ``replica_source`` on its protocol that
+computes that loss without holding data. Rank 0 holds every row as one process does; each step moves
+``batch_size`` rows once (48 KiB a 64x64x3 row).
 
 NCCL on GPUs (rank r uses ``cuda:LOCAL_RANK``), gloo on the CPU.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import enum
 import logging
 import os
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -34,7 +39,7 @@ from collafuse.common.models import build_unet, null_label
 from collafuse.common.runtime import resolve_device
 from collafuse.common.train_loop import TrainCore, seeded
 from collafuse.server.errors import StartupError
-from collafuse.server.protocols.ambient import AmbientSource, Partition, ReleaseRows, ambient_source
+from collafuse.server.protocols import REGISTRY, TRAINING
 from collafuse.server.protocols.base import TrainingSource
 from collafuse.server.trainer import CHECKPOINTS, Trainer, update_guard
 
@@ -42,16 +47,16 @@ log = logging.getLogger(__name__)
 
 # Waiting for the first releases may take long; rank 0 sends IDLE every poll, so this only bounds a hang.
 TIMEOUT = dt.timedelta(minutes=30)
-# [op, full, n, last_rowid, version, forget_epoch, C, H, W]
-HEADER = 9
+# [op, arg]
+HEADER = 2
+B = TypeVar("B")
 
 
 class Op(enum.IntEnum):
     READY = 1  # rank 0 has loaded its checkpoint (arg: its step); the others may load theirs
-    ROWS = 2
-    STEP = 3
-    IDLE = 4
-    STOP = 5
+    STEP = 2  # followed by the scatter of the minibatch's shards
+    IDLE = 3
+    STOP = 4
 
 
 class DistributedError(RuntimeError):
@@ -105,11 +110,38 @@ def shutdown() -> None:
         dist.destroy_process_group()
 
 
+def shard_rows(batch: B, part: int, parts: int) -> B:
+    """Rows ``part * n / parts ..`` of a batch dataclass: every tensor field is cut along dim 0 (all must have
+    the batch's n rows), every other field is copied. The mean of the shards' mean losses is the batch's."""
+    if not dataclasses.is_dataclass(batch) or isinstance(batch, type):
+        raise DistributedError(f"a {type(batch).__name__} batch cannot be split over data-parallel ranks: "
+                               "the training source must return a dataclass of per-row tensors")
+    tensors = {f.name: v for f in dataclasses.fields(batch) if isinstance(v := getattr(batch, f.name), torch.Tensor)}
+    rows = {v.shape[0] if v.dim() else 0 for v in tensors.values()}
+    if len(rows) != 1 or (n := rows.pop()) % parts:
+        raise DistributedError(f"{type(batch).__name__}: fields {sorted(tensors)} have rows "
+                               f"{[v.shape[:1] for v in tensors.values()]}; each must hold the batch's rows, "
+                               f"a multiple of the {parts} ranks")
+    size = n // parts
+    cut = {name: v[part * size:(part + 1) * size] for name, v in tensors.items()}
+    return dataclasses.replace(batch, **cut)  # type: ignore[type-var]
+
+
+@dataclass(frozen=True)
+class _TensorSlot:
+    """Where a shard's tensor goes: its shape and dtype, and whether it lives on the training device."""
+
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    on_device: bool
+
+
 class Channel:
-    """Rank 0's commands and release rows, broadcast to the other ranks; the loss mean over ranks."""
+    """Rank 0's commands and minibatch shards, broadcast or scattered to the other ranks; the loss mean."""
 
     def __init__(self, world: World, device: torch.device) -> None:
         self.world = world
+        self.training_device = device
         # NCCL moves only CUDA tensors; gloo only CPU ones.
         self.device = device if device.type == "cuda" else torch.device("cpu")
 
@@ -127,37 +159,33 @@ class Channel:
         header = self._header()
         return Op(header[0]), header[1:]
 
-    def send_rows(self, rows: ReleaseRows, full: bool, start: int) -> None:
-        """Rows ``start .. start + len(rows)`` of the table: labels and cuts to all, x_cut to its part's rank."""
-        n = len(rows)
-        shape = list(rows.x_cut.shape[1:]) if n else [0, 0, 0]
-        self.send(Op.ROWS, int(full), n, rows.last_rowid, rows.version, rows.forget_epoch, *shape)
-        if not n:
-            return
-        for tensor in (rows.labels, rows.cuts):
-            dist.broadcast(tensor.to(self.device).contiguous(), src=0)
-        parts = Partition(self.world.size)
-        for rank in range(1, self.world.size):
-            mine = parts.positions(start, n, rank)
-            if len(mine):
-                dist.send(rows.x_cut[mine].to(self.device).contiguous(), dst=rank)
+    def scatter_batch(self, batch: B) -> B:
+        """Rank 0: send each rank its shard of ``batch`` (after ``send(Op.STEP)``); returns rank 0's own."""
+        shards = [shard_rows(batch, rank, self.world.size) for rank in range(self.world.size)]
+        mine = shards[0]
+        # The layout (field names, shapes, dtypes, non-tensor fields) once, then each tensor field scattered.
+        layout = dataclasses.replace(mine, **{name: _TensorSlot(tuple(v.shape), v.dtype, v.device.type != "cpu")  # type: ignore[type-var]
+                                            for name, v in _tensor_fields(mine).items()})
+        dist.broadcast_object_list([layout], src=0, device=self.device)
+        for name in _tensor_fields(mine):
+            parts = [getattr(shard, name).to(self.device).contiguous() for shard in shards]
+            received = torch.empty_like(parts[0])
+            dist.scatter(received, parts, src=0)
+        return mine
 
-    def receive_rows(self, args: list[int], start: int) -> tuple[ReleaseRows, bool]:
-        """This rank's share of what ``send_rows`` sent; ``start``: the rows it held before (0 after a full)."""
-        full, n, last_rowid, version, epoch, *shape = args
-        start = 0 if full else start
-        labels = torch.empty((n,), dtype=torch.long, device=self.device)
-        cuts = torch.empty((n,), dtype=torch.long, device=self.device)
-        held = len(Partition(self.world.size).positions(start, n, self.world.rank))
-        x_cut = torch.empty((held, *shape) if n else (0,), device=self.device)
-        if n:
-            for tensor in (labels, cuts):
-                dist.broadcast(tensor, src=0)
-            if held:
-                dist.recv(x_cut, src=0)
-        # client ids stay on rank 0: only its trainer decides when to start (min_clients).
-        rows = ReleaseRows(x_cut.cpu(), labels.cpu(), cuts.cpu(), [], last_rowid, version, epoch)
-        return rows, bool(full)
+    def receive_batch(self) -> Any:
+        """A rank > 0: its shard of the minibatch rank 0 scatters (after ``Op.STEP``)."""
+        box: list[Any] = [None]
+        dist.broadcast_object_list(box, src=0, device=self.device)
+        layout = box[0]
+        values = {}
+        for f in dataclasses.fields(layout):
+            slot = getattr(layout, f.name)
+            if isinstance(slot, _TensorSlot):
+                received = torch.empty(slot.shape, dtype=slot.dtype, device=self.device)
+                dist.scatter(received, None, src=0)
+                values[f.name] = received.to(self.training_device if slot.on_device else torch.device("cpu"))
+        return dataclasses.replace(layout, **values)
 
     def mean(self, value: torch.Tensor) -> torch.Tensor:
         total = value.detach().float().to(self.device)
@@ -177,6 +205,10 @@ class Channel:
                 f"(step {int(mine[0])} here, {int(theirs[0])} on rank 0): every rank reads "
                 "<store>/checkpoints; run all ranks on one host with the same --store (or a shared file system)"
             )
+
+
+def _tensor_fields(batch: Any) -> dict[str, torch.Tensor]:
+    return {f.name: v for f in dataclasses.fields(batch) if isinstance(v := getattr(batch, f.name), torch.Tensor)}
 
 
 @torch.no_grad()
@@ -199,42 +231,32 @@ def replicate(core: TrainCore, world: World, channel: Channel) -> None:
     core.replicate(lambda model: DistributedDataParallel(model, device_ids=device_ids), channel.mean)
 
 
-class LeaderSource(TrainingSource[Any]):
-    """Rank 0's training source: the protocol's (holding part 0 of the rows), telling the other ranks what it does."""
+class LeaderSource(TrainingSource[B]):
+    """Rank 0's training source: the protocol's, with each minibatch scattered over the ranks."""
 
-    def __init__(self, inner: AmbientSource, world: World, channel: Channel) -> None:
-        if inner.partition != Partition(world.size, world.rank):
-            raise DistributedError(f"rank 0's source holds {inner.partition}, not part 0 of {world.size}")
+    def __init__(self, inner: TrainingSource[B], world: World, channel: Channel) -> None:
         self.inner = inner
         self.world = world
         self.channel = channel
-        self._sent_rows = False
-        inner.on_rows = self._rows
-
-    def _rows(self, rows: ReleaseRows, full: bool) -> None:
-        self.channel.send_rows(rows, full, 0 if full else len(self.inner))
-        self._sent_rows = True
 
     def refresh(self) -> bool:
-        self._sent_rows = False
         changed = self.inner.refresh()
-        if not self._sent_rows:
-            self.channel.send(Op.IDLE)  # the others wait in a collective: keep it short of TIMEOUT
+        self.channel.send(Op.IDLE)  # the others wait in a collective: keep it short of TIMEOUT
         return changed
 
     def __len__(self) -> int:
-        # Every part needs a row before a minibatch can be drawn: until then the trainer waits as for no rows.
-        return len(self.inner) if len(self.inner) >= self.world.size else 0
+        return len(self.inner)
 
     @property
     def client_ids(self) -> list[str]:
         return self.inner.client_ids
 
-    def batch(self, generator: torch.Generator) -> Any:
+    def batch(self, generator: torch.Generator) -> B:
+        batch = self.inner.batch(generator)  # drawn as one process draws it
         self.channel.send(Op.STEP)
-        return self.inner.batch(generator)
+        return self.channel.scatter_batch(batch)
 
-    def loss(self, net: Any, batch: Any, generator: torch.Generator) -> torch.Tensor:
+    def loss(self, net: Any, batch: B, generator: torch.Generator) -> torch.Tensor:
         return self.inner.loss(net, batch, generator)
 
     def describe(self) -> str:
@@ -243,11 +265,6 @@ class LeaderSource(TrainingSource[Any]):
 
 def lead(trainer: Trainer, world: World) -> None:
     """Make rank 0's (not yet started) trainer drive the other ranks; call before ``trainer.start()``."""
-    if not isinstance(trainer.source, AmbientSource):
-        raise StartupError("data-parallel training needs the ambient protocol's training source")
-    if len(trainer.source):
-        raise DistributedError("lead() must run before rank 0's trainer takes in any release rows")
-    trainer.source.partition = Partition(world.size, world.rank)
     channel = Channel(world, trainer.device)
     channel.send(Op.READY, trainer.core.step)
     replicate(trainer.core, world, channel)
@@ -265,29 +282,26 @@ def lead(trainer: Trainer, world: World) -> None:
              world.size, trainer.settings.batch_size, trainer.settings.batch_size // world.size)
 
 
-def follow(settings: ServerSettings, world: World, device: torch.device) -> tuple[TrainCore, AmbientSource]:
-    """A rank > 0: replicate rank 0's model, take its part of the rows and train in lockstep until rank 0 says
-    STOP; returns the trained core and the rows it held."""
+def follow(settings: ServerSettings, world: World, device: torch.device) -> TrainCore:
+    """A rank > 0: replicate rank 0's model and train on the shards it sends, in lockstep, until rank 0 says
+    STOP; returns the trained core."""
     settings = settings.for_dataset()
     channel = Channel(world, device)
-    op, args = channel.receive()
+    op, _ = channel.receive()
     if op != Op.READY:
         raise DistributedError(f"rank {world.rank}: expected READY from rank 0, got {op.name}")
     core = build_core(settings, device)
     replicate(core, world, channel)
     channel.agree(core)
-    source = ambient_source(settings, None, device, null_label(core.model), Partition(world.size, world.rank))
+    source = REGISTRY[TRAINING].replica_source(settings, device, null_label(core.model))
     log.info("rank %d follows rank 0 from step %d", world.rank, core.step)
     while True:
-        op, args = channel.receive()
+        op, _ = channel.receive()
         if op == Op.STEP:
-            core.train_step(source.batch, source.loss)
-        elif op == Op.ROWS:
-            source.take(*channel.receive_rows(args, len(source)))
+            core.train_step(lambda _generator: channel.receive_batch(), source.loss)
         elif op == Op.STOP:
-            log.info("rank %d: rank 0 stopped training at step %d (it held %d of %d releases)",
-                     world.rank, core.step, source.x_cut.shape[0], len(source))
-            return core, source
+            log.info("rank %d: rank 0 stopped training at step %d", world.rank, core.step)
+            return core
         elif op != Op.IDLE:
             raise DistributedError(f"rank {world.rank}: unexpected command {op.name} from rank 0")
 

@@ -4,19 +4,22 @@ version of the server, continues with the same batches only while the order hold
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
 from collafuse.common.diffusion import sample_server_times
 from collafuse.common.models import drop_labels
-from collafuse.server.protocols.ambient import AmbientSource, Partition, ReleaseRows
+from collafuse.server.distributed import DistributedError, shard_rows
+from collafuse.server.protocols.ambient import AmbientBatch, AmbientSource, ReleaseRows
 
 ALPHAS_CUMPROD = torch.linspace(0.9999, 0.01, 1001)
 
 
-def source_of(partition: Partition | None = None, null: int = 10) -> AmbientSource:
+def source_of(null: int = 10) -> AmbientSource:
     return AmbientSource(None, ALPHAS_CUMPROD, batch_size=8, label_dropout=0.5, null_label=null,
-                         device=torch.device("cpu"), partition=partition or Partition())
+                         device=torch.device("cpu"))
 
 
 def release_rows(n: int, shape: tuple[int, ...], start: int = 0) -> ReleaseRows:
@@ -45,43 +48,43 @@ def test_batch_draws_in_the_fixed_order() -> None:
     assert torch.equal(drawn.get_state(), reference.get_state())  # nothing else was drawn
 
 
-def test_partitioned_ranks_hold_their_part_and_draw_their_group_of_the_global_batch() -> None:
-    """Rows arrive in two loads (the second starting mid-part): rank r keeps rows r, r + 3, ...; the three
-    ranks' groups, stacked, are the batch one process holding every row draws (independent: indices drawn here)."""
-    shape, size = (1, 2, 2), 3
-    first, second = release_rows(10, shape), release_rows(7, shape, start=10)
-    every_x = torch.cat([first.x_cut, second.x_cut])
-    every_labels, every_cuts = torch.cat([first.labels, second.labels]), torch.cat([first.cuts, second.cuts])
-    with pytest.raises(ValueError, match="does not split"):
-        source_of(Partition(3, 0))  # batch 8 over 3 ranks
-    sources = [AmbientSource(None, ALPHAS_CUMPROD, batch_size=9, label_dropout=0.5, null_label=10,
-                             device=torch.device("cpu"), partition=Partition(size, rank)) for rank in (0, 1, 2, None)]
-    empty = ReleaseRows(torch.empty((0,)), torch.empty((0,), dtype=torch.long), torch.empty((0,), dtype=torch.long),
-                        [], 0, 0, 0)
-    assert [Partition(size).positions(0, 0, part).tolist() for part in range(size)] == [[], [], []]
-    for source in sources:
-        source.take(empty, full=True)  # the first load of an empty store
-        source.take(first, full=True)
-        source.take(second, full=False)
-    for rank in range(size):
-        assert torch.equal(sources[rank].x_cut, every_x[rank::size]) and len(sources[rank]) == 17
+def test_the_shards_of_a_batch_average_to_its_loss_with_pooled_weights() -> None:
+    """Data-parallel training hands each rank a shard of rows (server/distributed.py::shard_rows) and averages
+    their losses: that mean must be the whole batch's loss, pooled weights (several cuts) included."""
+    source = AmbientSource(None, ALPHAS_CUMPROD, batch_size=12, label_dropout=0.5, null_label=10,
+                           device=torch.device("cpu"), weighting="pooled")
+    source.take(release_rows(20, (1, 4, 4)), full=True)
+    batch = source.batch(torch.Generator().manual_seed(5))
+    assert batch.weight is not None
+    torch.manual_seed(0)
+    net = Conv(1)
 
-    generators = [torch.Generator().manual_seed(3) for _ in sources]
-    batches = [s.batch(g) for s, g in zip(sources, generators, strict=True)]
-    whole = batches[-1]
-    for field in ("x_cut", "labels", "cuts", "t", "noise"):
-        assert torch.equal(torch.cat([getattr(b, field) for b in batches[:size]]), getattr(whole, field)), field
-    assert all(torch.equal(g.get_state(), generators[0].get_state()) for g in generators), "generators in step"
-    # The global rows: three from each part (parts of 6, 6 and 5 rows).
-    reference = torch.Generator().manual_seed(3)
-    idx = torch.cat([torch.randint(rows, (3,), generator=reference) * size + part for part, rows in enumerate((6, 6, 5))])
-    assert torch.equal(whole.x_cut, every_x[idx]) and torch.equal(whole.cuts, every_cuts[idx])
-    assert set(whole.labels.tolist()) <= set(every_labels[idx].tolist()) | {10}
+    @torch.no_grad()
+    def loss(b: AmbientBatch) -> torch.Tensor:
+        return source.loss(net, b, torch.Generator().manual_seed(99))
+
+    for parts in (2, 3, 4):
+        shards = [shard_rows(batch, part, parts) for part in range(parts)]
+        assert torch.equal(torch.cat([s.x_cut for s in shards]), batch.x_cut)
+        assert torch.equal(torch.cat([s.weight for s in shards if s.weight is not None]), batch.weight)
+        mean = torch.stack([loss(s) for s in shards]).mean()
+        assert float(mean) == pytest.approx(float(loss(batch)), rel=1e-6), parts
+    with pytest.raises(DistributedError, match="multiple of the 5 ranks"):
+        shard_rows(batch, 0, 5)
+    with pytest.raises(DistributedError, match="dataclass of per-row tensors"):
+        shard_rows((batch.x_cut, batch.t), 0, 2)
+    uneven = dataclasses.replace(batch, t=batch.t[:6])
+    with pytest.raises(DistributedError, match="each must hold the batch's rows"):
+        shard_rows(uneven, 0, 2)
 
 
-def test_a_replica_refuses_x_cut_rows_that_fit_neither_all_rows_nor_its_part() -> None:
-    source = source_of(Partition(2, 1))
-    rows = release_rows(6, (1, 2, 2))
-    wrong = ReleaseRows(rows.x_cut[:2], rows.labels, rows.cuts, [], 6, 1, 0)
-    with pytest.raises(ValueError, match="2 x_cut rows for 6 release rows"):
-        source.take(wrong, full=True)
+class Conv(torch.nn.Module):
+    """A denoiser that uses x_t, t and the label, so a wrong shard changes the loss."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv2d(channels, channels, 3, padding=1)
+        self.embed = torch.nn.Embedding(11, channels)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return self.conv(x) * (t.float() / 1000)[:, None, None, None] + self.embed(labels)[:, :, None, None]

@@ -132,7 +132,9 @@ def test_client_released_trained_and_generated(smoke_run: dict[str, Any], client
     files = smoke_run["files"][client]
     metrics = volume_json(client, "metrics.json", smoke_run["base_image"])
     release, generate = metrics.get("contribution", {}), metrics.get("generate", {})
-    assert release.get("stored", 0) > 0 and release["stored"] == metrics["num_images"], f"{client} released: {release}"
+    # The bundled digits hold a few near-duplicates; the client withholds those as copies of images it sends.
+    assert release.get("stored", 0) > 0, f"{client} released nothing: {release}"
+    assert release["stored"] + release.get("copies", 0) == metrics["num_images"], f"{client} released: {release}"
     assert metrics.get("local_train_steps") == 10, f"{client} should have trained its 10 smoke steps: {metrics}"
     assert metrics.get("server_trainer_step") == 20, f"{client} should have waited for the server's training: {metrics}"
     assert generate.get("images", 0) == len(metrics["classes"]), f"one sample per class of {client}: {generate}"

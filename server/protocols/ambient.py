@@ -8,8 +8,8 @@ trainer re-noises them from each release's own cut to t > cut.
   (rows after the last one seen; everything again only after a forget), and ``ambient_server_loss``;
   with ``--ambient-weighting pooled`` and releases at several cuts, each minibatch carries the per-release
   weights of ``ambient_pooled_weights`` (the mixed-cuts correction of docs/design.md §2).
-- ``Partition`` splits the rows over data-parallel ranks (``server/distributed.py``): each rank holds the
-  x_cut of its part only, and every rank draws the same global minibatch, one equal group per part.
+- ``AmbientBatch`` carries every random draw of the loss, so data-parallel training
+  (``server/distributed.py``) can hand each rank a shard of its rows.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import hashlib
 import json
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import grpc
@@ -191,58 +191,16 @@ class ReleaseTable:
 
 @dataclass(frozen=True)
 class AmbientBatch:
-    """A minibatch with every random draw of its loss (t, noise), so that a slice of it (one data-parallel
-    rank's share, ``server/distributed.py``) computes exactly that slice of the whole batch's loss."""
+    """A minibatch with every random draw of its loss (t, noise), so that a shard of its rows (one data-parallel
+    rank's share, ``server/distributed.py``) computes exactly that shard's part of the whole batch's loss."""
 
     x_cut: torch.Tensor
     labels: torch.Tensor
     cuts: torch.Tensor
     t: torch.Tensor
-    noise: torch.Tensor  # on the CPU: a rank moves only its slice to its device
+    noise: torch.Tensor  # on the CPU (drawn before the copy to the device, see batch())
     # Per-release loss weights (--ambient-weighting pooled with several cuts held), else None: plain MSE.
     weight: torch.Tensor | None = None
-
-
-@dataclass(frozen=True)
-class Partition:
-    """Row ``p`` of the release table (its position in rowid order) belongs to part ``p % size``.
-
-    A minibatch of ``batch_size`` rows is drawn as ``size`` equal groups, group ``r`` uniformly from part
-    ``r``; a data-parallel rank holds the x_cut of part ``rank`` only and trains on group ``rank``. With
-    ``rank`` None one process holds every row and draws the whole global minibatch those ranks draw (the
-    reference the ranks are tested against). Parts differ in size by at most one row, so each row's chance
-    of being drawn differs from a plain uniform draw by less than one part in ``len / size``.
-    """
-
-    size: int = 1
-    rank: int | None = None
-
-    def __post_init__(self) -> None:
-        if self.size < 1 or (self.rank is not None and not 0 <= self.rank < self.size):
-            raise ValueError(f"partition rank {self.rank} of {self.size} parts")
-
-    def part_size(self, total: int, part: int) -> int:
-        """Rows of part ``part`` among the first ``total`` rows."""
-        return max(0, (total - part + self.size - 1) // self.size)
-
-    def positions(self, start: int, n: int, part: int | None = None) -> torch.Tensor:
-        """Offsets into rows ``start .. start + n`` of the rows of ``part`` (default: this rank's)."""
-        part = self.rank if part is None else part
-        if part is None:
-            return torch.arange(n)
-        first = (part - start) % self.size
-        return torch.arange(first, max(first, n), self.size)
-
-    def draw(self, total: int, batch_size: int, generator: torch.Generator) -> torch.Tensor:
-        """Global row positions of one minibatch, group by group (one process: ``randint(total)``)."""
-        per_part = batch_size // self.size
-        groups = []
-        for part in range(self.size):
-            rows = self.part_size(total, part)
-            if rows == 0:
-                raise ValueError(f"{total} release rows cannot fill {self.size} data-parallel parts")
-            groups.append(torch.randint(rows, (per_part,), generator=generator) * self.size + part)
-        return torch.cat(groups)
 
 
 class _Growing:
@@ -271,15 +229,11 @@ class _Growing:
 
 
 class AmbientSource(TrainingSource[AmbientBatch]):
-    """Every stored release in memory (x_cut on the training device), minibatches drawn uniformly.
-
-    Under a ``Partition`` with a rank, only that part's x_cut is held (labels and cuts of every row are:
-    16 bytes a row, so that every rank draws the same global minibatch) and ``batch`` returns the rank's group.
-    """
+    """Every stored release in memory (x_cut on the training device), minibatches drawn uniformly."""
 
     def __init__(
         self,
-        table: ReleaseTable | None,  # None: a data-parallel replica, whose rows come through take()
+        table: ReleaseTable | None,  # None: a data-parallel replica, which only computes the loss of shards
         alphas_cumprod: torch.Tensor,
         *,
         batch_size: int,
@@ -289,12 +243,8 @@ class AmbientSource(TrainingSource[AmbientBatch]):
         incremental: bool = True,
         weighting: AmbientWeighting = "standard",
         max_weight: float = 10.0,
-        partition: Partition = Partition(),
     ) -> None:
-        if batch_size % partition.size:
-            raise ValueError(f"batch size {batch_size} does not split into {partition.size} equal groups")
         self.table = table
-        self.partition = partition
         self.alphas_cumprod = alphas_cumprod
         self.batch_size = batch_size
         self.label_dropout = label_dropout
@@ -308,8 +258,6 @@ class AmbientSource(TrainingSource[AmbientBatch]):
         self._reset()
         self.loads = 0
         self.rows_loaded = 0
-        # Sees every load before it is taken in (data-parallel training replicates it to the other ranks).
-        self.on_rows: Callable[[ReleaseRows, bool], None] | None = None
 
     def _reset(self) -> None:
         self._x = _Growing(self.device)
@@ -328,29 +276,16 @@ class AmbientSource(TrainingSource[AmbientBatch]):
         if store.version == self._version:
             return False
         full = not self.incremental or store.forget_epoch != self._epoch
-        rows = self.table.load(0 if full else self._last_rowid)
-        if self.on_rows is not None:
-            self.on_rows(rows, full)
-        return self.take(rows, full)
+        return self.take(self.table.load(0 if full else self._last_rowid), full)
 
     def take(self, rows: ReleaseRows, full: bool) -> bool:
-        """Append ``rows`` (after dropping everything held when ``full``); True when anything changed.
-
-        ``rows.x_cut`` holds either every row or, as a data-parallel replica is sent them, only this part's.
-        """
+        """Append ``rows`` (after dropping everything held when ``full``); True when anything changed."""
         if full:
             self._reset()
         self.loads += 1
         self.rows_loaded += len(rows)
         if len(rows):
-            mine = self.partition.positions(len(self), len(rows))
-            x_cut = rows.x_cut
-            if x_cut.shape[0] != mine.shape[0]:
-                if x_cut.shape[0] != len(rows):
-                    raise ValueError(f"{x_cut.shape[0]} x_cut rows for {len(rows)} release rows "
-                                     f"({mine.shape[0]} of them in this part)")
-                x_cut = x_cut[mine]
-            self._x.append(x_cut)
+            self._x.append(rows.x_cut)
             self._labels.append(rows.labels)
             self._cuts.append(rows.cuts)
             self._clients.update(rows.client_ids)
@@ -367,7 +302,7 @@ class AmbientSource(TrainingSource[AmbientBatch]):
 
     @property
     def x_cut(self) -> torch.Tensor:
-        """The x_cut this process holds: every row's, or its part's under a partition with a rank."""
+        """The x_cut of every row held."""
         return self._x.view if self._x.size else torch.empty((0,))
 
     @property
@@ -379,9 +314,7 @@ class AmbientSource(TrainingSource[AmbientBatch]):
         return self._cuts.view
 
     def batch(self, generator: torch.Generator) -> AmbientBatch:
-        # Every rank makes every draw of the global minibatch, so the generators stay in step.
-        partition = self.partition
-        idx = partition.draw(len(self), self.batch_size, generator)
+        idx = torch.randint(len(self), (self.batch_size,), generator=generator)
         labels = drop_labels(self._labels.view[idx], self.null_label, self.label_dropout, generator=generator)
         cuts = self._cuts.view[idx]
         t = sample_server_times(cuts, self.alphas_cumprod.shape[0] - 1, generator)
@@ -392,15 +325,9 @@ class AmbientSource(TrainingSource[AmbientBatch]):
         if self.weighting == "pooled" and len(self._cut_levels) > 1:
             levels = torch.tensor(sorted(self._cut_levels), dtype=torch.long)
             weight = ambient_pooled_weights(cuts, t, levels, self.alphas_cumprod, self.max_weight).float()
-        local = idx
-        if partition.rank is not None:
-            group = slice(partition.rank * len(idx) // partition.size, (partition.rank + 1) * len(idx) // partition.size)
-            labels, cuts, t, noise = labels[group], cuts[group], t[group], noise[group]
-            weight = None if weight is None else weight[group]
-            local = idx[group] // partition.size  # this part's rows are held in order
         # Every CPU draw before the first copy to the device: that copy waits for the previous step's queued GPU
         # work, and drawing the noise (3 MB at 64x64x3, batch 64) after it left the GPU idle for ~6% of a step.
-        x_cut = held[local.to(self.device)]
+        x_cut = held[idx.to(self.device)]
         return AmbientBatch(x_cut, labels, cuts, t, noise, weight)
 
     def loss(self, net: Denoiser, batch: AmbientBatch, generator: torch.Generator) -> torch.Tensor:
@@ -409,10 +336,8 @@ class AmbientSource(TrainingSource[AmbientBatch]):
 
     def describe(self) -> str:
         weighting = f", {self.weighting} weighting" + (f" (max weight {self.max_weight:g})" if self.weighting == "pooled" else "")
-        held = f", {self._x.size} held by rank {self.partition.rank} of {self.partition.size}" \
-            if self.partition.rank is not None and self.partition.size > 1 else ""
         return (f"{len(self)} releases from {len(self._clients)} clients (cuts {sorted(self._cut_levels)}"
-                f"{weighting}{held})")
+                f"{weighting})")
 
 
 class AmbientProtocol(ServerProtocol):
@@ -482,14 +407,17 @@ class AmbientProtocol(ServerProtocol):
     def training_source(self, device: torch.device, null_label: int) -> AmbientSource:
         return ambient_source(self.settings, self.releases, device, null_label)
 
+    @classmethod
+    def replica_source(cls, settings: ServerSettings, device: torch.device, null_label: int) -> AmbientSource:
+        return ambient_source(settings, None, device, null_label)
+
 
 def ambient_source(
-    settings: ServerSettings, table: ReleaseTable | None, device: torch.device, null_label: int,
-    partition: Partition = Partition(),
+    settings: ServerSettings, table: ReleaseTable | None, device: torch.device, null_label: int
 ) -> AmbientSource:
     """The trainer's source for ``settings`` (``table`` None: a replica that is handed its rows)."""
     return AmbientSource(
         table, settings.schedule().alphas_cumprod(), batch_size=settings.batch_size,
         label_dropout=settings.label_dropout, null_label=null_label, device=device,
-        weighting=settings.ambient_weighting, max_weight=settings.ambient_max_weight, partition=partition,
+        weighting=settings.ambient_weighting, max_weight=settings.ambient_max_weight,
     )

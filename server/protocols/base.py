@@ -20,7 +20,7 @@ from prometheus_client.core import Metric
 from collafuse.common.config import ServerSettings
 from collafuse.common.diffusion import Denoiser
 from collafuse.common.train_loop import StepResult, TrainCore
-from collafuse.server.errors import RequestRefused
+from collafuse.server.errors import RequestRefused, StartupError
 from collafuse.server.store import ClientRecord, ReleaseStore, TableSpec
 from collafuse.v1 import collafuse_pb2
 
@@ -58,7 +58,8 @@ class TrainingSource(ABC, Generic[B]):
 
     @abstractmethod
     def loss(self, net: Denoiser, batch: B, generator: torch.Generator) -> torch.Tensor:
-        """The server's loss on ``batch`` (EDM's ``loss(net, images, labels)`` shape)."""
+        """The server's loss on ``batch`` (EDM's ``loss(net, images, labels)`` shape): the mean over its rows.
+        For data-parallel training every random draw belongs in the batch, not in this call."""
 
     def describe(self) -> str:
         return f"{len(self)} releases from {len(self.client_ids)} clients"
@@ -130,3 +131,9 @@ class ServerProtocol(ABC):
     def training_source(self, device: torch.device, null_label: int) -> TrainingSource[Any] | None:
         """What the server's trainer learns from for this protocol (None: it trains nothing offline)."""
         return None
+
+    @classmethod
+    def replica_source(cls, settings: ServerSettings, device: torch.device, null_label: int) -> TrainingSource[Any]:
+        """A data-parallel rank > 0's source (``server/distributed.py``): it holds no rows and computes
+        ``training_source``'s loss on the shards of each minibatch that rank 0 sends."""
+        raise StartupError(f"the {cls.name} protocol's training cannot be split over data-parallel ranks")
