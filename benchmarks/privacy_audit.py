@@ -5,16 +5,22 @@ groups, the server's transcript recorded and audited afterwards) with the same s
 the protocol and the cut:
 
     ambient                     releases x_zeta once per image (docs/design.md §2)
-    split                       split learning, no DP: the returned gradient gives eps exactly (docs/design.md §3)
-    split-dp0.5, split-dp2      split with per-image clipping C and Gaussian noise sigma*C on the gradient
+    split                       split learning, no DP: the returned gradient gives eps exactly (docs/design.md §3);
+                                the client refuses split without DP noise unless --split-max-image-exposure inf
+                                (not private), which this arm passes
+    split-dp0.5, split-dp2      split with per-image clipping C and Gaussian noise sigma*C on the gradient, under the
+                                client's default per-image exposure cap (one ambient release at its noise floor)
     x  zeta in {0, 100, 200, 500}   (0 is the global-model baseline: x_t at t = 1 is nearly x_0)
 
 Per arm: the best reconstruction PSNR/SSIM per attack on the recorded payloads (ambient: linear, Tweedie and
-the chain with the server's final model; split: linear, Tweedie with the eps_hat the server sent, and the
-gradient inversion), the payload checks (less noisy than declared, raw x_0 / file bytes on the wire, t <= zeta),
-the disclosure Fréchet distance (pixel features) of server-side images, the quality of the clients' samples
-(FID against 400 real digits with the real-vs-real floor of the same sizes; conditional accuracy of a classifier
-trained on real digits) and the epsilon the client's accountant spent (split).
+the chain with the server's final model, and the aligned mean of any copies that reached the server; split:
+linear, Tweedie with the eps_hat the server sent, the gradient inversion, and every row of an image linked across
+steps and combined by precision, figured per image), the payload checks (less noisy than the client's own floor,
+raw x_0 / file bytes on the wire, t <= zeta), the disclosure Fréchet distance (pixel features) of server-side
+images, the quality of the clients' samples (FID against 400 real digits with the real-vs-real floor of the same
+sizes; conditional accuracy of a classifier trained on real digits) and epsilon as the clients' own accountants
+report it: per image under replace-one with labels public (client/dp.py, client/privacy_ledger.py), the most
+exposed image's over all it sent (split), and one release's (ambient).
 
     python benchmarks/privacy_audit.py          # ~30 min on 2 shared cores
 
@@ -27,6 +33,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -69,6 +76,9 @@ class Budget:
 
 def arm_settings(variant: Variant, cut: int, budget: Budget, seed: int, work: Path) -> SimSettings:
     dp: dict[str, Any] = {} if variant.dp_noise_multiplier is None else {"dp_clip": DP_CLIP, "dp_noise_multiplier": variant.dp_noise_multiplier}
+    if variant.protocol == "split" and variant.dp_noise_multiplier is None:
+        # Without DP noise a split send reveals its image: the client sends nothing unless the cap is lifted.
+        dp["split_max_image_exposure"] = math.inf
     return SimSettings(
         clients=budget.clients, partition="classes", cut=cut, protocol=variant.protocol,
         steps=budget.steps, client_steps=budget.steps, batch_size=budget.batch_size,
@@ -78,13 +88,43 @@ def arm_settings(variant: Variant, cut: int, budget: Budget, seed: int, work: Pa
 
 
 def _best(groups: list[dict[str, Any]], key: str) -> dict[str, Any] | None:
-    """The attack with the highest PSNR (``key``) over the arm's groups, with its group's client."""
-    found = [(a.get(key), a, g["client_id"]) for g in groups for a in g["attacks"] if not a["simulated"] and a.get(key) is not None]
+    """The attack with the highest PSNR (``key``, else its figure over every payload: the per-image figures of linked
+    rows and native reconstructions have no low-t subset) over the arm's groups, with its group's client."""
+    found = [(a.get(key, a["psnr_db"]), a, g["client_id"]) for g in groups for a in g["attacks"] if not a["simulated"]]
+    found = [f for f in found if f[0] is not None]
     if not found:
         return None
     value, attack, client = max(found, key=lambda f: f[0])
-    return {"attack": attack["attack"], "psnr_db": value, "ssim": attack.get("ssim_low_t" if key.endswith("low_t") else "ssim"),
+    low = key.endswith("low_t") and key in attack
+    return {"attack": attack["attack"], "psnr_db": value, "ssim": attack.get("ssim_low_t" if low else "ssim"),
             "client_id": client}
+
+
+def client_epsilon(out: Path) -> dict[str, Any]:
+    """Epsilon as the clients' own accountants report it (metrics.json "privacy": client/privacy_ledger.py
+    ``privacy_report``): per image, replace-one with labels public; the most exposed image over the clients."""
+    split, worst, per_release, exposure = [], [], [], []
+    unbounded = False
+    relation, delta = None, None
+    for path in sorted((out / "clients").glob("*/metrics.json")):
+        metrics = json.loads(path.read_text())
+        privacy = metrics.get("privacy") or {}
+        relation, delta = privacy.get("relation", relation), privacy.get("delta", delta)
+        summary = privacy.get("split") or {}
+        if summary.get("steps"):
+            unbounded = unbounded or bool(summary.get("epsilon_unbounded"))
+            if summary.get("epsilon") is not None:
+                split.append(float(summary["epsilon"]))
+        worst_image = (privacy.get("worst_image") or {}).get("epsilon")
+        if worst_image is not None:
+            worst.append(float(worst_image))
+        per_release += [float(a["epsilon_per_release"]) for a in privacy.get("ambient") or [] if a.get("epsilon_per_release") is not None]
+        cap = (metrics.get("contribution") or {}).get("max_image_exposure")
+        if cap is not None:
+            exposure.append(float(cap))
+    return {"relation": relation, "delta": delta, "split_worst_image": max(split) if split else None,
+            "worst_image": max(worst) if worst else None, "ambient_per_release": max(per_release) if per_release else None,
+            "unbounded": unbounded, "max_image_exposure_releases": max(exposure) if exposure else None}
 
 
 def audit_summary(out: Path) -> dict[str, Any]:
@@ -120,6 +160,7 @@ def audit_summary(out: Path) -> dict[str, Any]:
             "raw_findings": sum(len(g["raw_findings"]) for g in groups),
             "t_at_or_below_cut": sum(g.get("t_at_or_below_cut", 0) for g in groups),
             "above_floor": sum(g.get("above_floor", 0) for g in groups),
+            "against": sorted({g["noise_check"].get("against", "") for g in groups}),
             "unexpected_tensors": len(audit["unexpected_tensors"]),
             "schedule_source": sorted({g.get("schedule_source", "") for g in groups}),
         },
@@ -132,6 +173,11 @@ def audit_summary(out: Path) -> dict[str, Any]:
         "epsilon_per_release": [(g.get("epsilon_release") or {}).get("epsilon_exact") for g in groups
                                 if g.get("protocol", "ambient") == "ambient"],
         "epsilon_unbounded": any(g.get("epsilon_unbounded") for g in groups),
+        "epsilon_clients": client_epsilon(out),
+        # Split: every row of an image linked across steps and combined, per image (evaluation/audit/linking.py).
+        "linked_per_image": max((a["psnr_db"] for g in groups for a in g["attacks"]
+                                 if a["attack"] in ("linked_by_image", "linked_by_content", "linked_by_image_unclipped")),
+                                default=None),
         "payloads": audit["payloads"] + sum(g.get("images", 0) for g in groups if g.get("protocol") == "split"),
     }
 
@@ -174,9 +220,10 @@ def _fmt(value: Any, spec: str = "{:.1f}") -> str:
 
 def table(rows: list[dict[str, Any]]) -> str:
     lines = [
-        ("| protocol | ζ | best attack | PSNR dB | SSIM | gradient inversion (low t / all) dB | Tweedie dB | less noisy / raw "
-         "| disclosure FD (pixels) | FID (floor) | accuracy | ε spent (δ=1e-5) |"),
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        ("| protocol | ζ | best attack | PSNR dB | SSIM | gradient inversion (low t / all) dB | rows linked, per image dB "
+         "| Tweedie dB | less noisy than floor / raw | disclosure FD (pixels) | FID (floor) | accuracy "
+         "| ε per image (replace-one, δ=1e-5) |"),
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         a, q = r["audit"], r["quality"]["pooled"]
@@ -186,16 +233,20 @@ def table(rows: list[dict[str, Any]]) -> str:
         tw_key = "psnr_db_low_t" if a["protocol"] == "split" else "psnr_db"
         disc = a["disclosure_frechet_pixels"]
         disc_text = ", ".join(f"{k} {v:.0f}" for k, v in disc.items() if k in ("release", "x_t_low_band", "server_alone"))
+        clients = a.get("epsilon_clients") or {}
         eps = [e for e in a["epsilon_spent"] if e is not None]
-        eps_text = "∞" if a["epsilon_unbounded"] else (f"{max(eps):.3g}" if eps else "–")
+        worst = clients.get("split_worst_image") if clients.get("split_worst_image") is not None else (max(eps) if eps else None)
+        eps_text = "∞" if a["epsilon_unbounded"] or clients.get("unbounded") else _fmt(worst, "{:.3g}")
         if a["protocol"] == "ambient":
-            per_release = [e for e in a.get("epsilon_per_release", []) if e is not None]
-            eps_text = f"{_fmt(per_release[0], '{:.3g}')} per release" if per_release else "–"
+            per_release = clients.get("ambient_per_release")
+            if per_release is None:
+                per_release = next((e for e in a.get("epsilon_per_release", []) if e is not None), None)
+            eps_text = f"{_fmt(per_release, '{:.3g}')} per release" if per_release is not None else "–"
         checks = a["checks"]
         lines.append(
             f"| {r['variant']} | {r['cut']} | {best.get('attack', '–')} | {_fmt(best.get('psnr_db'))} | "
             f"{_fmt(best.get('ssim'), '{:.2f}')} | {_fmt(inv.get('psnr_db_low_t'))} / {_fmt(inv.get('psnr_db'))} | "
-            f"{_fmt(tw.get(tw_key))} | {checks['less_noisy_than_declared']} / {checks['raw_findings']} | {disc_text or '–'} | "
+            f"{_fmt(a.get('linked_per_image'))} | {_fmt(tw.get(tw_key))} | {checks['less_noisy_than_declared']} / {checks['raw_findings']} | {disc_text or '–'} | "
             f"{_fmt(q.get('fid'))} ({_fmt(q.get('floor_fid'))}) | {_fmt(q.get('accuracy'), '{:.2f}')} | {eps_text} |"
         )
     return "\n".join(lines)

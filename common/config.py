@@ -157,6 +157,11 @@ class ServerSettings(CollafuseSettings, ScheduleFields, TrainingFields, RuntimeF
     split_relative_grad_clip: float = Field(10.0, ge=0, description="split protocol: scale an image's gradient row "
                                             "down to this many times the clients' median row norm (each client one "
                                             "vote, so no single client moves it; 0: off)")
+    split_trust_window: int = Field(32, ge=0, description="split protocol: leave out a client's step when it and "
+                                    "the client's applied steps among its last this many move the model against the "
+                                    "server's own denoising objective on the round's x_t (0: off; every step enters)")
+    split_trust_rows: int = Field(32, ge=1, description="split protocol: rows of a round's x_t the server re-noises "
+                                  "for its own objective's gradient (--split-trust-window)")
     release_max_stream_bytes: int = Field(1 << 30, ge=1 << 20, description="most bytes one Release stream may carry "
                                           "(more: RESOURCE_EXHAUSTED, nothing stored; split the upload)")
     release_max_stream_chunks: int = Field(4096, ge=1, description="most messages one Release stream may carry")

@@ -189,7 +189,8 @@ def build_server(
         if authenticator is not None:
             interceptors.insert(0, AuthInterceptor(authenticator))
         if settings.metrics_port:
-            metrics = ServerMetrics(trainer, store, sampler, transcript.traffic, list(protocols.values()))
+            metrics = ServerMetrics(trainer, store, sampler, transcript.traffic, list(protocols.values()),
+                                    transcript=transcript, strikes=servicer.strikes)
             interceptors = metrics.instrument(interceptors)
         server = grpc.server(
             # Every admitted Sample call holds a thread while it waits: they get their own, on top of max_workers.

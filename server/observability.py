@@ -35,7 +35,9 @@ if TYPE_CHECKING:
     from collafuse.server.protocols.base import ServerProtocol
     from collafuse.server.sampler import Sampler
     from collafuse.server.store import ReleaseStore
+    from collafuse.server.strikes import StrikeBook
     from collafuse.server.trainer import Trainer
+    from collafuse.server.transcript import TranscriptInterceptor
 
 log = logging.getLogger(__name__)
 
@@ -182,12 +184,15 @@ class _ServerCollector:
     """Reads the trainer, store, sampler and interceptors when Prometheus scrapes."""
 
     def __init__(self, trainer: Trainer, store: ReleaseStore, sampler: Sampler, traffic: Traffic | None,
-                 protocols: Sequence[ServerProtocol] = ()) -> None:
+                 protocols: Sequence[ServerProtocol] = (), transcript: TranscriptInterceptor | None = None,
+                 strikes: StrikeBook | None = None) -> None:
         self._trainer = trainer
         self._store = store
         self._sampler = sampler
         self._traffic = traffic
         self._protocols = list(protocols)
+        self._transcript = transcript
+        self._strikes = strikes
         self.auth: AuthInterceptor | None = None
 
     def collect(self) -> Iterator[Metric]:
@@ -226,6 +231,14 @@ class _ServerCollector:
             received, sent = self._traffic()
             yield CounterMetricFamily("collafuse_received_bytes", "request payload bytes received", received)
             yield CounterMetricFamily("collafuse_sent_bytes", "response payload bytes sent", sent)
+        if self._transcript is not None:
+            yield CounterMetricFamily("collafuse_transcript_unrecorded", "messages served without a transcript line "
+                                      "(the transcript's disk refused it; only calls that need no record)",
+                                      self._transcript.unrecorded)
+        if self._strikes is not None:
+            yield CounterMetricFamily("collafuse_split_clients_dropped", "times a split client was dropped for "
+                                      "--split-strike-cooldown after --split-max-strikes refused gradients in a row",
+                                      self._strikes.dropped_total)
         for protocol in self._protocols:  # each protocol's own counters (split rounds, merged forwards)
             yield from protocol.metrics()
         if self.auth is not None:
@@ -237,11 +250,12 @@ class ServerMetrics:
     """The registry of one server, its RPC interceptor, and the HTTP endpoint once ``serve`` is called."""
 
     def __init__(self, trainer: Trainer, store: ReleaseStore, sampler: Sampler, traffic: Traffic | None = None,
-                 protocols: Sequence[ServerProtocol] = ()) -> None:
+                 protocols: Sequence[ServerProtocol] = (), transcript: TranscriptInterceptor | None = None,
+                 strikes: StrikeBook | None = None) -> None:
         self.registry = CollectorRegistry()
         ProcessCollector(registry=self.registry)
         self.interceptor = RpcMetricsInterceptor(self.registry)
-        self._collector = _ServerCollector(trainer, store, sampler, traffic, protocols)
+        self._collector = _ServerCollector(trainer, store, sampler, traffic, protocols, transcript, strikes)
         self.registry.register(self._collector)
         self._http: tuple[WSGIServer, threading.Thread] | None = None
 

@@ -46,6 +46,7 @@ from collafuse.server.sampling_rpc import (
     run_with_progress,
     sample_job,
 )
+from collafuse.server.staging import ReleaseStaging
 from collafuse.server.store import ClientRecord, ReleaseStore
 from collafuse.server.strikes import StrikeBook
 from collafuse.server.trainer import Trainer, TrainerState
@@ -293,13 +294,17 @@ class CollaFuseServicer(collafuse_pb2_grpc.CollaFuseServicer):
 
     @answers_storage_errors
     def Release(self, request_iterator: Iterator[collafuse_pb2.ReleaseChunk], context: grpc.ServicerContext) -> collafuse_pb2.ReleaseAck:
-        """All or nothing: every message is validated first, then the whole stream is one store transaction that
-        commits only when the stream ended with its marker and the call and the registration are still as they
-        were (checked under the store's lock right before COMMIT)."""
+        """All or nothing: every message is validated first (its items staged on disk, server/staging.py), then
+        the whole stream is one store transaction that commits only when the stream ended with its marker and
+        the call and the registration are still as they were (checked under the store's lock right before COMMIT)."""
         self._check_serving(context)
+        with ReleaseStaging(self.store.root) as staged:
+            return self._release(request_iterator, context, staged)
+
+    def _release(self, request_iterator: Iterator[collafuse_pb2.ReleaseChunk], context: grpc.ServicerContext,
+                 staged: ReleaseStaging) -> collafuse_pb2.ReleaseAck:
         client: ClientRecord | None = None
         protocol: ServerProtocol | None = None
-        pending: list[object] = []
         items = size = 0
         declared: int | None = None  # total_items of the final message: set once the marker came
         max_bytes, max_chunks = self.settings.release_max_stream_bytes, self.settings.release_max_stream_chunks
@@ -330,7 +335,7 @@ class CollaFuseServicer(collafuse_pb2_grpc.CollaFuseServicer):
             assert protocol is not None
             if chunk.items or not chunk.last:  # a bare end-of-stream marker carries nothing to validate
                 try:
-                    pending.extend(protocol.validate_release(chunk, client, where, self._label_error))
+                    staged.extend(protocol.validate_release(chunk, client, where, self._label_error))
                 except RequestRefused as exc:
                     refuse(context, exc, "; nothing of this stream was stored")
             items += len(chunk.items)
@@ -350,7 +355,7 @@ class CollaFuseServicer(collafuse_pb2_grpc.CollaFuseServicer):
                 self.store.commit_only_if(lambda: self._release_commit_refusal(client, declared, context)):
             try:
                 # The ack goes out only after this commit (synchronous=FULL): stored means durable.
-                outcome = protocol.commit_release(client, pending)
+                outcome = protocol.commit_release(client, staged)
             except RequestRefused as exc:
                 refuse(context, exc)
         self._touch(client.client_id)

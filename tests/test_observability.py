@@ -80,6 +80,9 @@ def test_counters_move_during_a_short_run(observed: CollaFuseServer) -> None:
     assert value(before, "collafuse_releases") == 0
     assert value(before, "process_resident_memory_bytes") > 0
     assert value(before, "collafuse_sampling_queue_depth") == 0
+    for counter in ("collafuse_transcript_unrecorded_total", "collafuse_split_clients_dropped_total",
+                    "collafuse_split_steps_left_out_total"):
+        assert value(before, counter) == 0, counter
 
     register(api, "alice", cut=20)
     api.Heartbeat(collafuse_pb2.HeartbeatRequest(client_id="alice"), timeout=10)

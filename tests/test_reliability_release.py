@@ -12,7 +12,9 @@ and bounds of issue 16, against an in-process server on loopback.
 
 from __future__ import annotations
 
+import errno
 import os
+import pickle
 import sqlite3
 import threading
 import time
@@ -27,7 +29,9 @@ from server_support import chunks, register, rpc_error, start, stub, upload
 
 from collafuse.client.connection import end_of_stream
 from collafuse.common.rpc import RETRY_AFTER_KEY
+from collafuse.server import staging
 from collafuse.server.app import CollaFuseServer
+from collafuse.server.staging import STAGING, ReleaseStaging
 from collafuse.v1 import collafuse_pb2, collafuse_pb2_grpc
 
 torch.set_num_threads(1)
@@ -311,3 +315,37 @@ def test_an_unwritable_transcript_fails_only_the_calls_it_must_record(tmp_path: 
         assert transcript.stat().st_size > recorded and all(line.startswith("{") for line in lines)
     finally:
         running.stop(0)
+
+
+# ---- staging: a stream's items wait on disk, not in memory -------------------------------------------------
+
+
+def test_staged_items_come_back_in_order_and_leave_no_file(tmp_path: Path) -> None:
+    items = [("key", i, bytes([i]) * 1000) for i in range(50)]
+    with ReleaseStaging(tmp_path) as staged:
+        staged.extend(items[:20])
+        staged.extend(items[20:])
+        assert list(staged) == items and list(staged) == items  # read back, and again
+        assert not any((tmp_path / STAGING).iterdir()), "the staging file has no name: a crash leaves nothing"
+
+
+def test_a_stream_whose_staging_hits_a_full_disk_is_resource_exhausted_and_stores_nothing(
+    api: Any, server: CollaFuseServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    register(api, "staged", cut=20)
+    written = 0
+
+    def dump(item: object, file: Any, protocol: int) -> None:
+        nonlocal written
+        if written == 3:  # the disk fills in the middle of the stream's second message
+            raise OSError(errno.ENOSPC, "No space left on device")
+        written += 1
+        pickle.dump(item, file, protocol=protocol)
+
+    monkeypatch.setattr(staging.pickle, "dump", dump)
+    err = rpc_error(api.Release, iter(marked(chunks("staged", 20, 6, 2))))
+    assert err.code() == Code.RESOURCE_EXHAUSTED and str(server.store.root / STAGING) in err.details()
+    assert "nothing of this Release stream was stored" in err.details()
+    assert server.store.count("staged") == 0
+    monkeypatch.undo()
+    assert upload(api, chunks("staged", 20, 6, 2)).stored == 6

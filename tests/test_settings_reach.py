@@ -42,7 +42,8 @@ def test_the_core_options_are_every_training_field() -> None:
 
 def test_every_server_setting_reaches_the_running_server(tmp_path: Path) -> None:
     split = {"split_max_round_clients": 5, "split_round_timeout": 12.0, "split_max_grad_norm": 77.0,
-             "split_max_batch": 40, "split_cross_client": True, "split_max_wait_ms": 9.0}
+             "split_max_batch": 40, "split_cross_client": True, "split_max_wait_ms": 9.0, "split_trust_window": 5,
+             "split_trust_rows": 6}
     sampling = {"sample_workers": 2, "sample_queue_per_client": 3, "sample_queue_total": 9, "sample_max_batch": 50,
                 "sample_max_wait_ms": 7.0, "sample_cross_client": False}
     server = start(tmp_path / "store", start_trainer=False, label_dropout=0.25, max_steps=123, **CORE, **split,
@@ -62,6 +63,7 @@ def test_every_server_setting_reaches_the_running_server(tmp_path: Path) -> None
         assert (limits.max_clients, limits.timeout, limits.max_grad_norm, limits.max_batch) == (5, 12.0, 77.0, 40)
         assert engine.merger is not None and engine.merger.max_wait_s == pytest.approx(0.009)
         assert engine.merger.max_batch == 40
+        assert engine.trust is not None and (engine.trust.window, engine.trust_rows) == (5, 6)
         s = server.sampler.limits
         assert (s.workers, s.per_client, s.total, s.max_batch, s.max_wait_s, s.cross_client) == (
             2, 3, 9, 50, pytest.approx(0.007), False)

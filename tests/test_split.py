@@ -631,8 +631,10 @@ def test_ambient_releases_are_reported_in_the_same_unit(tmp_path: Path) -> None:
 
 
 def test_split_steps_and_the_ambient_trainer_share_the_model(tmp_path: Path) -> None:
-    """An ambient client's releases train in the background while a split client steps the same model."""
-    srv = start(tmp_path / "store", max_steps=0, label_dropout=0.0)
+    """An ambient client's releases train in the background while a split client steps the same model.
+    (Uniform-noise images: the server's check of each step against its own objective, which such data
+    cannot inform, is off here; tests/test_split_poisoning.py tests it on real digits.)"""
+    srv = start(tmp_path / "store", max_steps=0, label_dropout=0.0, split_trust_window=0)
     try:
         s = stub(srv)
         s.Register(collafuse_pb2.RegisterRequest(client_id="amb", cut=CUT, protocol=collafuse_pb2.PROTOCOL_AMBIENT,
@@ -682,7 +684,11 @@ def test_protocol_split_through_the_client_lifecycle(tmp_path: Path) -> None:
         assert 0 < split["epsilon"] <= 1e4
         assert status["privacy"]["split"]["steps"] == 2
         assert (tmp_path / "work" / "samples" / "grid.png").is_file()
-        assert srv.trainer.core.step == 2
+        # Each step is applied, or left out by the server's check against its own objective (server/
+        # gradient_trust.py): a first step on these synthetic images may point against it. (On real digits with
+        # DP, C 0.1 sigma 0.2, three clients x 100 rounds: none left out, eps-MSE as without the check.)
+        left_out = srv.servicer.protocols[collafuse_pb2.PROTOCOL_SPLIT].contributions.left_out  # type: ignore[attr-defined]
+        assert srv.trainer.core.step + left_out.total() == 2
         time.sleep(0.1)
         # The split steps checkpointed the server's model: a diffusers model folder.
         latest = tmp_path / "store" / "checkpoints" / "latest"

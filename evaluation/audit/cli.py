@@ -9,9 +9,14 @@ Reads, relative to RUN_DIR (the layout of ``collafuse-sim --transcript``; each p
                                      and metrics.json (its release report: refused copies, DP settings)
 
 Both protocols: ambient releases are audited per (client, cut) (``core.audit_group``), split steps per
-client (``split.audit_split``: the real gradient inversion on the recorded x_t, eps_hat and gradients).
-The noise check uses the schedule the client pinned in its ledger (what it actually used), not the
-server's.
+client (``split.audit_split``: the real gradient inversion on the recorded x_t, eps_hat and gradients, and the
+rows of one image linked across steps and combined). What reached the server is attacked as a whole: every
+copy of an image a client released (the same image again, flipped, rotated or shifted copies) is aligned and
+averaged (``copies``), and when the served spec is larger than the client's images every attack is also taken
+back to the native pixels by least squares (``native``). The noise check holds every payload against the
+client's own floor (its reference schedule, its look gain: ``floor``), read from its ledger or, without one,
+from ``--reference-*`` / ``--max-release-alpha-bar``; the attacks undo the level of the schedule the payloads
+were noised under (the one the client pinned, else the server model's).
 
 Writes RUN_DIR/audit.json, RUN_DIR/audit.png (PSNR per attack per cut) and RUN_DIR/audit_grid.png
 (x0, the payload, and the best reconstructions).
@@ -31,6 +36,8 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
+from collafuse.client.ledger import FloorConfig
+from collafuse.common.config import ClientSettings
 from collafuse.common.data import DataError, load_image_folder
 from collafuse.common.diffusion import Denoiser
 from collafuse.common.images import save_grid
@@ -38,6 +45,7 @@ from collafuse.common.models import as_denoiser, load_model
 from collafuse.common.runtime import run_cli, setup_logging
 from collafuse.common.schedule import ScheduleConfig
 from collafuse.evaluation.audit.attacks import Reconstruction
+from collafuse.evaluation.audit.copies import aligned_average
 from collafuse.evaluation.audit.core import AuditConfig, audit_group
 from collafuse.evaluation.audit.disclosure import (
     PixelFeatures,
@@ -45,8 +53,10 @@ from collafuse.evaluation.audit.disclosure import (
     inception_features,
     server_side_images,
 )
+from collafuse.evaluation.audit.floor import client_floor_at, served_gain
+from collafuse.evaluation.audit.native import native_images, native_shapes
 from collafuse.evaluation.audit.payloads import match_to_originals
-from collafuse.evaluation.audit.split import DpParams, audit_split
+from collafuse.evaluation.audit.split import DpParams, audit_split, ledger_index
 from collafuse.evaluation.audit.transcript import (
     ReleasePayload,
     SplitPayload,
@@ -73,6 +83,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", action="append", default=[], metavar="CLIENT=PATH",
                    help="a client's image folder (repeatable); default: RUN_DIR/data/shards/<client>")
     p.add_argument("--max-images", type=int, default=64, help="images audited per client and cut")
+    p.add_argument("--max-copy-search", type=int, default=2048,
+                   help="releases of a client searched for copies of the audited ones (all pairs: quadratic)")
     p.add_argument("--chain-steps", type=int, default=0, help="steps of the chain attacks (0: every step from the cut)")
     p.add_argument("--chains", nargs="*", default=["ddim", "ddpm"], choices=["ddim", "ddpm"])
     p.add_argument("--dp-noise", type=float, nargs="*", default=[0.5, 2.0], help="sigma of the simulated DP split step")
@@ -81,8 +93,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--features", choices=["inception", "pixels", "none"], default="inception",
                    help="features of the disclosure Fréchet distance (none: skip it)")
     p.add_argument("--seed", type=int, default=0)
+    defaults = ClientSettings.model_fields
+    floor = p.add_argument_group("the client's floor, for clients without a ledger (defaults: the client's)")
+    floor.add_argument("--reference-timesteps", type=int, default=defaults["reference_timesteps"].default)
+    floor.add_argument("--reference-beta-start", type=float, default=defaults["reference_beta_start"].default)
+    floor.add_argument("--reference-beta-end", type=float, default=defaults["reference_beta_end"].default)
+    floor.add_argument("--reference-beta-schedule", default=defaults["reference_beta_schedule"].default)
+    floor.add_argument("--max-release-alpha-bar", type=float, default=None)
+    p.add_argument("--no-linking", dest="link", action="store_false",
+                   help="split: do not combine the rows of one image across steps (per-row attacks only)")
     p.add_argument("--log-level", default="INFO")
     return p
+
+
+def _floor_config(args: argparse.Namespace) -> FloorConfig:
+    """The floor settings of a client whose ledger the audit does not have."""
+    try:
+        reference = ScheduleConfig(num_train_timesteps=args.reference_timesteps, beta_start=args.reference_beta_start,
+                                   beta_end=args.reference_beta_end, beta_schedule=args.reference_beta_schedule)
+    except ValueError as exc:
+        raise AuditError(f"--reference-*: the reference schedule is unusable: {exc}") from None
+    return FloorConfig(reference, args.max_release_alpha_bar)
 
 
 def _data_paths(args: argparse.Namespace, clients: list[str]) -> dict[str, Path]:
@@ -194,12 +225,10 @@ def audit_run(args: argparse.Namespace) -> dict[str, Any]:
     steps, split_counts = split_payloads(entries)
     if not payloads and not steps:
         raise AuditError(f"{transcript} holds no Release payloads and no complete split steps: nothing to audit")
-    denoiser, schedule, model_path = _load_server(args.model or run_dir / "server" / "checkpoints" / "latest" / "ema")
-    if schedule is None:
-        schedule = ScheduleConfig()
-        log.warning("no schedule recorded with the model: assuming the default %s", schedule.model_dump())
+    denoiser, model_schedule, model_path = _load_server(args.model or run_dir / "server" / "checkpoints" / "latest" / "ema")
     config = AuditConfig(chains=args.chains, chain_steps=args.chain_steps, dp_noise=args.dp_noise,
                          dp_clip=args.dp_clip, delta=args.delta, seed=args.seed)
+    fallback_floor = _floor_config(args)
     by_group: dict[tuple[str, int], list[ReleasePayload]] = defaultdict(list)
     by_key: dict[tuple[str, str], list[ReleasePayload]] = defaultdict(list)
     for p in payloads:
@@ -220,91 +249,151 @@ def audit_run(args: argparse.Namespace) -> dict[str, Any]:
         extractor = PixelFeatures(image_shape)
     elif args.features == "inception":
         extractor = inception_features()
+    if model_schedule is None and not any(r.schedule for r in records.values()):
+        log.warning("no schedule recorded with the model or in a client's ledger: assuming the default %s",
+                    ScheduleConfig().model_dump())
 
-    def load(client: str) -> tuple[Path, Any]:
+    def release_schedule(client: str) -> tuple[ScheduleConfig, str]:
+        """The schedule the payloads were noised under: the one the client pinned in its ledger (what it used), else
+        the server's (its model's)."""
+        if records[client].schedule is not None:
+            return records[client].schedule, "client ledger (pinned)"  # type: ignore[return-value]
+        if model_schedule is not None:
+            return model_schedule, "server model"
+        return ScheduleConfig(), "default (no model, no ledger)"
+
+    def load(client: str) -> tuple[Path, Any, list[tuple[int, int, int]]]:
         shard = shards[client]
         if not shard.is_dir():
             raise AuditError(f"no images for {client} at {shard}: pass --data {client}=PATH")
         try:
-            return shard, load_image_folder(shard, image_shape[0], image_shape[1])
+            data = load_image_folder(shard, image_shape[0], image_shape[1])
+            return shard, data, native_shapes(shard, data.paths, image_shape[0])
         except DataError as exc:
             raise AuditError(f"cannot load {client}'s images from {shard}: {exc}") from exc
+
+    def floor_of(client: str, cut: int, shapes: list[tuple[int, int, int]], served: torch.Tensor) -> Any:
+        gain, origin = served_gain(shapes, image_shape, served)
+        return client_floor_at(run_dir / "clients" / client, cut, image_shape, gain, origin, fallback_floor)
 
     groups: list[dict[str, Any]] = []
     grid_rows: list[torch.Tensor] = []
     grid_titles: list[str] = []
-    for (client, cut), group in tqdm(sorted(by_group.items()), desc="audit releases", unit="group"):
-        shard, data = load(client)
+    clients_released = sorted({c for c, _ in by_group})
+    for client in tqdm(clients_released, desc="audit releases", unit="client"):
+        shard, data, shapes = load(client)
         mine = records[client]
-        group = group[: args.max_images]
-        index = _match(group, run_dir / "clients" / client, shard, data.paths, data.images)
-        x0 = data.images[index].float()
-        x_cut = torch.stack([p.x_cut for p in group]).float()
-        labels = torch.tensor([p.label for p in group], dtype=torch.long)
-        files = {data.paths[i]: (shard / data.paths[i]).read_bytes() for i in sorted(set(index))}
-        wire = b"".join({p.seq: p.wire_bytes for p in group}.values())
-        # The level the client declared: alpha_bar at its cut under the schedule it pinned (what it used).
-        declared = float(mine.schedule.alphas_cumprod()[cut]) if mine.schedule is not None else None
-        report, recs = audit_group(x0, x_cut, labels, cut, schedule, denoiser, config, wire, files, declared)
-        report.update(protocol="ambient", client_id=client, floor_alpha_bar=mine.floor_alpha_bar,
-                      schedule_source="client ledger (pinned)" if declared is not None else "server model")
-        report["averaging"] = {
-            "releases_of_one_image_seen_by_server": max(
-                (len(ps) for (c, _), ps in by_key.items() if c == client), default=0),
-            "client_guard": mine.refusals(),
-            "note": "the average_k* attacks are simulated: they need several noisy copies of one image, which the "
-                    "client's guard refuses to send (copies skipped, re-release needs --re-release-confirm)",
-        }
-        if extractor is not None:
-            sets = {"release": x_cut}
-            if denoiser is not None:
-                sets.update(server_side_images(denoiser, schedule, labels, cut, image_shape, seed=args.seed,
-                                                 num_inference_steps=args.chain_steps or 100))
-            report["disclosure"] = {"features": extractor.name, "frechet": disclosure(extractor, x0, sets)}
-        groups.append(report)
-        best = sorted(recs, key=lambda r: -r.psnr_db)
-        shown = [r for r in best if r.attack in {"tweedie", "chain_ddim", "linear"}][:2] + [
-            r for r in best if r.attack.startswith("split_inversion")][:2]
-        grid_rows += [x0[:8], x_cut[:8]] + [r.x0_hat[:8] for r in shown]
-        grid_titles += [f"{client} x0", f"x_cut (ζ={cut})"] + [f"{r.attack} {r.psnr_db:.1f} dB" for r in shown]
-        _log_group(report, recs)
+        schedule, schedule_source = release_schedule(client)
+        ab = schedule.alphas_cumprod()
+        T = schedule.num_train_timesteps
+        cuts = sorted(cut for c, cut in by_group if c == client)
+        released = {cut: by_group[(client, cut)] for cut in cuts}
+        audited = {cut: group[: args.max_images] for cut, group in released.items()}
+        every = {cut: _match(group, run_dir / "clients" / client, shard, data.paths, data.images)
+                 for cut, group in released.items()}
+        index = {cut: every[cut][: args.max_images] for cut in cuts}
+        # Every copy of an audited image that reached the server, among all of this client's releases (the audited
+        # ones first, then the others, up to --max-copy-search).
+        rows = [(cut, k) for cut in cuts if 0 < cut < T for k in range(len(audited[cut]))]
+        rows += [(cut, k) for cut in cuts if 0 < cut < T for k in range(len(audited[cut]), len(released[cut]))]
+        rows = rows[: max(args.max_copy_search, sum(len(g) for g in audited.values()))]
+        copies = None
+        if len(rows) > 1:
+            copies = aligned_average(torch.stack([released[cut][k].x_cut for cut, k in rows]).float(),
+                                     torch.tensor([float(ab[cut]) for cut, _ in rows], dtype=torch.float64),
+                                     data.images[[every[cut][k] for cut, k in rows]].float())
+        position = {row: i for i, row in enumerate(rows)}
+        for cut in cuts:
+            group = audited[cut]
+            x0 = data.images[index[cut]].float()
+            x_cut = torch.stack([p.x_cut for p in group]).float()
+            labels = torch.tensor([p.label for p in group], dtype=torch.long)
+            files = {data.paths[i]: (shard / data.paths[i]).read_bytes() for i in sorted(set(index[cut]))}
+            wire = b"".join({p.seq: p.wire_bytes for p in group}.values())
+            extra: dict[str, torch.Tensor] = {}
+            info: dict[str, dict[str, Any]] = {}
+            if copies is not None and copies.groups and 0 < cut < T:
+                mine_rows = [position[(cut, k)] for k in range(len(group))]
+                extra["copies_aligned_mean"] = copies.estimate[mine_rows]
+                info["copies_aligned_mean"] = {"max_looks": int(copies.looks[mine_rows].max())}
+                if copies.two_level is not None:
+                    extra["two_level_actual"] = copies.two_level[mine_rows]
+            floor = floor_of(client, cut, shapes, x0)
+            native = native_images(shard, data.paths, shapes, index[cut], image_shape)
+            report, recs = audit_group(x0, x_cut, labels, cut, schedule, denoiser, config, wire, files,
+                                       floor=floor, native=native, extra=extra, extra_info=info)
+            report.update(protocol="ambient", client_id=client, floor_alpha_bar=floor.per_element,
+                          schedule_source=schedule_source)
+            report["copies"] = copies.summary() if copies is not None else {"groups": 0}
+            report["averaging"] = {
+                "releases_of_one_image_seen_by_server": max(
+                    (len(ps) for (c, _), ps in by_key.items() if c == client), default=0),
+                "client_guard": mine.refusals(),
+                "note": "the average_k* attacks are simulated (k fresh releases of every image); copies_aligned_mean "
+                        "averages the copies that actually reached the server",
+            }
+            if extractor is not None:
+                sets = {"release": x_cut}
+                if denoiser is not None:
+                    sets.update(server_side_images(denoiser, schedule, labels, cut, image_shape, seed=args.seed,
+                                                   num_inference_steps=args.chain_steps or 100))
+                report["disclosure"] = {"features": extractor.name, "frechet": disclosure(extractor, x0, sets)}
+            groups.append(report)
+            best = sorted(recs, key=lambda r: -r.psnr_db)
+            shown = [r for r in best if r.attack in {"tweedie", "chain_ddim", "linear", "copies_aligned_mean"}][:2] + [
+                r for r in best if r.attack.startswith("split_inversion")][:2]
+            grid_rows += [x0[:8], x_cut[:8]] + [r.x0_hat[:8] for r in shown]
+            grid_titles += [f"{client} x0", f"x_cut (ζ={cut})"] + [f"{r.attack} {r.psnr_db:.1f} dB" for r in shown]
+            _log_group(report, recs)
 
     for client, mine_steps in tqdm(sorted(split_by_client.items()), desc="audit split steps", unit="client"):
-        shard, data = load(client)
+        shard, data, shapes = load(client)
         mine = records[client]
-        cuts = {int(s.t.min()) for s in mine_steps}
-        cut = int(mine.metrics.get("cut", min(cuts) - 1))
-        ab = (mine.schedule or schedule).alphas_cumprod()
+        schedule, schedule_source = release_schedule(client)
+        cut = int(mine.metrics.get("cut", min(int(s.t.min()) for s in mine_steps) - 1))
+        ab = schedule.alphas_cumprod()
         files = {path: (shard / path).read_bytes() for path in data.paths}
-        report, recs, x0 = audit_split(mine_steps, data.images.float(), cut, ab, mine.dp(), mine.floor_alpha_bar, files)
-        report.update(client_id=client, schedule_source="client ledger (pinned)" if mine.schedule else "server model",
-                      epsilon_spent=(mine.metrics.get("contribution") or {}).get("epsilon"),
-                      epsilon_unbounded=(mine.metrics.get("contribution") or {}).get("epsilon_unbounded"))
+        floor = floor_of(client, cut, shapes, data.images)
+
+        def native_of(index: Any, shard: Path = shard, data: Any = data, shapes: Any = shapes) -> Any:
+            return native_images(shard, data.paths, shapes, list(index), image_shape)
+
+        known = ledger_index(run_dir / "clients" / client, mine_steps, data.images)
+        report, recs, x0 = audit_split(mine_steps, data.images.float(), cut, ab, mine.dp(), floor, files,
+                                       native_of=native_of, link=args.link, known_index=known)
+        contribution = mine.metrics.get("contribution") or {}
+        report.update(client_id=client, schedule_source=schedule_source,
+                      epsilon_spent=contribution.get("epsilon"), epsilon_unbounded=contribution.get("epsilon_unbounded"),
+                      privacy=mine.metrics.get("privacy"))
+        by_name = {r.attack: r for r in recs}
         low = torch.cat([s.t for s in mine_steps]) <= report["t"]["low_band_max"]
         order = torch.nonzero(low).flatten()[: args.max_images]
         if extractor is not None and len(order) >= 2:
             x_t = torch.cat([s.x_t for s in mine_steps])[order].float()
             labels = torch.cat([s.labels for s in mine_steps])[order]
-            sets = {"x_t_low_band": x_t, "split_inversion": recs[-1].x0_hat[order]}
+            sets = {"x_t_low_band": x_t, "split_inversion": by_name["split_inversion"].x0_hat[order]}
             if denoiser is not None:
                 sets.update(server_side_images(denoiser, schedule, labels, cut, image_shape, seed=args.seed,
-                                                 num_inference_steps=args.chain_steps or 100))
+                                               num_inference_steps=args.chain_steps or 100))
             report["disclosure"] = {"features": extractor.name, "frechet": disclosure(extractor, x0[order], sets)}
         groups.append(report)
         show = order[:8]
-        grid_rows += [x0[show], torch.cat([s.x_t for s in mine_steps])[show].float()] + [r.x0_hat[show] for r in recs[1:]]
+        served = [r for r in recs[1:] if tuple(r.x0_hat.shape) == tuple(x0.shape)]
+        grid_rows += [x0[show], torch.cat([s.x_t for s in mine_steps])[show].float()] + [r.x0_hat[show] for r in served]
         grid_titles += [f"{client} x0 (split)", f"x_t (t <= {report['t']['low_band_max']})"] + [
-            f"{r.attack} {r.psnr_db:.1f} dB" for r in recs[1:]]
-        log.info("%s split, cut %d: %d steps, %d images; %d t <= cut, %d less noisy than declared, %d raw; gradient "
-                 "inversion %.1f dB (low t %.1f dB), Tweedie %.1f dB; matched confidently %.0f%%", client, cut,
-                 report["steps"], report["images"], report["t_at_or_below_cut"],
+            f"{r.attack} {r.psnr_db:.1f} dB" for r in served]
+        attack = {a["attack"]: a for a in report["attacks"]}
+        log.info("%s split, cut %d: %d steps, %d images; %d t <= cut, %d less noisy than the client's floor, %d raw; "
+                 "gradient inversion %.1f dB (low t %.1f dB), Tweedie %.1f dB, rows linked per image %.1f dB; matched "
+                 "confidently %.0f%%", client, cut, report["steps"], report["images"], report["t_at_or_below_cut"],
                  report["noise_check"]["less_noisy_than_declared"], report["raw_findings_count"],
-                 report["attacks"][2]["psnr_db"], report["attacks"][2].get("psnr_db_low_t", math.nan),
-                 report["attacks"][1]["psnr_db"], 100 * report["match"]["confident"])
+                 attack["split_inversion"]["psnr_db"], attack["split_inversion"].get("psnr_db_low_t", math.nan),
+                 attack["tweedie"]["psnr_db"], attack.get("linked_by_image", {}).get("psnr_db", math.nan),
+                 100 * report["match"]["confident"])
 
     result = {
         "run_dir": str(run_dir), "transcript": str(transcript), "model": model_path,
-        "schedule": schedule.model_dump(), "config": config.model_dump(),
+        "schedule": (model_schedule or ScheduleConfig()).model_dump(), "config": config.model_dump(),
         "payloads": len(payloads), "split_steps": len(steps), "split_counts": split_counts,
         "repeated_releases": repeated,
         "unexpected_tensors": unexpected_tensors(entries), "groups": groups,

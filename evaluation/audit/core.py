@@ -5,6 +5,13 @@ reconstruct. Attacks marked ``simulated`` say what it could if the client misbeh
 protocol: k fresh-noise releases of one image (averaging), one noise reused at a second level (two-level
 solve), and a split-learning step at t = cut + 1 (the least noisy step the server would ever see) with and
 without DP. All are scored against the true x_0.
+
+What reached the server is attacked as a whole, not payload by payload (the copies and the native view come from
+the caller, evaluation/audit/cli.py): ``extra`` estimates such as the aligned mean of every copy of an image that
+reached the server (``copies``), and, when the served spec is larger than the client's images, every actual
+attack again at the client's native resolution by least squares (``native``: ``<attack>_native``, scored
+against the native image). The noise check holds each payload against the client's own floor per element
+(``floor``: its reference schedule and look gain), not against the schedule the server served.
 """
 
 from __future__ import annotations
@@ -29,6 +36,8 @@ from collafuse.common.diffusion import Denoiser, q_sample
 from collafuse.common.schedule import ScheduleConfig
 from collafuse.evaluation.audit import attacks
 from collafuse.evaluation.audit.attacks import Reconstruction, score
+from collafuse.evaluation.audit.floor import ClientFloor
+from collafuse.evaluation.audit.native import NativeImages
 from collafuse.evaluation.audit.payloads import check_noise, check_raw
 
 log = logging.getLogger(__name__)
@@ -77,20 +86,35 @@ def audit_group(
     config: AuditConfig,
     wire_bytes: bytes | None = None,
     files: dict[str, bytes] | None = None,
-    declared_alpha_bar: float | None = None,
+    release_alpha_bar: float | None = None,
+    *,
+    floor: ClientFloor | None = None,
+    native: NativeImages | None = None,
+    extra: dict[str, torch.Tensor] | None = None,
+    extra_info: dict[str, dict[str, Any]] | None = None,
 ) -> tuple[dict[str, Any], list[Reconstruction]]:
     """Audit N releases ``x_cut`` (rows matched to ``x0``) of one client at one cut.
 
-    ``declared_alpha_bar``: the level the client declared, alpha_bar at its cut under the schedule it pinned
-    (its ledger); the noise check tests against it (default: ``schedule``'s, the server's).
+    ``release_alpha_bar``: the level the payloads were released at, which the attacks undo (default:
+    ``schedule``'s at the cut, the server's). ``floor``: the client's own floor; the noise check holds every
+    payload against its per-element level (without it: against the release level). ``native``: the client's
+    images at their own size, when the served spec differs (every actual attack is then also run back to them by
+    least squares). ``extra``: further actual estimates of x_0 (unclamped, rows matched), e.g. the aligned copies.
     """
     ab = schedule.alphas_cumprod()
-    ab_cut = float(ab[cut]) if declared_alpha_bar is None else declared_alpha_bar
+    ab_cut = float(ab[cut]) if release_alpha_bar is None else release_alpha_bar
     d = x0[0].numel()
     gen = torch.Generator().manual_seed(config.seed)
     report: dict[str, Any] = {"cut": cut, "alpha_bar": ab_cut, "images": int(x0.shape[0])}
-    report["noise_check"] = check_noise(x_cut, ab_cut, x0).summary()
-    report["noise_check_blind"] = check_noise(x_cut, ab_cut).summary()
+    limit = floor.per_element if floor is not None else ab_cut
+    against = ("the client's own floor per element" if floor is not None else "the release level (no client floor)")
+    report["noise_check"] = {**check_noise(x_cut, limit, x0).summary(), "against": against}
+    report["noise_check_blind"] = {**check_noise(x_cut, limit).summary(), "against": against}
+    if floor is not None:
+        report["floor"] = floor.to_json()
+        report["level_check"] = check_noise(x_cut, ab_cut, x0).summary()
+        measured = torch.tensor(report["noise_check"].get("measured_alpha_bar_mean") or 0.0)
+        report["floor"]["measured_alpha_bar_per_native_pixel"] = float(floor.native_level(measured))
     raw = check_raw(x_cut, x0, wire_bytes, files)
     report["raw_findings"] = [f.to_json() for f in raw[:20]]
     if cut == 0:
@@ -100,16 +124,25 @@ def audit_group(
     recs: list[Reconstruction] = []
 
     # ---- on the actual payloads --------------------------------------------------------------------
+    actual: dict[str, torch.Tensor] = {}  # name -> estimate (unclamped where the attack is linear)
     if cut > 0:
-        _attack(results, recs, score("linear", attacks.linear(x_cut, ab_cut), x0), simulated=False)
+        actual["linear"] = x_cut.to(torch.float64) / math.sqrt(ab_cut)
     if denoiser is not None and 0 < cut:
-        _attack(results, recs, score("tweedie", attacks.tweedie(denoiser, x_cut, cut, labels, ab), x0), simulated=False)
+        actual["tweedie"] = attacks.tweedie(denoiser, x_cut, cut, labels, ab)
         for kind in config.chains:
-            x0_hat = attacks.chain(denoiser, schedule, x_cut, cut, labels, kind,  # type: ignore[arg-type]
-                                   config.chain_steps, config.seed)
-            _attack(results, recs, score(f"chain_{kind}", x0_hat, x0), simulated=False)
+            actual[f"chain_{kind}"] = attacks.chain(denoiser, schedule, x_cut, cut, labels, kind,  # type: ignore[arg-type]
+                                                    config.chain_steps, config.seed)
     if cut == 0:
-        _attack(results, recs, score("identity", x_cut, x0), simulated=False)
+        actual["identity"] = x_cut
+    for name, x0_hat in (extra or {}).items():
+        actual[name] = x0_hat
+    for name, x0_hat in actual.items():
+        _attack(results, recs, score(name, x0_hat, x0), simulated=False, **(extra_info or {}).get(name, {}))
+    if native is not None:
+        report["native"] = native.describe()
+        for name, x0_hat in actual.items():
+            rec = score_native(f"{name}_native", native.operator.lsq(x0_hat[native.rows]), native.images)
+            _attack(results, recs, rec, simulated=False, resolution="native")
 
     # ---- what misbehaviour or the other protocol would give ----------------------------------------
     if 0 < cut < schedule.num_train_timesteps:
@@ -147,7 +180,17 @@ def audit_group(
             report["split"]["epsilon_one_step"][f"{sigma:g}"] = epsilon_after(joint, 1.0, 1, config.delta)
         report["split"]["epsilon_one_step"]["x_t_only"] = epsilon_after(x_t_multiplier, 1.0, 1, config.delta)
 
-    actual = [r for r in results if not r["simulated"]]
+    on_payloads = [r for r in results if not r["simulated"]]
     report["attacks"] = results
-    report["best_actual"] = max(actual, key=lambda r: r["psnr_db"]) if actual else None
+    report["best_actual"] = max(on_payloads, key=lambda r: r["psnr_db"]) if on_payloads else None
     return report, recs
+
+
+def score_native(attack: str, x0_hat: torch.Tensor, x0: torch.Tensor) -> Reconstruction:
+    """``score``, for images that may be too small for SSIM's window (SSIM NaN then)."""
+    if min(x0.shape[-2:]) >= 6:
+        return score(attack, x0_hat, x0)
+    from collafuse.evaluation.audit.quality import mean_psnr, psnr
+
+    x0_hat = x0_hat.detach().float().clamp(-1, 1)
+    return Reconstruction(attack, x0_hat, mean_psnr(x0_hat, x0.float()), math.nan, psnr(x0_hat, x0.float()).tolist())

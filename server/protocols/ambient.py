@@ -18,7 +18,7 @@ import hashlib
 import json
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import grpc
@@ -124,7 +124,7 @@ class ReleaseTable:
     def __init__(self, store: ReleaseStore) -> None:
         self.store = store
 
-    def add(self, client_id: str, cut: int, items: Sequence[NewRelease]) -> tuple[int, int]:
+    def add(self, client_id: str, cut: int, items: Iterable[NewRelease]) -> tuple[int, int]:
         """All ``items`` in one transaction; returns (stored, duplicates).
 
         An item whose key is already held with the same payload and cut is a duplicate (a retry) and
@@ -393,8 +393,8 @@ class AmbientProtocol(ServerProtocol):
             items.append(NewRelease(item.image_key, int(item.label), self.image_shape, data, hashlib.sha256(data).hexdigest()))
         return items
 
-    def commit_release(self, client: ClientRecord, items: Sequence[object]) -> ReleaseOutcome:
-        releases = [i for i in items if isinstance(i, NewRelease)]
+    def commit_release(self, client: ClientRecord, items: Iterable[object]) -> ReleaseOutcome:
+        releases = (i for i in items if isinstance(i, NewRelease))
         try:
             stored, duplicates = self.releases.add(client.client_id, client.cut, releases)
         except ReleaseConflict as exc:

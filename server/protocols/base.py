@@ -9,7 +9,7 @@ holds a protocol's rows in the tables its ``table`` declares. Nothing else names
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any, ClassVar, Generic, TypeVar
 
@@ -88,8 +88,9 @@ class ServerProtocol(ABC):
             f"client {client.client_id!r} registered protocol {self.name!r}, which does not release images",
         )
 
-    def commit_release(self, client: ClientRecord, items: Sequence[object]) -> ReleaseOutcome:
-        """Store every item of a validated stream in one transaction, or none (RequestRefused)."""
+    def commit_release(self, client: ClientRecord, items: Iterable[object]) -> ReleaseOutcome:
+        """Store every item of a validated stream in one transaction, or none (RequestRefused). ``items`` is
+        read once, in order (the stream's staging file)."""
         raise RequestRefused(grpc.StatusCode.FAILED_PRECONDITION, f"protocol {self.name!r} stores no releases")
 
     # ---- the split RPCs -------------------------------------------------------------------------

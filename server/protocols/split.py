@@ -29,6 +29,7 @@ from collafuse.common.schedule import Cut
 from collafuse.common.train_loop import StepResult, TrainCore
 from collafuse.server.errors import RequestRefused
 from collafuse.server.gradient_bounds import RowNormBook, bound_gradient_rows
+from collafuse.server.gradient_trust import ContributionBook
 from collafuse.server.protocols.base import LabelCheck, ServerProtocol
 from collafuse.server.protocols.split_merge import ForwardMerger
 from collafuse.server.protocols.split_rounds import RoundLimits, SplitEngine, TrainingFinished
@@ -137,6 +138,7 @@ class SplitProtocol(ServerProtocol):
         self._engine: SplitEngine | None = None
         # Each client's gradient rows bounded relative to the other clients' (server/gradient_bounds.py).
         self.row_norms = RowNormBook(settings.split_relative_grad_clip)
+        self.contributions = ContributionBook(settings.split_trust_window)
 
     def attach(self, core: TrainCore, max_steps: int, after_step: Callable[[StepResult], None] | None = None) -> None:
         """Make this server's one engine around the trainer's core (app.py, once, before serving)."""
@@ -145,14 +147,20 @@ class SplitProtocol(ServerProtocol):
         self._engine = SplitEngine(
             core, max_steps=max_steps, limits=RoundLimits.from_settings(self.settings), after_step=after_step,
             label_dropout=self.settings.label_dropout, seed=self.settings.seed, merger=merger,
+            trust=self.contributions, alphas_cumprod=self.settings.schedule().alphas_cumprod(),
+            trust_rows=self.settings.split_trust_rows,
         )
 
     def forget_client(self, client_id: str) -> None:
         self.row_norms.forget(client_id)
+        self.contributions.forget(client_id)
 
     def metrics(self) -> Iterator[Metric]:
         yield CounterMetricFamily("collafuse_split_rows_bounded", "split gradient rows scaled down (far above the "
                                   "other clients' rows, or above --split-clip-grad-norm)", self.row_norms.clipped_rows)
+        yield CounterMetricFamily("collafuse_split_steps_left_out", "split steps kept out of their round: with the "
+                                  "client's recent applied steps they moved the model against the server's own "
+                                  "objective (--split-trust-window)", self.contributions.left_out.total())
         engine = self._engine
         if engine is None:
             return

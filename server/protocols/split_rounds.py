@@ -12,6 +12,10 @@ A **round** is one optimizer step of the server's model:
    at exactly the weights that produced every eps_hat of the round. One optimizer step applies it. The
    result does not depend on the order in which clients arrived or on how their forwards were merged
    (up to the float rounding of a different batch composition).
+   With ``trust`` (``--split-trust-window``, on by default) each client's gradient is first checked against
+   the server's own objective (server/gradient_trust.py): the VJP runs per client, a step that with the
+   client's recent applied steps moves the model against that objective is left out (its backward is
+   answered ``applied=False``), and the kept clients' gradients are summed with weights n_i / N_kept.
 4. Every backward of the round is answered after that step, with the new model version; the client's next
    forward belongs to the next round.
 
@@ -40,6 +44,7 @@ not applied.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import hashlib
 import logging
 import secrets
@@ -58,6 +63,7 @@ from collafuse.common.config import ServerSettings
 from collafuse.common.models import drop_labels, null_label
 from collafuse.common.train_loop import StepResult, TrainCore
 from collafuse.server.errors import RequestRefused
+from collafuse.server.gradient_trust import ContributionBook, bound_to_peers, projection, root_gradient
 from collafuse.server.protocols.split_merge import ForwardMerger
 
 log = logging.getLogger(__name__)
@@ -158,6 +164,7 @@ class RoundOutcome:
     clients: int
     images: int
     reason: str = ""
+    left_out: frozenset[str] = frozenset()  # step ids kept out of the applied step (server/gradient_trust.py)
 
 
 @dataclass
@@ -237,7 +244,12 @@ class SplitEngine:
         seed: int = 0,
         clock: Callable[[], float] = time.monotonic,
         merger: ForwardMerger | None = None,
+        trust: ContributionBook | None = None,
+        alphas_cumprod: torch.Tensor | None = None,
+        trust_rows: int = 32,
     ) -> None:
+        if trust is not None and trust.enabled and alphas_cumprod is None:
+            raise ValueError("checking split steps against the server's own objective needs the schedule")
         self.core = core
         self.max_steps = max_steps
         self.limits = limits
@@ -247,6 +259,10 @@ class SplitEngine:
         self.null_label = null_label(core.model)
         # Concurrent forwards of one round share a model call (None: each forward runs alone).
         self.merger = merger
+        # Each client's steps checked against the server's own objective (None: every step enters its round).
+        self.trust = trust
+        self.alphas_cumprod = alphas_cumprod
+        self.trust_rows = trust_rows
         self.observer: GradientObserver | None = None
         self.counters = RoundCounters()
         self._clock = clock
@@ -358,9 +374,8 @@ class SplitEngine:
     def _drop_labels(self, labels: torch.Tensor, number: int, client_id: str) -> torch.Tensor:
         if self.label_dropout <= 0:
             return labels
-        digest = hashlib.sha256(f"{self.seed}:{number}:{client_id}".encode()).digest()
-        generator = torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") >> 1)
-        return drop_labels(labels, self.null_label, self.label_dropout, generator=generator)
+        return drop_labels(labels, self.null_label, self.label_dropout,
+                           generator=_generator(f"{self.seed}:{number}:{client_id}"))
 
     # ---- backward -------------------------------------------------------------------------------
     def expected_shape(self, client_id: str, step_id: str) -> tuple[int, ...] | None:
@@ -475,7 +490,8 @@ class SplitEngine:
         result = BackwardResult(outcome.step, self.max_steps, outcome.applied, False, outcome.number,
                                 outcome.clients, outcome.images)
         for step in in_:
-            _remember(self._answered, step.step_id, (step.client_id, result))
+            answer = dataclasses.replace(result, applied=False) if step.step_id in outcome.left_out else result
+            _remember(self._answered, step.step_id, (step.client_id, answer))
         for step in missing:
             _remember(self._dropped, step.step_id, round_.number)
         if not missing:  # every forward of the round has answered: no model call still reads its weights
@@ -499,11 +515,21 @@ class SplitEngine:
             return RoundOutcome(round_.number, False, self.core.step, 0, 0, "no gradient arrived")
         if self.done():
             return RoundOutcome(round_.number, False, self.core.step, len(steps), images, "the server finished training")
-        # Each client's gradient is of its own batch mean: weighted by n_i / N the sum is the gradient of the
-        # mean loss over every image of the round.
-        grad = torch.cat([s.grad * (s.images / images) for s in steps if s.grad is not None])
-        grads = round_.stash.gradients(torch.cat([s.x_t for s in steps]), torch.cat([s.t for s in steps]),
-                                       torch.cat([s.labels for s in steps]), grad, self.limits.max_batch)
+        if self.trust is not None and self.trust.enabled:
+            kept = self._admitted(round_, steps)
+            if not kept:
+                return RoundOutcome(round_.number, False, self.core.step, len(steps), images,
+                                    "every step of the round worked against the server's own objective")
+            left_out = frozenset(s.step_id for s in steps) - {s.step_id for s, _, _ in kept}
+            steps, grads = [s for s, _, _ in kept], self._sum_kept(kept)
+        else:
+            # Each client's gradient is of its own batch mean: weighted by n_i / N the sum is the gradient of the
+            # mean loss over every image of the round.
+            grad = torch.cat([s.grad * (s.images / images) for s in steps if s.grad is not None])
+            grads = round_.stash.gradients(torch.cat([s.x_t for s in steps]), torch.cat([s.t for s in steps]),
+                                           torch.cat([s.labels for s in steps]), grad, self.limits.max_batch)
+            kept, left_out = [], frozenset()
+        images = sum(s.images for s in steps)
         if not all(bool(torch.isfinite(g).all()) for g in grads):
             return RoundOutcome(round_.number, False, self.core.step, len(steps), images,
                                 "the round's parameter gradient is not finite")
@@ -518,13 +544,46 @@ class SplitEngine:
             applied = self.core.step_with_gradients(grads, loss)
         if applied.refused:  # the core's update guard kept nothing of it
             return RoundOutcome(round_.number, False, self.core.step, len(steps), images, applied.refused)
+        for step, _, moved in kept:
+            self.trust.record(step.client_id, moved)  # type: ignore[union-attr]
         if self.after_step is not None:
             self.after_step(applied)
-        return RoundOutcome(round_.number, True, applied.step, len(steps), images)
+        return RoundOutcome(round_.number, True, applied.step, len(steps), images, left_out=left_out)
+
+    def _admitted(self, round_: SplitRound, steps: Sequence[PendingStep]) -> list[tuple[PendingStep, list[torch.Tensor], float]]:
+        """The steps whose gradient may enter the round (server/gradient_trust.py), each with its parameter
+        gradient (of the client's own mean loss) and how far it moves along the server's own objective."""
+        assert self.trust is not None and self.alphas_cumprod is not None
+        stash = round_.stash
+        per_client = bound_to_peers([stash.gradients(s.x_t, s.t, s.labels, s.grad, self.limits.max_batch)  # type: ignore[arg-type]
+                                     for s in steps])
+        generator = _generator(f"{self.seed}:{round_.number}:root")
+        root = root_gradient(stash.model, torch.cat([s.x_t for s in steps]), torch.cat([s.t for s in steps]),
+                             torch.cat([s.labels for s in steps]), self.alphas_cumprod, self.trust_rows, generator)
+        if root is None:  # every row at t = T: nothing to compare with
+            return [(s, g, 0.0) for s, g in zip(steps, per_client, strict=True)]
+        moved = [projection(g, root) for g in per_client]
+        return [(s, g, p) for s, g, p in zip(steps, per_client, moved, strict=True) if self.trust.admits(s.client_id, p)]
+
+    @staticmethod
+    def _sum_kept(kept: Sequence[tuple[PendingStep, list[torch.Tensor], float]]) -> list[torch.Tensor]:
+        """The gradient of the mean loss over the kept steps' images: each client's weighted by n_i / N."""
+        total = sum(s.images for s, _, _ in kept)
+        summed = [torch.zeros_like(g) for g in kept[0][1]]
+        for step, grads, _ in kept:
+            for acc, g in zip(summed, grads, strict=True):
+                acc.add_(g, alpha=step.images / total)
+        return summed
 
 
 K = TypeVar("K")
 V = TypeVar("V")
+
+
+def _generator(key: str) -> torch.Generator:
+    """A generator seeded by ``key``: draws that depend on (seed, round, ...) only, never on arrival order."""
+    digest = hashlib.sha256(key.encode()).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") >> 1)
 
 
 def _remember(table: OrderedDict[K, V], key: K, value: V) -> None:
