@@ -37,7 +37,7 @@ test-fuzz: install
 # cancelled uploads (~7 min on 2 cores); the default suite runs a short one.
 test-faults: install
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -m slow tests/test_faults.py tests/test_distributed.py tests/test_reliability_faults.py \
-		tests/test_split_poisoning.py
+		tests/test_split_poisoning.py tests/test_split_quality.py
 
 # Builds the images without a registry (installs and starts Docker as root if needed), then runs
 # `docker compose up` with tiny budgets; see tests/test_docker_compose.py. CI runs it.

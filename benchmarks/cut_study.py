@@ -143,7 +143,7 @@ def server_alone(settings: SimSettings, handoff: torch.Tensor, labels: np.ndarra
     """The server continuing alone from its hand-off to t = 0 with its own model (the paper's disclosure)."""
     ema = settings.out / "server" / "checkpoints" / "latest" / "ema"
     model, _ = load_model(ema)
-    chain = make_chain(settings.schedule(), "ddpm", settings.inference_steps)
+    chain = make_chain(settings.schedule(), "ddpm", settings.inference_steps, settings.cut)
     return client_half(as_denoiser(model), chain, handoff, torch.from_numpy(labels).long(), seed, settings.cut)
 
 

@@ -63,7 +63,7 @@ def run_device(
     sync(device)
     train_s = time.perf_counter() - started
 
-    chain = make_chain(settings.schedule(), "ddim", inference)
+    chain = make_chain(settings.schedule(), "ddim", inference, 0)
     labels = torch.arange(images, device=device) % len(settings.classes)
     denoiser = as_denoiser(core.ema.model)
     with torch.no_grad():

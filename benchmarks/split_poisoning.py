@@ -13,6 +13,7 @@ and the steps the server left out, per client.
 
 from __future__ import annotations
 
+import argparse
 import logging
 import sys
 import tempfile
@@ -62,12 +63,16 @@ ARMS: dict[str, tuple[Attack | None, int | None]] = {  # name: (client 2's attac
 
 
 def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--arms", nargs="+", choices=list(ARMS), default=list(ARMS), help="arms to run (default all)")
+    parser.add_argument("--tag", default="", help="appended to the results' file name")
+    args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     torch.set_num_threads(1)
     digits = Digits()
     alone = digits.eps_mse(in_process(digits, clients=(0, 1)), HONEST)
     rows: list[dict[str, Any]] = []
-    for name, (attack, window) in tqdm(ARMS.items(), desc="arms"):
+    for name, (attack, window) in tqdm([(a, ARMS[a]) for a in args.arms], desc="arms"):
         seen: dict[str, int] = {}
 
         def observe(server: Any, seen: dict[str, int] = seen) -> None:
@@ -83,7 +88,7 @@ def main() -> int:
                      "vs_honest_alone": round(true_label / alone[0], 3), "left_out": dict(seen)})
         log.warning("%-34s eps-MSE %.4f (wrong label %.4f) = %.2fx the honest clients alone; left out %s",
                     name, true_label, wrong_label, true_label / alone[0], dict(seen))
-    path = write_result("split_poisoning", {
+    path = write_result("split_poisoning" + (f"-{args.tag}" if args.tag else ""), {
         "setup": {"clients": 3, "attacker": "client-2 (classes 7-9)", "rounds": ROUNDS, "images_per_step": 16,
                   "scored_on": "held-out digits of classes 0-6, t in (cut, 2 cut]"},
         "honest_alone_in_process": {"eps_mse_true_label": round(alone[0], 4), "eps_mse_wrong_label": round(alone[1], 4)},

@@ -25,6 +25,7 @@ import torch
 from google.protobuf.message import Message
 
 from collafuse.client.errors import ClientError
+from collafuse.common.autoencoder import AutoencoderIdentity
 from collafuse.common.codec import TensorError, decode
 from collafuse.common.enums import protocol_value
 from collafuse.common.rpc import RetryPolicy, call_with_retry, open_channel
@@ -63,6 +64,8 @@ class ServerInfo:
     fingerprint: str
     releases_stored: int
     schedule_json: str = ""
+    # The shared frozen autoencoder the server announced (None: pixel space; image_shape is then the images').
+    autoencoder: AutoencoderIdentity | None = None
 
     @classmethod
     def from_reply(cls, reply: collafuse_pb2.RegisterReply) -> ServerInfo:
@@ -79,12 +82,14 @@ class ServerInfo:
             fingerprint=reply.fingerprint,
             releases_stored=int(reply.releases_stored),
             schedule_json=reply.schedule.config_json,
+            autoencoder=identity_from_spec(reply.autoencoder) if reply.HasField("autoencoder") else None,
         )
 
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)
         data["schedule"] = self.schedule.model_dump()
         data["image_shape"] = list(self.image_shape)
+        data["autoencoder"] = asdict(self.autoencoder) if self.autoencoder else None
         return data
 
     @classmethod
@@ -97,7 +102,15 @@ class ServerInfo:
             fingerprint=data["fingerprint"],
             releases_stored=int(data.get("releases_stored", 0)),
             schedule_json=data.get("schedule_json", ""),
+            autoencoder=AutoencoderIdentity(**data["autoencoder"]) if data.get("autoencoder") else None,
         )
+
+
+def identity_from_spec(spec: collafuse_pb2.AutoencoderSpec) -> AutoencoderIdentity:
+    """The autoencoder a server announced; checked against the client's own in client/joining.py."""
+    if not spec.class_name or not spec.weights_sha256:
+        raise ClientError("server announced an autoencoder without a class name or weights hash")
+    return AutoencoderIdentity(spec.class_name, spec.config_json, spec.weights_sha256)
 
 
 def schedule_from_spec(spec: collafuse_pb2.ScheduleSpec) -> ScheduleConfig:

@@ -31,3 +31,15 @@ class ServerFingerprintChanged(ClientError):
 
 class InconsistentServerReply(ClientError):
     """The server's reply contradicts itself (e.g. a fingerprint that is not the one of the setup it serves)."""
+
+
+class AutoencoderMismatch(ClientError):
+    """The server runs through another autoencoder than this client's (or one side has none)."""
+
+
+# Said wherever a refusal might tempt a user to start over: a new ledger is a new first contact.
+FRESH_WORKDIR_RISK = (
+    "Starting over in a fresh --workdir forgets what was released: the same images would go out again with new "
+    "noise, and a server that kept the first looks can average the noise away. Do that only with images and a "
+    "server this client never used."
+)

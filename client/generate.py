@@ -13,7 +13,7 @@ import logging
 import re
 import shutil
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -39,6 +39,7 @@ log = logging.getLogger(__name__)
 SAMPLES_DIR = "samples"
 HANDOFF_FILE = "handoff.npy"
 SAMPLES_FILE = "samples.npy"
+LATENTS_FILE = "latents.npy"  # --autoencoder: the finished latents samples.npy decodes
 LABELS_FILE = "labels.npy"
 GRID_FILE = "grid.png"
 
@@ -121,8 +122,13 @@ def generate_samples(
     cut: int,
     device: torch.device | str = "cpu",
     show_progress: bool | None = None,
+    decode: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> GenerateResult | None:
-    """Ask the server for x_hat_cut, finish with the local model, and write ``<workdir>/samples``."""
+    """Ask the server for x_hat_cut, finish with the local model, and write ``<workdir>/samples``.
+
+    With ``decode`` (--autoencoder: the chain runs on latents) the hand-off and the finished latents are decoded
+    into images for the PNGs, ``samples.npy`` and the grid (the latents go to ``latents.npy`` and ``handoff.npy``);
+    the result's ``x_cut``/``x0`` are then the decoded images."""
     # Unlabeled images carry the null label; samples are drawn only for named classes.
     present = sorted({int(y) for y in labels_present if 0 <= int(y) < len(server.class_names)})
     labels = sample_labels(present, settings.samples_per_class)
@@ -132,7 +138,7 @@ def generate_samples(
     if settings.seed < 0:
         raise ClientError(f"--seed {settings.seed}: sampling seeds must be non-negative")
     kind = settings.scheduler
-    chain = make_chain(server.schedule, kind, settings.inference_steps)
+    chain = make_chain(server.schedule, kind, settings.inference_steps, cut)
     expected_server, client_steps = chain.evaluations(cut)
     # Load before asking the server: a missing model should not cost the server a chain.
     model = load_client_model(workdir, server.fingerprint, cut, device) if client_steps else None
@@ -164,13 +170,18 @@ def generate_samples(
                 as_denoiser(model, settings.guidance_scale), chain, result.x_cut.to(device), label_tensor,
                 settings.seed, cut, progress=lambda d, t: bar.update(1),
             ).cpu()
+    latents: tuple[torch.Tensor, torch.Tensor] | None = None
+    x_cut = result.x_cut
+    if decode is not None:
+        latents = (x_cut, x0)
+        x_cut, x0 = decode(x_cut).cpu(), decode(x0).cpu()
     client_seconds = time.perf_counter() - started
 
-    out = _write_outputs(Path(workdir) / SAMPLES_DIR, result.x_cut, x0, labels, server.class_names, cut)
+    out = _write_outputs(Path(workdir) / SAMPLES_DIR, x_cut, x0, labels, server.class_names, cut, latents)
     generated = GenerateResult(
         out_dir=out, labels=labels, class_names=[server.class_names[y] for y in labels],
         server_steps=result.server_steps, client_steps=client_steps, guidance_factor=guidance_factor(settings),
-        server_seconds=result.seconds, client_seconds=client_seconds, x_cut=result.x_cut, x0=x0,
+        server_seconds=result.seconds, client_seconds=client_seconds, x_cut=x_cut, x0=x0,
     )
     log.info("wrote %d sample(s) to %s (%.3fs per image: server %.1fs, client %.1fs)",
              len(labels), out, generated.seconds_per_image, result.seconds, client_seconds)
@@ -178,17 +189,22 @@ def generate_samples(
 
 
 def _write_outputs(
-    out: Path, x_cut: torch.Tensor, x0: torch.Tensor, labels: list[int], class_names: list[str], cut: int
+    out: Path, x_cut: torch.Tensor, x0: torch.Tensor, labels: list[int], class_names: list[str], cut: int,
+    latents: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> Path:
-    """PNGs, arrays and the grid, written aside and swapped in so ``samples/`` is always one complete set."""
+    """PNGs, arrays and the grid, written aside and swapped in so ``samples/`` is always one complete set.
+    ``latents``: (hand-off, finished) latents of the decoded ``x_cut``/``x0`` (--autoencoder)."""
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     names = [class_names[y] for y in labels]
     for i, (image, name) in enumerate(zip(x0, names)):
         save_png(image.clamp(-1, 1), tmp / f"{i:04d}_{_file_safe(name)}.png")
-    np.save(tmp / HANDOFF_FILE, x_cut.numpy().astype(np.float32))
+    # The hand-off as it came over the wire (latents with --autoencoder); the samples as images.
+    np.save(tmp / HANDOFF_FILE, (latents[0] if latents else x_cut).numpy().astype(np.float32))
     np.save(tmp / SAMPLES_FILE, x0.numpy().astype(np.float32))
+    if latents is not None:
+        np.save(tmp / LATENTS_FILE, latents[1].numpy().astype(np.float32))
     np.save(tmp / LABELS_FILE, np.asarray(labels, dtype=np.int64))
     save_grid(tmp / GRID_FILE, [x_cut, x0], row_titles=[f"server t={cut}", "client t=0"], col_titles=names)
     replace_folder(tmp, out, out.with_name(out.name + ".old"))

@@ -12,12 +12,27 @@ import logging
 from pathlib import Path
 
 import grpc
+import torch
 
 from collafuse.client.connection import ServerConnection, ServerInfo
-from collafuse.client.errors import ClientError, InconsistentServerReply, ServerFingerprintChanged
+from collafuse.client.errors import (
+    AutoencoderMismatch,
+    ClientError,
+    InconsistentServerReply,
+    ServerFingerprintChanged,
+)
+from collafuse.client.latent import pixel_shape
 from collafuse.client.ledger import Ledger
 from collafuse.client.local_data import LookGain, data_look_gain, describe_shape
 from collafuse.client.noise_floor import check_schedule, floor_config
+from collafuse.common.autoencoder import (
+    AutoencoderError,
+    AutoencoderIdentity,
+    FrozenAutoencoder,
+    identity_mismatch,
+    latent_fingerprint,
+    load_autoencoder,
+)
 from collafuse.common.config import ClientSettings
 from collafuse.common.files import read_json, write_json_atomic
 from collafuse.common.schedule import fingerprint, validate_cut
@@ -40,8 +55,26 @@ FINGERPRINT_ADVICE = (
 
 
 def served_fingerprint(info: ServerInfo) -> str:
-    """The fingerprint of what the server serves, recomputed here (common/schedule.py::fingerprint)."""
-    return fingerprint(info.schedule, info.image_shape, info.class_names)
+    """The fingerprint of what the server serves, recomputed here (common/schedule.py::fingerprint, with the
+    announced autoencoder's identity folded in: common/autoencoder.py::latent_fingerprint)."""
+    return latent_fingerprint(fingerprint(info.schedule, info.image_shape, info.class_names), info.autoencoder)
+
+
+def own_autoencoder(settings: ClientSettings, device: torch.device | str = "cpu") -> FrozenAutoencoder | None:
+    """This client's --autoencoder (None: pixel space)."""
+    if settings.autoencoder is None:
+        return None
+    try:
+        return load_autoencoder(settings.autoencoder, device)
+    except AutoencoderError as exc:
+        raise ConfigError(f"--autoencoder: {exc}") from exc
+
+
+def check_autoencoder(info: ServerInfo, own: AutoencoderIdentity | None, server: str) -> None:
+    """Refuse a server whose autoencoder is not this client's (or that runs in the other space)."""
+    problem = identity_mismatch(own, info.autoencoder)
+    if problem:
+        raise AutoencoderMismatch(f"not joining {server}: {problem}")
 
 
 def check_reply(info: ServerInfo, server: str) -> str:
@@ -59,7 +92,7 @@ def check_reply(info: ServerInfo, server: str) -> str:
 
 def register(
     connection: ServerConnection, ledger: Ledger, settings: ClientSettings, client_id: str, classes: list[str],
-    workdir: Path,
+    workdir: Path, *, autoencoder: FrozenAutoencoder | None = None,
 ) -> ServerInfo:
     """Join the server; check its reply, fingerprint, cut range, noise floor and image spec; pin and cache it."""
     s = settings
@@ -73,6 +106,8 @@ def register(
             raise ServerFingerprintChanged(f"{exc}. {FINGERPRINT_ADVICE}", exc.code) from None
         raise
     computed = check_reply(info, s.server)
+    ae = autoencoder if autoencoder is not None else own_autoencoder(s)
+    check_autoencoder(info, ae.identity if ae is not None else None, s.server)
     if expected and computed != expected:
         raise ServerFingerprintChanged(
             f"the server at {s.server} now serves a setup with fingerprint {computed[:12]}… (image spec "
@@ -86,10 +121,13 @@ def register(
     # The client's own floor settings, then the server's schedule and spec checked against them (an input, never an
     # order). The spec's look gain is recorded first, so that a later release without a join still applies it.
     ledger.set_floor_config(floor_config(s), info.server_id)
-    look = data_look_gain(s.data, info.image_shape) if s.data is not None else LookGain(1.0, info.image_shape)
+    # With an autoencoder the look gain is that of the pixel spec the images are encoded at (an upsampled native
+    # pixel enters the encoder many times over), recorded for the served latent spec.
+    looked_at = pixel_shape(ae, info.image_shape) if ae is not None else info.image_shape
+    look = data_look_gain(s.data, looked_at) if s.data is not None else LookGain(1.0, looked_at)
     ledger.set_look_gain(info.image_shape, look.gain, info.server_id, look.describe())
     check_schedule(ledger, info.schedule, s.cut, info.server_id, look=look)
-    channels, height, width = info.image_shape
+    channels, height, width = looked_at
     if s.image_size is not None and s.image_size != height:
         raise ConfigError(
             f"--image-size {s.image_size} does not match the server, which serves {height}x{width} images "

@@ -41,7 +41,7 @@ from typing import Any, Self
 
 import torch
 
-from collafuse.client.errors import ClientError, LedgerRefusal
+from collafuse.client.errors import FRESH_WORKDIR_RISK, ClientError, LedgerRefusal
 from collafuse.client.image_identity import Copy, ImageIdentity, perceptual_hash, pixel_message
 from collafuse.common.schedule import ScheduleConfig
 
@@ -182,7 +182,7 @@ class Ledger:
                 raise ClientError(
                     f"the ledger {self.path} has schema {version}; this client reads {SCHEMA_VERSION} (images keyed "
                     "by their pixels, seeds bound to the noise level). Its history cannot be converted: keep the "
-                    "file as the record of what was released, and use a fresh --workdir."
+                    f"file as the record of what was released. {FRESH_WORKDIR_RISK}"
                 )
             self._db.executescript(_SCHEMA)
             with self._transaction():
@@ -191,7 +191,7 @@ class Ledger:
         except sqlite3.DatabaseError as exc:
             raise ClientError(
                 f"the release ledger {self.path} cannot be read ({exc}). It holds the record of what was "
-                "released: restore it from a backup rather than deleting it, or use a fresh --workdir."
+                f"released: restore it from a backup rather than deleting it. {FRESH_WORKDIR_RISK}"
             ) from exc
         self._secret = bytes.fromhex(self._meta("secret") or "")
 
@@ -254,7 +254,8 @@ class Ledger:
         if requested and requested != current:
             raise LedgerRefusal(
                 f"this workdir ({self.path.parent}) belongs to client {current!r}, not {requested!r}; "
-                f"pass --client-id {current} or use another --workdir"
+                f"pass --client-id {current} (or leave it out). A workdir per client id: another --workdir is "
+                "another client, with a ledger that knows nothing of this one's releases"
             )
         return current
 

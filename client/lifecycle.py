@@ -31,6 +31,7 @@ from google.protobuf.json_format import MessageToDict
 from collafuse.client import joining
 from collafuse.client.connection import ServerConnection, ServerInfo, tls_credentials
 from collafuse.client.generate import GenerateResult, generate_samples
+from collafuse.client.latent import encode_local_data, pixel_shape
 from collafuse.client.ledger import Ledger
 from collafuse.client.local_data import LocalData, load_local_data, map_labels
 from collafuse.client.privacy_ledger import privacy_report
@@ -38,6 +39,7 @@ from collafuse.client.protocols import ContributionReport, client_protocol
 from collafuse.client.report import RunReport
 from collafuse.client.trainer import TrainResult, train_local
 from collafuse.client.waiting import POLL_SECONDS, wait_for_training
+from collafuse.common.autoencoder import FrozenAutoencoder
 from collafuse.common.config import ClientSettings
 from collafuse.common.data import UNLABELED, DataError, scan_image_folder
 from collafuse.common.rpc import RetryPolicy
@@ -80,6 +82,7 @@ class ClientLifecycle:
         self._owns_connection = connection is None
         self._info: ServerInfo | None = None
         self._data: LocalData | None = None
+        self._autoencoder: FrozenAutoencoder | None = None
         self.poll_interval = poll_interval
         self.show_progress = show_progress
         self._sleep = sleep
@@ -94,6 +97,13 @@ class ClientLifecycle:
             credentials = tls_credentials(s.tls_cert, s.tls_key, s.tls_ca)
             self._connection = ServerConnection(s.server, s.token, policy, s.rpc_timeout, credentials=credentials)
         return self._connection
+
+    @property
+    def autoencoder(self) -> FrozenAutoencoder | None:
+        """This client's --autoencoder, loaded once (None: pixel space)."""
+        if self._autoencoder is None and self.settings.autoencoder is not None:
+            self._autoencoder = joining.own_autoencoder(self.settings, self.device)
+        return self._autoencoder
 
     def close(self) -> None:
         try:
@@ -133,7 +143,8 @@ class ClientLifecycle:
         s = self.settings
         classes = self.class_names()
         with self.report.phase("register"):
-            info = joining.register(self.connection, self.ledger, s, self.client_id, classes, self.workdir)
+            info = joining.register(self.connection, self.ledger, s, self.client_id, classes, self.workdir,
+                                    autoencoder=self.autoencoder)
         self._info = info
         self.report.update(
             server_id=info.server_id, fingerprint=info.fingerprint, image_shape=list(info.image_shape),
@@ -148,6 +159,9 @@ class ClientLifecycle:
         """The server's reply: from this session, from the cached reply (offline steps), or a fresh Register."""
         if self._info is None and allow_cached:
             self._info = joining.cached_server_info(self.workdir, self.ledger.fingerprint, self.settings.cut)
+            if self._info is not None:  # offline too, the autoencoder must be the one the server announced
+                ae = self.autoencoder
+                joining.check_autoencoder(self._info, ae.identity if ae is not None else None, self.settings.server)
         return self._info if self._info is not None else self.register()
 
     def load_data(self) -> LocalData:
@@ -156,7 +170,12 @@ class ClientLifecycle:
             return self._data
         info = self.server_info(allow_cached=True)
         with self.report.phase("load_data"):
-            self._data = load_local_data(Path(self.settings.data or ""), info)
+            ae = self.autoencoder
+            if ae is None:
+                self._data = load_local_data(Path(self.settings.data or ""), info)
+            else:  # encoded here, and the scale of the latents checked, before anything is released
+                images = load_local_data(Path(self.settings.data or ""), info, pixel_shape(ae, info.image_shape))
+                self._data = encode_local_data(images, ae)
         self.report.update(num_images=len(self._data.dataset))
         return self._data
 
@@ -179,7 +198,7 @@ class ClientLifecycle:
             report = client_protocol(s.protocol, s).contribute(
                 self.connection, self.ledger, client_id=self.client_id, images=data.dataset.images,
                 labels=data.labels.tolist(), paths=data.dataset.paths, cut=s.cut, schedule=info.schedule,
-                server=info.server_id, resend=resend, re_release=s.re_release_confirm,
+                server=info.server_id, resend=resend, re_release=s.re_release_confirm, pixels=data.pixels,
             )
             self.report.update(contribution=report.to_json(), privacy=self.privacy())
         return report
@@ -235,6 +254,7 @@ class ClientLifecycle:
             result = generate_samples(
                 self.connection, client_id=self.client_id, workdir=self.workdir, server=info, labels_present=present,
                 settings=s, cut=s.cut, device=self.device, show_progress=self.show_progress,
+                decode=self.autoencoder.decode_batched if self.autoencoder is not None else None,
             )
             self.report.update(
                 model_evaluations_per_image=result.model_evaluations_per_image() if result else None,

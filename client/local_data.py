@@ -27,6 +27,8 @@ class LocalData:
     root: Path
     dataset: ImageDataset
     labels: torch.Tensor
+    # --autoencoder: the images (at the autoencoder's pixel spec) that ``dataset.images``, their latents, encode
+    pixels: torch.Tensor | None = None
 
 
 def map_labels(class_names: list[str], served: list[str], root: Path) -> torch.Tensor:
@@ -41,8 +43,10 @@ def map_labels(class_names: list[str], served: list[str], root: Path) -> torch.T
     return torch.tensor([index.get(c, len(served)) for c in class_names], dtype=torch.long)
 
 
-def load_local_data(root: Path, info: ServerInfo) -> LocalData:
-    channels, size, _ = info.image_shape
+def load_local_data(root: Path, info: ServerInfo, shape: Shape | None = None) -> LocalData:
+    """The images under ``root`` at the served spec (or at ``shape``: with --autoencoder, the pixel spec whose
+    latent the server serves), labels in the server's class order."""
+    channels, size, _ = shape or info.image_shape
     dataset = load_image_folder(root, channels, size)
     labels = map_labels(dataset.class_names, info.class_names, root)
     log.info("loaded %d image(s) of %d class(es) from %s", len(dataset), len(set(dataset.class_names)), root)

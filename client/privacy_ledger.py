@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from collafuse.client.dp import epsilon_of_mu2, release_epsilon, release_mu2
-from collafuse.client.errors import ClientError
+from collafuse.client.errors import FRESH_WORKDIR_RISK, ClientError
 from collafuse.client.ledger import Ledger
 
 SCHEMA = """
@@ -106,7 +106,8 @@ class PrivacyLedger:
             self._db = sqlite3.connect(self.path, timeout=30.0, isolation_level=None)
             self._db.executescript(SCHEMA)
         except sqlite3.DatabaseError as exc:
-            raise ClientError(f"the ledger {self.path} cannot be read ({exc}); restore it or use a fresh --workdir") from exc
+            raise ClientError(f"the ledger {self.path} cannot be read ({exc}); restore it from a backup. "
+                              f"{FRESH_WORKDIR_RISK}") from exc
 
     def close(self) -> None:
         self._db.close()

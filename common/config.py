@@ -12,7 +12,7 @@ import logging
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, Field, field_validator
+from pydantic import BaseModel, Field, PrivateAttr, field_validator
 from pydantic_settings import CliVariadicArg
 
 from collafuse.common.schedule import BetaSchedule, ScheduleFields
@@ -69,6 +69,17 @@ class TlsFields(BaseModel):
                                 "the client verifies the server with it")
 
 
+class AutoencoderFields(BaseModel):
+    """The shared frozen autoencoder of CollaFuse in latent space (common/autoencoder.py): the server's, the
+    client's and the simulation's (which passes it to every process). Unset: pixel space."""
+
+    autoencoder: Path | None = Field(None, description="diffusers autoencoder folder (AutoencoderKL, also Stable "
+                                     "Diffusion's pipeline layout with a vae/ subfolder; AutoencoderTiny; VQModel), "
+                                     "loaded offline and frozen: the denoisers and the wire work on its scaled "
+                                     "latents, the client encodes its images and decodes its samples. Server and "
+                                     "clients must use the same one (unset: pixel space)")
+
+
 Protocol = Literal["ambient", "split"]
 DIGIT_CLASSES = [str(i) for i in range(10)]
 # How the ambient server weighs releases of different cuts (common/diffusion.py::ambient_pooled_weights).
@@ -82,11 +93,17 @@ class AmbientFields(BaseModel):
         "standard", description="ambient loss with clients at different cuts: standard (unweighted; learns a "
         "cut-skewed mix of the clients' posteriors) or pooled (per-release weights so that it learns the pooled "
         "E[eps | x_t]; more gradient variance). Equal cuts: identical")
+    train_from_store: bool = Field(False, description="ambient training reads each minibatch's releases from the "
+                                   "store (a bounded cache of --train-cache-rows) instead of holding every release "
+                                   "in memory: memory stays flat as the store grows")
+    train_cache_rows: int = Field(65_536, ge=0, description="with --train-from-store: releases kept in memory "
+                                  "between batches (least recently used go first)")
     ambient_max_weight: float = Field(10.0, ge=1, description="with --ambient-weighting pooled: the largest "
                                       "per-release weight (the t just above a cut are scaled down to it)")
 
 
-class ServerSettings(CollafuseSettings, ScheduleFields, TrainingFields, RuntimeFields, TlsFields, AmbientFields):
+class ServerSettings(CollafuseSettings, ScheduleFields, TrainingFields, RuntimeFields, TlsFields, AmbientFields,
+                     AutoencoderFields):
     host: str = Field("0.0.0.0", description="address to listen on")
     port: int = Field(50051, ge=0, le=65535, description="port to listen on (0 picks a free one)")
     metrics_port: int = Field(0, ge=0, le=65535, description="HTTP port of the Prometheus /metrics endpoint "
@@ -168,10 +185,25 @@ class ServerSettings(CollafuseSettings, ScheduleFields, TrainingFields, RuntimeF
     max_clients: int = Field(10_000, ge=1, description="most registered clients (a new id beyond it: "
                              "RESOURCE_EXHAUSTED); forgotten clients free their place")
 
+    # With --autoencoder: the latent's (channels, height, width), set by ``with_served_shape`` (server/latent.py).
+    _served_shape: tuple[int, int, int] | None = PrivateAttr(None)
+
+    @property
+    def pixel_shape(self) -> tuple[int, int, int]:
+        """(channels, height, width) of the images (with --autoencoder: before encoding)."""
+        return (self.channels, self.image_size, self.image_size)
+
     @property
     def image_shape(self) -> tuple[int, int, int]:
-        """(channels, height, width) of the images served."""
-        return (self.channels, self.image_size, self.image_size)
+        """(channels, height, width) of what is served, trained on and sent: the images', or with --autoencoder
+        their latents'."""
+        return self._served_shape if self._served_shape is not None else self.pixel_shape
+
+    def with_served_shape(self, shape: tuple[int, int, int]) -> ServerSettings:
+        """A copy serving ``shape`` (the autoencoder's latent of ``pixel_shape``)."""
+        copy = self.model_copy()
+        copy._served_shape = shape
+        return copy
 
     @field_validator("channels")
     @classmethod
@@ -235,7 +267,7 @@ class SplitFields(BaseModel):
                                            "(0: no count limit; --split-max-image-exposure still applies)")
 
 
-class ClientSettings(CollafuseSettings, TrainingFields, RuntimeFields, TlsFields, SplitFields):
+class ClientSettings(CollafuseSettings, TrainingFields, RuntimeFields, TlsFields, SplitFields, AutoencoderFields):
     data: Path | None = Field(None, description="folder of private images (one sub-folder per class)")
     server: str = Field("localhost:50051", description="HOST:PORT of collafuse-server")
     client_id: str | None = Field(None, description="stable id of this client (default: kept in the workdir)")

@@ -1,7 +1,8 @@
 """The split sampler (docs/design.md §5): small pure functions of a denoiser, the cut is an argument.
 
 A request builds its ``Chain`` once: the scheduler with ``set_timesteps(N)`` applied
-and its 0-based timesteps in chain order. Each timestep i belongs to the server
+and its 0-based timesteps in chain order, the grid shifted so that the hand-off level
+is exactly the cut (``handoff_offset``). Each timestep i belongs to the server
 when i + 1 > cut and to the client otherwise, so the server's steps are a prefix
 of the chain and the client's the rest; the samplers run a slice of it, as
 k-diffusion's samplers run a slice of ``sigmas``.
@@ -72,12 +73,26 @@ class Chain:
         return len(server), len(client)
 
 
-def make_chain(schedule: ScheduleConfig, kind: SchedulerKind, num_inference_steps: int) -> Chain:
-    """The shared scheduler with its strided timesteps set; 0 steps means all T."""
+def handoff_offset(num_train_timesteps: int, num_inference_steps: int, cut: int) -> int:
+    """The grid shift (diffusers' ``steps_offset``) that puts the hand-off exactly at the cut.
+
+    diffusers' "leading" grid is ``k * s + offset`` (s = T // N, 0-based). With offset = (cut - 1) mod s,
+    0-based cut - 1 (the paper's t = cut) is a grid point: the server's last step, from cut - 1 + s, lands on
+    x_cut exactly, and the client's first step starts there. Every step keeps the stride s. At cut 0 (the
+    server does everything) and cut T (the client does) there is no hand-off: offset 0.
+    """
+    if not 0 < cut < num_train_timesteps:
+        return 0
+    return (cut - 1) % (num_train_timesteps // num_inference_steps)
+
+
+def make_chain(schedule: ScheduleConfig, kind: SchedulerKind, num_inference_steps: int, cut: int) -> Chain:
+    """The shared scheduler with its strided timesteps set, the hand-off at ``cut`` one of them; 0 steps
+    means all T. Both sides build it from the same four arguments."""
     steps = num_inference_steps or schedule.num_train_timesteps
     if not 1 <= steps <= schedule.num_train_timesteps:
         raise ValueError(f"num_inference_steps {steps} must lie in [1, {schedule.num_train_timesteps}]")
-    scheduler = schedule.scheduler(kind)
+    scheduler = schedule.scheduler(kind, steps_offset=handoff_offset(schedule.num_train_timesteps, steps, cut))
     scheduler.set_timesteps(steps)
     return Chain(scheduler, tuple(int(t) for t in scheduler.timesteps))
 

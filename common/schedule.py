@@ -70,12 +70,13 @@ class ScheduleConfig(ScheduleFields):
     def ddpm(self) -> DDPMScheduler:
         return DDPMScheduler.from_config(self.diffusers_config())
 
-    def scheduler(self, kind: SchedulerKind) -> DDPMScheduler | DDIMScheduler:
-        """A fresh scheduler of the given kind over this schedule (both rebuilt from the same config)."""
+    def scheduler(self, kind: SchedulerKind, steps_offset: int = 0) -> DDPMScheduler | DDIMScheduler:
+        """A fresh scheduler of the given kind over this schedule (both rebuilt from the same config), its
+        inference grid shifted by ``steps_offset`` (common/sampling.py: the hand-off exactly at the cut)."""
         if kind == "ddpm":
-            return self.ddpm()
+            return DDPMScheduler.from_config(self.diffusers_config(), steps_offset=steps_offset)
         if kind == "ddim":
-            return DDIMScheduler.from_config(self.diffusers_config())
+            return DDIMScheduler.from_config(self.diffusers_config(), steps_offset=steps_offset)
         raise ValueError(f"unknown scheduler {kind!r}: use 'ddpm' or 'ddim'")
 
     def alphas_cumprod(self) -> torch.Tensor:

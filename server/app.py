@@ -23,10 +23,10 @@ from collafuse.common.data import DataError
 from collafuse.common.files import write_json_atomic
 from collafuse.common.rpc import RequestGuardInterceptor, server_options
 from collafuse.common.runtime import resolve_device
-from collafuse.common.schedule import fingerprint as schedule_fingerprint
 from collafuse.common.tls import TlsError, server_credentials
 from collafuse.server.auth import Authenticator, AuthInterceptor
 from collafuse.server.errors import PortInUse, StartupError, StoreError
+from collafuse.server.latent import served_setup
 from collafuse.server.limits import check_request, max_request_bytes
 from collafuse.server.observability import ServerMetrics
 from collafuse.server.protocols import build_protocols, store_tables
@@ -145,9 +145,10 @@ def build_server(
         device = resolve_device(settings.device)
     except RuntimeError as exc:
         raise StartupError(str(exc)) from exc
+    served = served_setup(settings)  # with --autoencoder: the latent's spec, and its identity in the fingerprint
+    settings, fingerprint = served.settings, served.fingerprint
     image_shape = settings.image_shape
     schedule = settings.schedule()
-    fingerprint = schedule_fingerprint(schedule, image_shape, list(settings.classes))
     if settings.port and _port_taken(settings.host, settings.port):  # fail fast, before loading a checkpoint
         raise PortInUse(f"port {settings.port} is in use: pick another --port or stop the other process")
     try:  # credentials before the store: a wrong path fails fast
@@ -181,7 +182,7 @@ def build_server(
         transcript = TranscriptInterceptor(settings.transcript)
         servicer = CollaFuseServicer(
             settings, store, trainer, sampler, fingerprint, protocols, traffic=transcript.traffic,
-            chunk_bytes=chunk_bytes, data_parallel=data_parallel,
+            chunk_bytes=chunk_bytes, data_parallel=data_parallel, autoencoder=served.autoencoder,
         )
         # Outermost first: auth (a denied call is counted, never parsed or recorded), then the guard
         # (undecodable or over-limit messages -> INVALID_ARGUMENT), then the transcript of what was admitted.

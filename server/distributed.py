@@ -39,6 +39,7 @@ from collafuse.common.models import build_unet, null_label
 from collafuse.common.runtime import resolve_device
 from collafuse.common.train_loop import TrainCore, seeded
 from collafuse.server.errors import StartupError
+from collafuse.server.latent import served_setup
 from collafuse.server.protocols import REGISTRY, TRAINING
 from collafuse.server.protocols.base import TrainingSource
 from collafuse.server.trainer import CHECKPOINTS, Trainer, update_guard
@@ -285,7 +286,7 @@ def lead(trainer: Trainer, world: World) -> None:
 def follow(settings: ServerSettings, world: World, device: torch.device) -> TrainCore:
     """A rank > 0: replicate rank 0's model and train on the shards it sends, in lockstep, until rank 0 says
     STOP; returns the trained core."""
-    settings = settings.for_dataset()
+    settings = served_setup(settings.for_dataset()).settings  # with --autoencoder: the latent's spec
     channel = Channel(world, device)
     op, _ = channel.receive()
     if op != Op.READY:

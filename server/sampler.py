@@ -203,7 +203,7 @@ class Sampler:
 
     # ---- admission ------------------------------------------------------------------------
     def plan(self, job: SampleJob) -> SamplePlan:
-        chain = make_chain(self.schedule, job.kind, job.num_inference_steps)
+        chain = make_chain(self.schedule, job.kind, job.num_inference_steps, job.cut)
         n, size = len(job.labels), max(1, self.limits.max_batch)
         batches = [list(range(s, min(n, s + size))) for s in range(0, n, size)]
         return SamplePlan(job, chain, chain.server_steps(job.cut), batches)

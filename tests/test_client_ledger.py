@@ -166,5 +166,5 @@ def test_an_old_ledger_is_kept_and_refused_with_advice(tmp_path):
     db.execute("INSERT INTO meta VALUES ('schema', '1')")
     db.commit()
     db.close()
-    with pytest.raises(ClientError, match="schema 1.*fresh --workdir"):
+    with pytest.raises(ClientError, match="schema 1.*fresh --workdir forgets what was released"):
         Ledger(tmp_path)

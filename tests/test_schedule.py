@@ -38,14 +38,15 @@ def test_owner_rule_follows_paper_time() -> None:
 
 @pytest.mark.parametrize("cut,server,client", [(0, 1000, 0), (200, 800, 200), (1000, 0, 1000)])
 def test_full_chain_split_counts(cut: int, server: int, client: int) -> None:
-    assert make_chain(ScheduleConfig(), "ddpm", 0).evaluations(cut) == (server, client)
+    assert make_chain(ScheduleConfig(), "ddpm", 0, cut).evaluations(cut) == (server, client)
 
 
 def test_strided_chain_split() -> None:
-    steps = list(make_chain(ScheduleConfig(), "ddpm", 100).timesteps)
-    assert steps[0] == 990 and steps[-1] == 0 and len(steps) == 100
+    steps = list(make_chain(ScheduleConfig(), "ddpm", 100, 200).timesteps)
+    # Shifted by (200 - 1) mod 10 = 9 so that the hand-off is exactly at t = 200 (0-based 199).
+    assert steps[0] == 999 and steps[-1] == 9 and len(steps) == 100
     server, client = timesteps_by_owner(steps, 200)
-    assert server[-1] == 200 and client[0] == 190
+    assert server[-1] == 209 and client[0] == 199
     assert server + client == steps
 
 

@@ -106,7 +106,8 @@ SERVER_ELSEWHERE: dict[str, str] = {
     "operators": "Authenticator", "token": "Authenticator", "tls_cert": "server_credentials",
     "tls_key": "server_credentials", "tls_ca": "server_credentials, Authenticator", "threads": "setup_torch",
     "device": "resolve_device", "log_level": "setup_logging", "ambient_weighting": "ambient_source",
-    "ambient_max_weight": "ambient_source", "num_train_timesteps": "schedule()", "beta_start": "schedule()",
+    "ambient_max_weight": "ambient_source", "train_from_store": "ambient_source (tests/test_ambient_store.py)",
+    "train_cache_rows": "ambient_source (tests/test_ambient_store.py)", "num_train_timesteps": "schedule()", "beta_start": "schedule()",
     "beta_end": "schedule()", "beta_schedule": "schedule()",
     # Reliability settings, each checked in tests/test_reliability_settings.py:
     **dict.fromkeys(("guard_refuse_norm", "guard_spike_factor", "guard_warmup_steps", "guard_undo"),
@@ -115,6 +116,7 @@ SERVER_ELSEWHERE: dict[str, str] = {
     "split_strike_cooldown": "servicer.strikes", "split_clip_grad_norm": "SplitProtocol.split_backward",
     "split_relative_grad_clip": "SplitProtocol.row_norms", "release_max_stream_bytes": "servicer.Release",
     "release_max_stream_chunks": "servicer.Release", "max_clients": "servicer.Register",
+    "autoencoder": "server/latent.served_setup (tests/test_latent_settings.py)",
 }
 CLIENT_ELSEWHERE: dict[str, str] = {
     "data": "ClientLifecycle.scan/load_data", "server": "ClientLifecycle.connection",
@@ -125,6 +127,7 @@ CLIENT_ELSEWHERE: dict[str, str] = {
     "re_release_confirm": "ClientLifecycle.contribute", "label_dropout": "train_local",
     "threads": "setup_torch", "log_level": "setup_logging", "token": "ClientLifecycle.connection",
     "tls_cert": "tls_credentials", "tls_key": "tls_credentials", "tls_ca": "tls_credentials",
+    "autoencoder": "joining.own_autoencoder (tests/test_latent_settings.py)",
     **{f"reference_{name}": "noise_floor.floor_config (tests/test_noise_floor.py)"
        for name in ("timesteps", "beta_start", "beta_end", "beta_schedule")},
 }

@@ -6,7 +6,7 @@ so nothing refuses or scales it), is left out of every round by the server's che
 Same harness as tests/test_split_quality.py: three class-partitioned clients on real digits; client 2 (classes
 7-9) attacks. Without the check (``--split-trust-window 0``) the same run ends with an eps-MSE many times the
 reference (benchmarks/split_poisoning.py measures both arms and adaptive attackers). Mutation check: with the check
-off by default the test fails (eps-MSE 3.8x the honest clients' alone).
+off by default the test fails (eps-MSE 3.0-10x the honest clients' alone over four runs).
 """
 
 from __future__ import annotations
@@ -45,7 +45,8 @@ def test_a_gradient_ascent_client_is_left_out_and_the_honest_clients_train(tmp_p
     model = split_clients(digits, tmp_path, 3, attacks={2: ascent}, observe=observe)
     true_label, wrong_label = digits.eps_mse(model, HONEST)
     assert seen.get("client-2", 0) >= 0.9 * ROUNDS, f"the attacker's steps should be left out: {seen}"
-    assert seen.get("client-0", 0) + seen.get("client-1", 0) <= 0.1 * ROUNDS, f"honest steps left out: {seen}"
-    # Measured 1.01x (benchmarks/split_poisoning.py); without the check 3.8-10x.
+    # Honest steps the check leaves out too (its root direction is noisy): 10 of 200 measured.
+    assert seen.get("client-0", 0) + seen.get("client-1", 0) <= 0.2 * ROUNDS, f"honest steps left out: {seen}"
+    # Measured 1.02x (benchmarks/split_poisoning.py); without the check 3.0-10x.
     assert true_label <= 1.1 * honest_true, (true_label, honest_true)
     assert wrong_label > 1.2 * true_label, f"label-blind: true-label MSE {true_label:.4f}, wrong {wrong_label:.4f}"

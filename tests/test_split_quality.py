@@ -45,6 +45,7 @@ def test_split_learning_trains_as_well_as_in_process_and_uses_the_label(
     assert wrong_label > 1.3 * true_label, f"label-blind: true-label MSE {true_label:.4f}, wrong {wrong_label:.4f}"
 
 
+@pytest.mark.slow  # 45 s; `make test-faults` (CI) runs it, benchmarks/split_rounds.py measures split quality
 def test_split_learning_with_dp_still_uses_the_label(digits: Digits, reference: tuple[float, float],
                                                       tmp_path: Path) -> None:
     """Three clients with per-image clipping and Gaussian noise (C = 0.1, about a row's own norm; sigma = 0.2):

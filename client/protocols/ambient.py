@@ -93,6 +93,7 @@ class AmbientClient(ClientProtocol):
         server: str,
         resend: bool = False,
         re_release: bool = False,
+        pixels: torch.Tensor | None = None,
     ) -> ReleaseReport:
         """Release every image the ledger has not yet seen go to ``server`` at ``cut``.
 
@@ -113,8 +114,9 @@ class AmbientClient(ClientProtocol):
                 "CLIENT and are stored by the server at %s. This is not a private setting. !!!",
                 len(images), server,
             )
-        ids = ledger.identify(images, paths)
-        copies = find_copies(ids, images, ledger.released_hashes())
+        seen = images if pixels is None else pixels  # identities and copies by the pixels (client/latent.py)
+        ids = ledger.identify(seen, paths)
+        copies = find_copies(ids, seen, ledger.released_hashes())
         plan = ledger.plan_release(ids, level, server, copies=copies, resend=resend, re_release=re_release)
         report.copies = len(plan.copies)
         for i, copy in plan.copies.items():

@@ -60,8 +60,11 @@ class ClientProtocol(ABC):
         server: str,
         resend: bool = False,
         re_release: bool = False,
+        pixels: torch.Tensor | None = None,
     ) -> ContributionReport:
         """Send what this protocol sends for the server's training, each send recorded in the ledger before it goes.
 
         ``images`` are the pixels as they would leave (the ledger keys them by those pixels, never by ``paths``,
-        which only name images in messages); ``re_release`` is the user's --re-release-confirm."""
+        which only name images in messages); ``re_release`` is the user's --re-release-confirm. With --autoencoder
+        ``images`` are the latents that leave and ``pixels`` the images they encode: images are keyed, and copies
+        found, by their pixels (latents of near-duplicates are not near-duplicate pictures)."""

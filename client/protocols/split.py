@@ -346,6 +346,7 @@ class SplitClient(ClientProtocol):
         server: str,
         resend: bool = False,
         re_release: bool = False,
+        pixels: torch.Tensor | None = None,
     ) -> SplitReport:
         """Split steps until the server is done, --split-steps are sent, or no image may be sent any more."""
         opts = self.options
@@ -378,7 +379,7 @@ class SplitClient(ClientProtocol):
         privacy = PrivacyLedger(ledger.path)
         started = time.perf_counter()
         try:
-            planner, ids = self._planner(ledger, privacy, images, paths, cut, cost, cap, report)
+            planner, ids = self._planner(ledger, privacy, images, paths, cut, cost, cap, report, pixels)
             self._steps(connection, privacy, planner, ids, images, labels, client_id=client_id, cut=cut,
                         floor=floor, alphas_cumprod=alphas_cumprod, server=server, report=report)
         finally:
@@ -395,11 +396,12 @@ class SplitClient(ClientProtocol):
 
     def _planner(
         self, ledger: Ledger, privacy: PrivacyLedger, images: torch.Tensor, paths: Sequence[str] | None, cut: int,
-        cost: torch.Tensor, cap: float, report: SplitReport,
+        cost: torch.Tensor, cap: float, report: SplitReport, pixels: torch.Tensor | None = None,
     ) -> tuple[SendPlanner, list[ImageIdentity]]:
         """The pool of images that may be sent, with what each has spent (split sends and ambient releases)."""
-        ids = ledger.identify(images, paths)
-        copies = find_copies(ids, images, {**ledger.released_hashes(), **privacy.sent_hashes()})
+        seen = images if pixels is None else pixels  # identities and copies by the pixels (client/latent.py)
+        ids = ledger.identify(seen, paths)
+        copies = find_copies(ids, seen, {**ledger.released_hashes(), **privacy.sent_hashes()})
         report.copies = len(copies)
         for i, copy in sorted(copies.items()):
             log.warning("not sending %s: it is %s (sending both would let the server average their noise away)",

@@ -93,7 +93,7 @@ def chain(
     seed: int = 0,
 ) -> torch.Tensor:
     """Run the chain's steps with t' <= t from x_t to x_0 with the server's model (0 steps: all T, exact level)."""
-    steps = make_chain(schedule, kind, num_inference_steps)
+    steps = make_chain(schedule, kind, num_inference_steps, t)
     return client_half(denoiser, steps, x_t, labels, seed, t).float().clamp(-1, 1)
 
 

@@ -36,10 +36,12 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
+from collafuse.client.joining import CACHED_SERVER_FILE
 from collafuse.client.ledger import FloorConfig
 from collafuse.common.config import ClientSettings
 from collafuse.common.data import DataError, load_image_folder
 from collafuse.common.diffusion import Denoiser
+from collafuse.common.files import read_json
 from collafuse.common.images import save_grid
 from collafuse.common.models import as_denoiser, load_model
 from collafuse.common.runtime import run_cli, setup_logging
@@ -241,6 +243,10 @@ def audit_run(args: argparse.Namespace) -> dict[str, Any]:
     client_ids = sorted({c for c, _ in by_group} | set(split_by_client))
     shards = _data_paths(args, client_ids)
     records = {c: ClientRecords.read(run_dir / "clients" / c) for c in client_ids}
+    latent = [c for c in client_ids if read_json(run_dir / "clients" / c / CACHED_SERVER_FILE).get("autoencoder")]
+    if latent:
+        raise AuditError(f"{', '.join(latent)} ran in latent space (--autoencoder): the audit does not decode latent "
+                         "payloads yet, and its attacks compare estimates with x0 in pixels")
     first = payloads[0].x_cut if payloads else steps[0].x_t[0]
     channels, height, width = first.shape
     image_shape = (int(channels), int(height), int(width))

@@ -47,7 +47,7 @@ def server_side_images(
     num_inference_steps: int = 100,
 ) -> dict[str, torch.Tensor]:
     """The hand-off x_hat_cut the server would send for these labels, and the server alone finishing to 0."""
-    steps = make_chain(schedule, kind, num_inference_steps)
+    steps = make_chain(schedule, kind, num_inference_steps, cut)
     handoff = server_half(denoiser, steps, labels, seed, cut, image_shape)
     alone = client_half(denoiser, steps, handoff, labels, seed, cut)
     return {"handoff": handoff.float(), "server_alone": alone.float().clamp(-1, 1)}

@@ -20,6 +20,7 @@ import logging
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Any
 
 import grpc
 import numpy as np
@@ -156,6 +157,38 @@ class ReleaseTable:
             if stored:
                 self.store.bump(conn)
         return stored, duplicates
+
+    def row_ids(self, after_rowid: int = 0, chunk: int = 65_536) -> tuple[np.ndarray, int, int]:
+        """(rowids after ``after_rowid`` in order, store version, forget epoch): no payload is read."""
+        with self.store.reading() as conn:
+            version, epoch = self.store.version, self.store.forget_epoch
+            cursor = conn.execute("SELECT rowid FROM releases WHERE rowid > ? ORDER BY rowid", (int(after_rowid),))
+            parts = []
+            while batch := cursor.fetchmany(chunk):
+                parts.append(np.fromiter((r[0] for r in batch), dtype=np.int64, count=len(batch)))
+        return (np.concatenate(parts) if parts else np.empty((0,), dtype=np.int64)), version, epoch
+
+    def summary(self) -> tuple[list[str], list[int]]:
+        """(the clients with releases, the distinct cuts held), both sorted."""
+        with self.store.reading() as conn:
+            clients = [str(r[0]) for r in conn.execute("SELECT DISTINCT client_id FROM releases ORDER BY 1")]
+            cuts = [int(r[0]) for r in conn.execute("SELECT DISTINCT cut FROM releases ORDER BY 1")]
+        return clients, cuts
+
+    def fetch(self, rowids: Iterable[int]) -> dict[int, tuple[np.ndarray, int, int]]:
+        """rowid -> (x_cut as float32 [C, H, W], label, cut) for the rows that still exist."""
+        wanted = sorted({int(r) for r in rowids})
+        found: dict[int, tuple[np.ndarray, int, int]] = {}
+        with self.store.reading() as conn:
+            for start in range(0, len(wanted), 500):  # SQLite's bound on host parameters
+                part = wanted[start:start + 500]
+                marks = ",".join("?" * len(part))
+                for rowid, label, cut, shape, data in conn.execute(
+                    f"SELECT rowid, label, cut, shape, data FROM releases WHERE rowid IN ({marks})", part
+                ):
+                    x = np.frombuffer(data, dtype="<f4").reshape(json.loads(shape)).astype(np.float32)
+                    found[int(rowid)] = (x, int(label), int(cut))
+        return found
 
     def load(self, after_rowid: int = 0) -> ReleaseRows:
         """The rows after ``after_rowid`` (0: all), with the store's version and forget epoch they belong to."""
@@ -315,11 +348,10 @@ class AmbientSource(TrainingSource[AmbientBatch]):
 
     def batch(self, generator: torch.Generator) -> AmbientBatch:
         idx = torch.randint(len(self), (self.batch_size,), generator=generator)
-        labels = drop_labels(self._labels.view[idx], self.null_label, self.label_dropout, generator=generator)
-        cuts = self._cuts.view[idx]
+        labels, cuts = self._labels_and_cuts(idx)
+        labels = drop_labels(labels, self.null_label, self.label_dropout, generator=generator)
         t = sample_server_times(cuts, self.alphas_cumprod.shape[0] - 1, generator)
-        held = self._x.view
-        noise = torch.randn((self.batch_size, *held.shape[1:]), generator=generator, dtype=held.dtype)
+        noise = torch.randn((self.batch_size, *self._row_shape()), generator=generator, dtype=torch.float32)
         weight = None
         # One cut held: every pooled weight is 1, and the plain loss is kept bit for bit.
         if self.weighting == "pooled" and len(self._cut_levels) > 1:
@@ -327,8 +359,17 @@ class AmbientSource(TrainingSource[AmbientBatch]):
             weight = ambient_pooled_weights(cuts, t, levels, self.alphas_cumprod, self.max_weight).float()
         # Every CPU draw before the first copy to the device: that copy waits for the previous step's queued GPU
         # work, and drawing the noise (3 MB at 64x64x3, batch 64) after it left the GPU idle for ~6% of a step.
-        x_cut = held[idx.to(self.device)]
-        return AmbientBatch(x_cut, labels, cuts, t, noise, weight)
+        return AmbientBatch(self._x_cut(idx), labels, cuts, t, noise, weight)
+
+    # ---- where the rows are (StoreSource reads them from the store instead) ----------------------------------
+    def _labels_and_cuts(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self._labels.view[idx], self._cuts.view[idx]
+
+    def _row_shape(self) -> tuple[int, ...]:
+        return tuple(self._x.view.shape[1:])
+
+    def _x_cut(self, idx: torch.Tensor) -> torch.Tensor:
+        return self._x.view[idx.to(self.device)]
 
     def loss(self, net: Denoiser, batch: AmbientBatch, generator: torch.Generator) -> torch.Tensor:
         return ambient_server_loss(net, batch.x_cut, batch.labels, batch.cuts, self.alphas_cumprod, t=batch.t,
@@ -415,9 +456,15 @@ class AmbientProtocol(ServerProtocol):
 def ambient_source(
     settings: ServerSettings, table: ReleaseTable | None, device: torch.device, null_label: int
 ) -> AmbientSource:
-    """The trainer's source for ``settings`` (``table`` None: a replica that is handed its rows)."""
-    return AmbientSource(
-        table, settings.schedule().alphas_cumprod(), batch_size=settings.batch_size,
-        label_dropout=settings.label_dropout, null_label=null_label, device=device,
-        weighting=settings.ambient_weighting, max_weight=settings.ambient_max_weight,
-    )
+    """The trainer's source for ``settings`` (``table`` None: a replica that only computes the loss):
+    every release in memory, or with ``--train-from-store`` read from the store in each batch."""
+    options: dict[str, Any] = {
+        "batch_size": settings.batch_size, "label_dropout": settings.label_dropout, "null_label": null_label,
+        "device": device, "weighting": settings.ambient_weighting, "max_weight": settings.ambient_max_weight,
+    }
+    alphas_cumprod = settings.schedule().alphas_cumprod()
+    if settings.train_from_store and table is not None:
+        from collafuse.server.protocols.ambient_store import StoreSource  # it builds on AmbientSource
+
+        return StoreSource(table, alphas_cumprod, cache_rows=settings.train_cache_rows, **options)
+    return AmbientSource(table, alphas_cumprod, **options)

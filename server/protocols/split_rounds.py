@@ -563,7 +563,8 @@ class SplitEngine:
         if root is None:  # every row at t = T: nothing to compare with
             return [(s, g, 0.0) for s, g in zip(steps, per_client, strict=True)]
         moved = [projection(g, root) for g in per_client]
-        return [(s, g, p) for s, g, p in zip(steps, per_client, moved, strict=True) if self.trust.admits(s.client_id, p)]
+        return [(s, g, p) for s, g, (p, cosine) in zip(steps, per_client, moved, strict=True)
+                if self.trust.admits(s.client_id, p, cosine)]
 
     @staticmethod
     def _sum_kept(kept: Sequence[tuple[PendingStep, list[torch.Tensor], float]]) -> list[torch.Tensor]:

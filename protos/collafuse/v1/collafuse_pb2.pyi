@@ -65,20 +65,32 @@ class RegisterRequest(_message.Message):
     def __init__(self, client_id: _Optional[str] = ..., cut: _Optional[int] = ..., protocol: _Optional[_Union[Protocol, str]] = ..., class_names: _Optional[_Iterable[str]] = ..., expected_fingerprint: _Optional[str] = ..., image_spec: _Optional[_Union[ImageSpec, _Mapping]] = ...) -> None: ...
 
 class RegisterReply(_message.Message):
-    __slots__ = ("server_id", "image_spec", "schedule", "class_names", "fingerprint", "releases_stored")
+    __slots__ = ("server_id", "image_spec", "schedule", "class_names", "fingerprint", "releases_stored", "autoencoder")
     SERVER_ID_FIELD_NUMBER: _ClassVar[int]
     IMAGE_SPEC_FIELD_NUMBER: _ClassVar[int]
     SCHEDULE_FIELD_NUMBER: _ClassVar[int]
     CLASS_NAMES_FIELD_NUMBER: _ClassVar[int]
     FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
     RELEASES_STORED_FIELD_NUMBER: _ClassVar[int]
+    AUTOENCODER_FIELD_NUMBER: _ClassVar[int]
     server_id: str
     image_spec: ImageSpec
     schedule: ScheduleSpec
     class_names: _containers.RepeatedScalarFieldContainer[str]
     fingerprint: str
     releases_stored: int
-    def __init__(self, server_id: _Optional[str] = ..., image_spec: _Optional[_Union[ImageSpec, _Mapping]] = ..., schedule: _Optional[_Union[ScheduleSpec, _Mapping]] = ..., class_names: _Optional[_Iterable[str]] = ..., fingerprint: _Optional[str] = ..., releases_stored: _Optional[int] = ...) -> None: ...
+    autoencoder: AutoencoderSpec
+    def __init__(self, server_id: _Optional[str] = ..., image_spec: _Optional[_Union[ImageSpec, _Mapping]] = ..., schedule: _Optional[_Union[ScheduleSpec, _Mapping]] = ..., class_names: _Optional[_Iterable[str]] = ..., fingerprint: _Optional[str] = ..., releases_stored: _Optional[int] = ..., autoencoder: _Optional[_Union[AutoencoderSpec, _Mapping]] = ...) -> None: ...
+
+class AutoencoderSpec(_message.Message):
+    __slots__ = ("class_name", "config_json", "weights_sha256")
+    CLASS_NAME_FIELD_NUMBER: _ClassVar[int]
+    CONFIG_JSON_FIELD_NUMBER: _ClassVar[int]
+    WEIGHTS_SHA256_FIELD_NUMBER: _ClassVar[int]
+    class_name: str
+    config_json: str
+    weights_sha256: str
+    def __init__(self, class_name: _Optional[str] = ..., config_json: _Optional[str] = ..., weights_sha256: _Optional[str] = ...) -> None: ...
 
 class HeartbeatRequest(_message.Message):
     __slots__ = ("client_id",)
