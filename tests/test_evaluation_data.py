@@ -246,3 +246,13 @@ def test_native_size_loading_and_mixed_sizes(tmp_path: Path) -> None:
     with pytest.raises(DataError, match="different sizes"):
         load_image_folder(tmp_path, 1, None)
     assert load_image_folder(tmp_path, 3, 4).images.shape == (2, 3, 4, 4)
+
+
+def test_photos_command_writes_colour_crops_of_the_two_sample_photographs(tmp_path: Path,
+                                                                         capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["photos", str(tmp_path / "photos"), "--size", "16", "--per-class", "3"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["classes"] == {"china": 3, "flower": 3} and summary["channels"] == 3
+    image = np.asarray(Image.open(next((tmp_path / "photos" / "flower").iterdir())))
+    assert image.shape == (16, 16, 3) and image.std() > 5  # a colour crop, not a blank
+    assert main(["photos", str(tmp_path / "bad"), "--size", "4"]) != 0

@@ -5,6 +5,7 @@ Every command that makes clients writes ``OUT/client-<k>/<class>/<image>.png`` â
 (what went where), and prints that manifest as one JSON object on stdout.
 
     collafuse-data digits OUT [--size 16]
+    collafuse-data photos OUT [--size 64] [--per-class 300]
     collafuse-data partition SRC OUT --clients N --scheme iid|classes|dirichlet [--alpha A] [--seed S]
     collafuse-data folder SRC OUT --clients N --scheme ... [--size S] [--channels 1|3]
     collafuse-data cifar10 SRC OUT --clients N --scheme ... [--split train|test|all] [--per-class K]
@@ -44,6 +45,7 @@ from collafuse.evaluation.data.celeba import (
 from collafuse.evaluation.data.cifar import read_cifar10, take_per_class
 from collafuse.evaluation.data.digits import export_digits
 from collafuse.evaluation.data.partition import SCHEMES, partition, write_shards
+from collafuse.evaluation.data.photos import export_photo_crops
 from collafuse.evaluation.data.shards import prepare_out, scan_source, summarise, write_clients
 
 log = logging.getLogger("collafuse.data")
@@ -61,6 +63,15 @@ def cmd_digits(args: argparse.Namespace) -> dict[str, Any]:
 def _scheme_info(args: argparse.Namespace) -> dict[str, Any]:
     return {"clients_requested": args.clients, "scheme": args.scheme, "seed": args.seed,
             **({"alpha": args.alpha} if args.scheme == "dirichlet" else {})}
+
+
+def cmd_photos(args: argparse.Namespace) -> dict[str, Any]:
+    if args.size < 8 or args.per_class < 1:
+        raise DataError("--size must be at least 8 and --per-class at least 1")
+    export_photo_crops(args.out, args.size, args.per_class, args.seed)
+    classes = Counter(c for _, c in scan_image_folder(args.out))
+    return {"dataset": "photos", "out": str(args.out), "size": args.size, "channels": 3,
+            "images": sum(classes.values()), "classes": dict(sorted(classes.items()))}
 
 
 def cmd_partition(args: argparse.Namespace) -> dict[str, Any]:
@@ -181,6 +192,14 @@ def build_parser() -> argparse.ArgumentParser:
     digits.add_argument("--size", type=int, default=16, help="image side (the originals are 8x8) [default: 16]")
     digits.add_argument("--log-level", default="INFO")
 
+    photos = sub.add_parser("photos", help="64x64 colour crops of scikit-learn's two sample photographs "
+                            "(OUT/china, OUT/flower): larger images for the latent path, no download")
+    photos.add_argument("out", type=Path)
+    photos.add_argument("--size", type=int, default=64, help="image side [default: 64]")
+    photos.add_argument("--per-class", type=int, default=300, help="crops of each photograph [default: 300]")
+    photos.add_argument("--seed", type=int, default=0)
+    photos.add_argument("--log-level", default="INFO")
+
     part = sub.add_parser("partition", help="split a class-folder image folder across clients (hard links)")
     part.add_argument("src", type=Path)
     part.add_argument("out", type=Path)
@@ -220,6 +239,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 COMMANDS: dict[str, Callable[[argparse.Namespace], dict[str, Any]]] = {
     "digits": cmd_digits,
+    "photos": cmd_photos,
     "partition": cmd_partition,
     "folder": cmd_folder,
     "cifar10": cmd_cifar10,
