@@ -383,7 +383,8 @@ def audit_run(args: argparse.Namespace) -> dict[str, Any]:
                                                num_inference_steps=args.chain_steps or 100))
             report["disclosure"] = {"features": extractor.name, "frechet": disclosure(extractor, x0[order], sets)}
         groups.append(report)
-        show = order[:8]
+        # The low-t rows show the most; when a short run drew none, show its first rows.
+        show = order[:8] if len(order) else torch.arange(min(8, int(low.numel())))
         served = [r for r in recs[1:] if tuple(r.x0_hat.shape) == tuple(x0.shape)]
         grid_rows += [x0[show], torch.cat([s.x_t for s in mine_steps])[show].float()] + [r.x0_hat[show] for r in served]
         grid_titles += [f"{client} x0 (split)", f"x_t (t <= {report['t']['low_band_max']})"] + [
@@ -406,8 +407,11 @@ def audit_run(args: argparse.Namespace) -> dict[str, Any]:
     }
     (run_dir / "audit.json").write_text(json.dumps(_strict(result), indent=2, default=str, allow_nan=False))
     _figure(run_dir / "audit.png", groups)
-    save_grid(run_dir / "audit_grid.png", grid_rows, row_titles=grid_titles)
-    log.info("wrote %s, %s and %s", run_dir / "audit.json", run_dir / "audit.png", run_dir / "audit_grid.png")
+    if any(len(row) for row in grid_rows):
+        save_grid(run_dir / "audit_grid.png", grid_rows, row_titles=grid_titles)
+    else:
+        log.info("no payload to show in %s", run_dir / "audit_grid.png")
+    log.info("wrote %s and %s", run_dir / "audit.json", run_dir / "audit.png")
     return result
 
 
