@@ -372,3 +372,21 @@ def test_payloads_are_checked_against_the_clients_own_floor(tmp_path: Path, with
         # accepts such a level (--max-release-alpha-bar) clears the payloads.
         (accepted,) = _audit(run, "--max-release-alpha-bar", "0.99999")["groups"]
         assert accepted["noise_check"]["less_noisy_than_declared"] == 0, accepted["noise_check"]
+
+
+def test_a_short_split_run_with_no_low_t_row_is_audited_and_drawn(tmp_path: Path) -> None:
+    """One step of four rows may draw no t in the low band the grid shows first: the audit still completes and
+    draws the run's rows (it crashed on an empty grid)."""
+    from collafuse.evaluation.audit.split import LOW_BAND
+
+    cut, T = 200, SCHEDULE.num_train_timesteps
+    band = cut + max(1, round(LOW_BAND * (T - cut)))
+    for seed in range(40):  # the first seed whose four rows all lie above the band
+        run = tmp_path / f"run{seed}"
+        _split_run(run, steps=1, cut=cut, seed=seed)
+        (group,) = _audit(run)["groups"]
+        if group["t"]["min"] > band:
+            break
+    else:
+        pytest.fail("no seed drew four rows above the low band")
+    assert (run / "audit_grid.png").stat().st_size > 0 and group["images"] == BATCH
