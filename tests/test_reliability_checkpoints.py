@@ -155,15 +155,11 @@ def test_an_interrupted_rollback_is_finished_at_start(tmp_path: Path) -> None:
     assert saved is not None and int(saved.state["step"]) == 1
 
 
-def test_the_trainer_keeps_training_through_failed_saves_and_retries(tmp_path: Path,
-                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
-    """Saves fail (ENOSPC) for a while: training goes on, Status says why and how often, no tmp-* is left, and the
-    first save after space comes back writes the current step."""
-    store = ReleaseStore(tmp_path, store_tables())
-    add(store, "alice", 10)
+def _full_disk(monkeypatch: pytest.MonkeyPatch) -> dict[str, bool]:
+    """Checkpoint saves fail with ENOSPC while the returned switch's "on" is True; retries come fast. The backoff
+    doubles per failure: capped low, so that a loaded machine's many failures before the disk "frees" do not
+    push the next retry past a test's wait."""
     monkeypatch.setattr(trainer_module, "SAVE_RETRY_S", 0.05)
-    # The backoff doubles per failure: capped low, so that a loaded machine's many failures before the disk
-    # "frees" do not push the next retry past the wait below.
     monkeypatch.setattr(trainer_module, "SAVE_RETRY_MAX_S", 0.5)
     real_save = checkpoint.torch.save
     full = {"on": True}
@@ -174,6 +170,16 @@ def test_the_trainer_keeps_training_through_failed_saves_and_retries(tmp_path: P
         real_save(obj, path, *args, **kwargs)  # type: ignore[arg-type]
 
     monkeypatch.setattr(checkpoint.torch, "save", maybe_full)
+    return full
+
+
+def test_the_trainer_keeps_training_through_failed_saves_and_retries(tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """Saves fail (ENOSPC) for a while: training goes on, Status says why and how often, no tmp-* is left, and the
+    first save after space comes back writes the current step."""
+    store = ReleaseStore(tmp_path, store_tables())
+    add(store, "alice", 10)
+    full = _full_disk(monkeypatch)
     trainer = Trainer(tiny_settings(tmp_path, max_steps=0, checkpoint_every=2), store, "fp", device=CPU,
                       poll_interval=0.02)
     trainer.start()
@@ -199,16 +205,7 @@ def test_a_trainer_that_finished_while_the_disk_was_full_saves_once_it_can(tmp_p
                                                                             monkeypatch: pytest.MonkeyPatch) -> None:
     store = ReleaseStore(tmp_path, store_tables())
     add(store, "alice", 10)
-    monkeypatch.setattr(trainer_module, "SAVE_RETRY_S", 0.05)
-    real_save = checkpoint.torch.save
-    full = {"on": True}
-
-    def maybe_full(obj: object, path: object, *args: object, **kwargs: object) -> None:
-        if full["on"]:
-            raise OSError(errno.ENOSPC, "No space left on device")
-        real_save(obj, path, *args, **kwargs)  # type: ignore[arg-type]
-
-    monkeypatch.setattr(checkpoint.torch, "save", maybe_full)
+    full = _full_disk(monkeypatch)
     trainer = Trainer(tiny_settings(tmp_path, max_steps=3), store, "fp", device=CPU, poll_interval=0.02)
     trainer.start()
     try:

@@ -51,7 +51,7 @@ class StoreSource(AmbientSource):
         self.reads = 0  # rows read from the store
         super().__init__(table, alphas_cumprod, batch_size=batch_size, label_dropout=label_dropout,
                          null_label=null_label, device=device, weighting=weighting, max_weight=max_weight)
-        self.store_table = table
+        self.store_table: ReleaseTable = table  # the base's ``table``, never None here
 
     def _reset(self) -> None:
         super()._reset()
