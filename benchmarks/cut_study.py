@@ -19,6 +19,8 @@ compute per generated image (model evaluations and seconds, against ICM), with t
 training compute of the arm.
 
     python benchmarks/cut_study.py --quick      # < 20 min on 2 cores, one seed, small budgets
+    python benchmarks/cut_study.py --study --variants c2   # ~1 hour: 16x16, cuts 0/100/200/1000 + GM matched,
+                                                           # two seeds, 300 samples per arm, and "200+c2" (t ~ c^2)
     python benchmarks/cut_study.py              # full: 2 seeds, 1,500 steps, >= 1,000 images per arm
 
 Outputs: benchmarks/results/cut_study-<date>[-quick].json, ...-fid.png (FID and disclosure
@@ -76,6 +78,8 @@ class Mode:
     handoff_disclosure: bool
     # images the server continues alone for the disclosure FID (0: all the arm generated)
     disclosure_images: int
+    # side of the digits every model trains on (the bundled ones are 8x8, upscaled bicubically)
+    side: int = 8
 
 
 # Sized to finish within 20 minutes on 2 cores from a cold feature cache. Inception embeds ~5
@@ -87,6 +91,15 @@ QUICK = Mode("quick", steps=120, batch_size={"noniid": 32, "scarce": 16}, infere
 FULL = Mode("full", steps=1500, batch_size={"noniid": 64, "scarce": 32}, inference_steps=100, seeds=(0, 1),
             samples_per_class={"noniid": 100, "scarce": 10}, reference=0, handoff_disclosure=True,
             disclosure_images=0)
+# About an hour on 2 cores (issue 19): 16x16 digits, four cuts and GM at matched compute in both regimes, two seeds,
+# 300 samples per arm (10 classes x 30 for the 3 class-partitioned clients, 10 IID clients x 10 classes x 3).
+STUDY = Mode("study", steps=150, batch_size={"noniid": 32, "scarce": 16}, inference_steps=50, seeds=(0, 1),
+             samples_per_class={"noniid": 30, "scarce": 3}, reference=600, handoff_disclosure=False,
+             disclosure_images=50, side=16)
+STUDY_CUTS = [0, 100, 200, 1000]
+# Near-cut variants of an arm ("200+c2"): server settings tried against the standard loss at equal compute.
+VARIANTS: dict[str, dict[str, Any]] = {"c2": {"ambient_timesteps": "c2"}}
+VARIANT_MARK = "+"
 REGIMES: dict[str, dict[str, Any]] = {
     "noniid": {"clients": 3, "partition": "classes"},
     "scarce": {"clients": 10, "partition": "iid"},
@@ -94,12 +107,14 @@ REGIMES: dict[str, dict[str, Any]] = {
 
 
 def arm_settings(mode: Mode, regime: str, arm: str, seed: int, work: Path) -> SimSettings:
-    """``arm`` is a cut point ("0" ... "1000"), or GM_MATCHED: GM with the server trained for as many
-    image-steps as a collaborative arm's 1 + N models together."""
+    """``arm`` is a cut point ("0" ... "1000"), a cut with a near-cut variant ("200+c2": ``VARIANTS``), or
+    GM_MATCHED: GM with the server trained for as many image-steps as a collaborative arm's 1 + N models together."""
     clients = REGIMES[regime]["clients"]
     matched = arm == GM_MATCHED
+    cut, _, variant = arm.partition(VARIANT_MARK)
     return SimSettings(
-        clients=clients, partition=REGIMES[regime]["partition"], cut=0 if matched else int(arm),
+        **VARIANTS[variant] if variant else {},
+        clients=clients, partition=REGIMES[regime]["partition"], cut=0 if matched else int(cut), image_size=mode.side,
         steps=mode.steps * (1 + clients) if matched else mode.steps, client_steps=mode.steps,
         batch_size=mode.batch_size[regime], inference_steps=mode.inference_steps,
         samples_per_class=mode.samples_per_class[regime], seed=seed,
@@ -152,7 +167,7 @@ class Evaluator:
 
     def __init__(self, mode: Mode, work: Path) -> None:
         self.mode = mode
-        images, labels = digits_arrays(8)
+        images, labels = digits_arrays(mode.side)
         self.real_images = torch.from_numpy(images).float()
         self.real_labels = labels.astype(str)
         rng = np.random.default_rng(1234)
@@ -161,9 +176,9 @@ class Evaluator:
         self.extractor = InceptionFeatures(device="cuda" if torch.cuda.is_available() else "cpu")
         self.cache = FeatureCache()
         self.real_features = self.features(self.real_images[self.reference])
-        real_folder = work / "real"
-        export_digits(real_folder, 8)
-        self.classifier, self.heldout = train_on_real(load_image_folder(real_folder, 1, 8))
+        real_folder = work / f"real{mode.side}"
+        export_digits(real_folder, mode.side)
+        self.classifier, self.heldout = train_on_real(load_image_folder(real_folder, 1, mode.side))
 
     def features(self, images: torch.Tensor) -> np.ndarray:
         return source_features(self.extractor, images, self.cache, progress=True).features
@@ -281,12 +296,21 @@ def summarise(results: dict[str, dict[str, list[dict[str, Any]]]]) -> dict[str, 
             sec = row["client_seconds_per_image"]
             row["client_seconds_vs_icm"] = sec["mean"] / icm["mean"] if sec and icm and icm["mean"] else None
         fid = {c: r["fid"]["mean"] for c, r in rows.items() if r["fid"]}
-        claims = {}
+        claims: dict[str, dict[str, bool]] = {}
         if {"0", "1000"} <= set(fid):
             claims["cuts_le_200_beat_icm"] = {c: fid[c] < fid["1000"] for c in ("100", "200") if c in fid}
             claims["within_10pct_of_gm"] = {c: fid[c] <= 1.1 * fid["0"] for c in ("100", "200") if c in fid}
         if GM_MATCHED in fid:
             claims["within_10pct_of_gm_at_matched_compute"] = {c: fid[c] <= 1.1 * fid[GM_MATCHED] for c in ("100", "200") if c in fid}
+            accuracy = {c: r["accuracy"]["mean"] for c, r in rows.items() if r["accuracy"]}
+            claims["within_0.05_accuracy_of_gm_at_matched_compute"] = {
+                c: accuracy[c] >= accuracy[GM_MATCHED] - 0.05 for c in ("100", "200") if c in accuracy}
+        for arm in (a for a in rows if VARIANT_MARK in a):
+            base = arm.partition(VARIANT_MARK)[0]
+            if base in fid and arm in fid:
+                # A variant wins only on both FID and conditional accuracy (issue 19's rule for a new default).
+                accuracy_gain = rows[arm]["accuracy"]["mean"] - rows[base]["accuracy"]["mean"]
+                claims[f"{arm}_beats_{base}"] = {"fid": fid[arm] < fid[base], "accuracy": accuracy_gain > 0}
         summary[regime] = {"by_cut": rows, "claims": claims}
     return summary
 
@@ -300,7 +324,7 @@ def plot(summary: dict[str, Any], path: Path) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(11, 4), dpi=100)
     for index, (regime, data) in enumerate(summary.items()):
         color = f"C{index}"  # one colour per regime across both panels and its GM line
-        cuts = sorted(int(c) for c in data["by_cut"] if c != GM_MATCHED)
+        cuts = sorted(int(c) for c in data["by_cut"] if c.isdigit())
         for ax, key, label in ((axes[0], "fid", "generated (client-finished)"), (axes[1], "server_alone_fid", "server alone from hand-off")):
             points = [(c, data["by_cut"][str(c)][key]) for c in cuts if data["by_cut"][str(c)][key]]
             if points:
@@ -344,7 +368,12 @@ def machine() -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="one seed and small budgets (under 15 min on 2 cores)")
-    parser.add_argument("--cuts", type=int, nargs="+", default=CUTS)
+    parser.add_argument("--study", action="store_true", help="about an hour on 2 cores: 16x16, cuts 0/100/200/1000, GM "
+                        "at matched compute, two seeds, 300 samples per arm")
+    parser.add_argument("--cuts", type=int, nargs="+", default=None, help=f"default: {CUTS} ({STUDY_CUTS} with --study)")
+    parser.add_argument("--variants", nargs="*", default=[], choices=list(VARIANTS),
+                        help="near-cut variants to run beside the standard loss at each of --variant-cuts")
+    parser.add_argument("--variant-cuts", type=int, nargs="+", default=[200])
     parser.add_argument("--gm-matched", action=argparse.BooleanOptionalAction, default=None,
                         help="also run GM with the server trained for the image-steps of a collaborative arm's 1 + N "
                              "models (default: on in the full mode, off in --quick)")
@@ -359,7 +388,10 @@ def main(argv: list[str] | None = None) -> int:
                         help="reuse an arm whose run folder already holds a finished run with the same settings")
     args = parser.parse_args(argv)
     setup_logging("INFO", "cut-study")
-    mode = QUICK if args.quick else FULL
+    if args.quick and args.study:
+        parser.error("--quick and --study are two modes: pick one")
+    mode = QUICK if args.quick else STUDY if args.study else FULL
+    args.cuts = args.cuts or (STUDY_CUTS if args.study else CUTS)
     seeds = tuple(args.seeds) if args.seeds else mode.seeds
     started = time.monotonic()
     work = args.work / mode.name
@@ -367,7 +399,8 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[str, dict[str, list[dict[str, Any]]]] = {}
     figure_rows: list[tuple[str, torch.Tensor]] = []
     gm_matched = (not args.quick) if args.gm_matched is None else args.gm_matched
-    keys = [str(c) for c in args.cuts] + ([GM_MATCHED] if gm_matched else [])
+    keys = [str(c) for c in args.cuts] + [f"{c}{VARIANT_MARK}{v}" for c in args.variant_cuts for v in args.variants] + (
+        [GM_MATCHED] if gm_matched else [])
     arms = [(r, key, s) for r in args.regimes for key in keys for s in seeds]
     for regime, key, seed in tqdm(arms, desc="cut study arms", unit="arm"):
         settings = arm_settings(mode, regime, key, seed, work)
@@ -388,12 +421,13 @@ def main(argv: list[str] | None = None) -> int:
         results.setdefault(regime, {}).setdefault(key, []).append(result)
         log.info("arm %s %s seed %d: FID %.1f (floor %.1f), accuracy %.2f", regime, key, seed,
                  result["pooled"]["fid"], result["pooled"]["floor_fid"] or float("nan"), result["pooled"]["accuracy"])
-        if regime == args.regimes[0] and seed == seeds[0] and key != GM_MATCHED:
+        if regime == args.regimes[0] and seed == seeds[0] and key.isdigit():
             # Ten images spread over the first client's labels (samples are ordered by class).
             pick = torch.linspace(0, len(outputs.samples[0]) - 1, 10).round().long().unique()
             figure_rows += [(f"z={cut} server", outputs.handoff[0][pick].clamp(-1, 1)), (f"z={cut} client", outputs.samples[0][pick])]
     summary = summarise(results)
-    stamp = dt.date.today().isoformat() + ("-quick" if args.quick else "") + (f"-{args.tag}" if args.tag else "")
+    stamp = dt.date.today().isoformat() + ("-quick" if args.quick else "-study" if args.study else "") + (
+        f"-{args.tag}" if args.tag else "")
     args.results.mkdir(parents=True, exist_ok=True)
     out = args.results / f"cut_study-{stamp}.json"
     payload = {

@@ -1,7 +1,8 @@
 """The ambient loss with clients at different cuts: unweighted ("standard") against the pooled weighting.
 
-Three clients on IID shards of the bundled digits (every client holds every class) at cuts
-{100, 200, 500}, through the real system (``collafuse-sim --cuts 100 200 500``), once with the
+Three clients on IID shards of the bundled digits (every client holds every class), or with
+``--partition classes`` non-IID (client k holds its own class group: the case the pooled weighting was built for,
+where each cut's posterior is a different client's classes), at cuts {100, 200, 500}, through the real system (``collafuse-sim --cuts 100 200 500``), once with the
 server's ``--ambient-weighting standard`` and once with ``pooled`` (common/diffusion.py::
 ambient_pooled_weights), with the same budgets and seeds. Each client finishes its own samples from
 the server's hand-off at its own cut; per client the script reports FID against the real digits
@@ -10,6 +11,7 @@ on the real digits), and the same pooled over the clients.
 
     python benchmarks/mixed_cuts.py             # 2 seeds, 300 server steps: ~10 min on 2 quiet cores
     python benchmarks/mixed_cuts.py --seeds 0 --steps 120
+    python benchmarks/mixed_cuts.py --partition classes  # non-IID: per-client FID against the client's own classes
 
 Outputs: benchmarks/results/mixed_cuts-<date>[-tag].json (machine, settings, every run, mean and
 spread over seeds) and ...-fid.png (per-client FID and accuracy, standard vs pooled).
@@ -43,17 +45,18 @@ WEIGHTINGS: list[AmbientWeighting] = ["standard", "pooled"]
 
 def arm_settings(args: argparse.Namespace, weighting: AmbientWeighting, seed: int) -> SimSettings:
     return SimSettings(
-        clients=len(args.cuts), cuts=args.cuts, partition="iid", steps=args.steps, client_steps=args.client_steps,
+        clients=len(args.cuts), cuts=args.cuts, partition=args.partition, steps=args.steps, client_steps=args.client_steps,
         batch_size=args.batch_size, inference_steps=args.inference_steps, samples_per_class=args.samples_per_class,
         seed=seed, ambient_weighting=weighting, ambient_max_weight=args.max_weight,
-        out=args.work / weighting / f"seed{seed}", threads=1, timeout=3600,
+        out=args.work / args.partition / weighting / f"seed{seed}", threads=1, timeout=3600,
         # Given, not inferred: the sim records its settings with these filled in, and --resume compares.
         image_size=DIGITS_SIDE, channels=1,
     )
 
 
 def evaluate(evaluator: Evaluator, settings: SimSettings, outputs: ArmOutputs) -> dict[str, Any]:
-    """Per client (its own samples) and pooled: FID against the real reference, its floor, accuracy."""
+    """Per client (its own samples) and pooled: FID against the real reference (IID) or the client's own real
+    images (non-IID), its floor, accuracy."""
     features, pooled = evaluator.pooled(outputs)
     clients: dict[str, Any] = {}
     offset = 0
@@ -62,9 +65,13 @@ def evaluate(evaluator: Evaluator, settings: SimSettings, outputs: ArmOutputs) -
         offset += len(samples)
         requested = [str(int(v)) for v in outputs.labels[k]]
         # IID shards: every client's data has the whole set's distribution, so the whole reference set is
-        # its real set (three times the images of its own share: a steadier FID).
-        entry: dict[str, Any] = {"cut": settings.cut_of(k), **evaluator.fid(part)}
-        entry["floor_fid"] = evaluator.floor(len(samples))
+        # its real set (three times the images of its own share: a steadier FID). Non-IID: its own classes.
+        mask = None
+        if settings.partition != "iid":
+            mask = evaluator.client_mask(settings.out / "data" / "shards" / f"client-{k}")
+        real = evaluator.real_features if mask is None else evaluator.real_features[mask]
+        entry: dict[str, Any] = {"cut": settings.cut_of(k), **evaluator.fid(part, real)}
+        entry["floor_fid"] = evaluator.floor(len(samples), mask)
         entry["accuracy"] = conditional_accuracy(evaluator.classifier, samples.numpy(), requested,
                                                  evaluator.heldout).accuracy
         clients[f"client-{k}"] = entry
@@ -119,6 +126,8 @@ def plot(summary: dict[str, Any], path: Path, title: str) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--cuts", type=int, nargs="+", default=CUTS, help="one cut per client")
+    parser.add_argument("--partition", choices=["iid", "classes"], default="iid",
+                        help="iid (every client every class) or classes (non-IID: a class group per client)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     parser.add_argument("--steps", type=int, default=300, help="server training steps")
     parser.add_argument("--client-steps", type=int, default=300)
@@ -158,7 +167,8 @@ def main(argv: list[str] | None = None) -> int:
                  result["pooled"]["fid"], result["pooled"]["floor_fid"] or float("nan"), result["pooled"]["accuracy"],
                  {n: (c["cut"], round(c["fid"], 1), round(c["accuracy"], 2)) for n, c in result["clients"].items()})
     summary = summarise(runs)
-    stamp = dt.date.today().isoformat() + (f"-{args.tag}" if args.tag else "")
+    stamp = dt.date.today().isoformat() + ("-noniid" if args.partition == "classes" else "") + (
+        f"-{args.tag}" if args.tag else "")
     args.results.mkdir(parents=True, exist_ok=True)
     out = args.results / f"mixed_cuts-{stamp}.json"
     wall_seconds = time.monotonic() - started
@@ -173,7 +183,7 @@ def main(argv: list[str] | None = None) -> int:
         "runs": runs,
     }
     out.write_text(json.dumps(payload, indent=2, default=str))
-    title = (f"cuts {args.cuts}, IID digits, {args.steps} server steps, seeds {args.seeds}: "
+    title = (f"cuts {args.cuts}, {'IID' if args.partition == 'iid' else 'class-partitioned'} digits, {args.steps} server steps, seeds {args.seeds}: "
              "ambient standard vs pooled weighting")
     plot(summary, args.results / f"mixed_cuts-{stamp}-fid.png", title)
     print("\nweighting  client (cut)  FID (floor)  accuracy")

@@ -5,7 +5,10 @@ whoever holds eps_hat and g holds eps, and with x_t also x_0. ``privatize`` clip
 L2 norm C and adds N(0, (sigma C)^2) to every element before it leaves.
 
 **Neighbouring relation: replace-one, labels fixed.** Two data sets are neighbours when they have the same
-number of images with the same labels and differ in the pixels of one image (any two images in [-1, 1]^d).
+number of images with the same labels and differ in the pixels of one image (any two images in [-1, 1]^d). In
+latent space (--autoencoder) the mechanism acts on the image's scaled latent, clamped by the client to
+[-b, b]^d with b = LATENT_BOUND (common/autoencoder.py): every sensitivity below is then b times larger
+(``bound``), with d the number of latent elements.
 Labels are sent in the clear with every release and split row, so they are not protected. Add/remove is not
 offered: the server sees every image's release or rows as such (it counts them), so an image's presence is
 never hidden. ``zero`` is the special case of replacing an image by the null record, the all-zero image run
@@ -43,12 +46,17 @@ Relation = Literal["replace", "zero"]
 RELATIONS: tuple[str, ...] = ("replace", "zero")
 
 
-def _x_distance(relation: Relation) -> float:
-    """Largest ||x_0 - x_0'|| / sqrt(d) between neighbours: any two images in [-1, 1]^d, or an image and zero."""
+def _x_distance(relation: Relation, bound: float = 1.0) -> float:
+    """Largest ||x_0 - x_0'|| / sqrt(d) between neighbours: any two points of [-b, b]^d, or a point and zero.
+
+    ``bound`` b is the data's range per element: 1 for images in [-1, 1], common/autoencoder.py's LATENT_BOUND for
+    scaled latents (the client clamps them to it, so every image's latent lies in the box)."""
+    if not bound > 0:
+        raise ValueError(f"the data's range per element must be positive, got {bound}")
     if relation == "replace":
-        return 2.0
+        return 2.0 * bound
     if relation == "zero":
-        return 1.0
+        return 1.0 * bound
     raise ValueError(f"unknown neighbouring relation {relation!r}: use 'replace' (replace-one) or 'zero' "
                      "(replace by the zero image); add/remove is not a relation these releases can meet")
 
@@ -99,18 +107,19 @@ def _odds(alpha_bar: float) -> float:
     return math.inf if alpha_bar == 1.0 else alpha_bar / (1.0 - alpha_bar)
 
 
-def release_mu2(alpha_bar: float, num_elements: int, relation: Relation = "replace") -> float:
+def release_mu2(alpha_bar: float, num_elements: int, relation: Relation = "replace", bound: float = 1.0) -> float:
     """mu^2 of one release sqrt(ab) x_0 + sqrt(1 - ab) eps of an image in [-1, 1]^d: (k sqrt(d))^2 * ab / (1 - ab).
 
     k = 2 under replace-one, 1 against the zero image. ab = 1 (cut 0, the raw image): infinite.
     """
     if num_elements < 1:
         raise ValueError(f"an image has at least one element, got d = {num_elements}")
-    return _x_distance(relation) ** 2 * num_elements * _odds(alpha_bar)
+    return _x_distance(relation, bound) ** 2 * num_elements * _odds(alpha_bar)
 
 
 def gradient_mu2(
-    alpha_bar: float, num_elements: int, clip: float | None, noise_multiplier: float, relation: Relation = "replace"
+    alpha_bar: float, num_elements: int, clip: float | None, noise_multiplier: float, relation: Relation = "replace",
+    bound: float = 1.0,
 ) -> float:
     """mu^2 of one clipped, noised gradient row given its x_t (module docstring): min(2C, L)^2 / (sigma C)^2.
 
@@ -119,24 +128,26 @@ def gradient_mu2(
     """
     if clip is None or noise_multiplier <= 0:
         return math.inf  # the exact gradient gives eps, hence x_0
-    lipschitz = 2.0 / num_elements * math.sqrt(_odds(alpha_bar)) * _x_distance(relation) * math.sqrt(num_elements)
+    lipschitz = 2.0 / num_elements * math.sqrt(_odds(alpha_bar)) * _x_distance(relation, bound) * math.sqrt(num_elements)
     return (min(2.0 * clip, lipschitz) / (noise_multiplier * clip)) ** 2
 
 
 def split_send_mu2(
-    alpha_bar: float, num_elements: int, clip: float | None, noise_multiplier: float, relation: Relation = "replace"
+    alpha_bar: float, num_elements: int, clip: float | None, noise_multiplier: float, relation: Relation = "replace",
+    bound: float = 1.0,
 ) -> float:
     """mu^2 of one split send of one image at a level alpha_bar: its x_t and its gradient row, composed."""
-    return release_mu2(alpha_bar, num_elements, relation) + gradient_mu2(
-        alpha_bar, num_elements, clip, noise_multiplier, relation)
+    return release_mu2(alpha_bar, num_elements, relation, bound) + gradient_mu2(
+        alpha_bar, num_elements, clip, noise_multiplier, relation, bound)
 
 
 # ---- noise multipliers (noise std / sensitivity = 1 / mu) ------------------------------------------
 
 
-def release_noise_multiplier(alpha_bar: float, num_elements: int, adjacency: Relation = "replace") -> float:
-    """Noise std / L2 sensitivity of one release of x_0 in [-1, 1]^d (1 / mu); 0 for the raw image (cut 0)."""
-    mu2 = release_mu2(alpha_bar, num_elements, adjacency)
+def release_noise_multiplier(alpha_bar: float, num_elements: int, adjacency: Relation = "replace",
+                             bound: float = 1.0) -> float:
+    """Noise std / L2 sensitivity of one release of x_0 in [-b, b]^d (1 / mu); 0 for the raw image (cut 0)."""
+    mu2 = release_mu2(alpha_bar, num_elements, adjacency, bound)
     return 0.0 if math.isinf(mu2) else (math.inf if mu2 == 0 else mu2**-0.5)
 
 
@@ -245,10 +256,11 @@ def epsilon_after(noise_multiplier: float, sample_rate: float, steps: int, delta
 
 
 def release_epsilon(
-    alpha_bar: float, num_elements: int, delta: float, adjacency: Relation = "replace", releases: int = 1
+    alpha_bar: float, num_elements: int, delta: float, adjacency: Relation = "replace", releases: int = 1,
+    bound: float = 1.0,
 ) -> dict[str, float | str]:
     """What releasing one image ``releases`` times at noise level alpha_bar costs (independent noise each time)."""
-    mu2 = release_mu2(alpha_bar, num_elements, adjacency)
+    mu2 = release_mu2(alpha_bar, num_elements, adjacency, bound)
     return {
         "relation": adjacency,
         "noise_multiplier": 0.0 if math.isinf(mu2) else mu2**-0.5,

@@ -10,7 +10,13 @@ import logging
 
 from collafuse.client.errors import ClientError
 from collafuse.client.local_data import LocalData
-from collafuse.common.autoencoder import AutoencoderError, FrozenAutoencoder, check_latent_scale
+from collafuse.common.autoencoder import (
+    LATENT_BOUND,
+    AutoencoderError,
+    FrozenAutoencoder,
+    bounded_latents,
+    check_latent_scale,
+)
 from collafuse.common.data import ImageDataset
 
 log = logging.getLogger(__name__)
@@ -32,14 +38,18 @@ def pixel_shape(ae: FrozenAutoencoder, latent: Shape) -> Shape:
 
 def encode_local_data(data: LocalData, ae: FrozenAutoencoder) -> LocalData:
     """``data`` (images at the autoencoder's pixel spec) with its images replaced by their scaled latents, after
-    checking that the latents' scale is about unit (a refusal names why). Nothing leaves the client here."""
+    checking that the latents' scale is about unit (a refusal names why), clamped to +-LATENT_BOUND (the range DP
+    accounting assumes). Nothing leaves the client here."""
     images = data.dataset.images
     latents = ae.encode_batched(images)
     try:
         std = check_latent_scale(latents, f"your {len(images)} image(s) under {data.root}")
     except AutoencoderError as exc:
         raise ClientError(f"--autoencoder refused: {exc}") from exc
-    log.info("encoded %d image(s) %s -> latents %s (std %.3f, within the unit-scale tolerance)", len(images),
-             "x".join(map(str, images.shape[1:])), "x".join(map(str, latents.shape[1:])), std)
+    outside = float((latents.abs() > LATENT_BOUND).float().mean())
+    latents = bounded_latents(latents)  # the range DP accounting assumes (client/dp.py)
+    log.info("encoded %d image(s) %s -> latents %s (std %.3f, within the unit-scale tolerance; %.3f%% of elements "
+             "clamped to +-%g)", len(images), "x".join(map(str, images.shape[1:])), "x".join(map(str, latents.shape[1:])),
+             std, 100 * outside, LATENT_BOUND)
     dataset = ImageDataset(images=latents, class_names=data.dataset.class_names, paths=data.dataset.paths)
     return LocalData(data.root, dataset, data.labels, pixels=images)

@@ -39,7 +39,7 @@ from collafuse.client.protocols import ContributionReport, client_protocol
 from collafuse.client.report import RunReport
 from collafuse.client.trainer import TrainResult, train_local
 from collafuse.client.waiting import POLL_SECONDS, wait_for_training
-from collafuse.common.autoencoder import FrozenAutoencoder
+from collafuse.common.autoencoder import FrozenAutoencoder, data_bound
 from collafuse.common.config import ClientSettings
 from collafuse.common.data import UNLABELED, DataError, scan_image_folder
 from collafuse.common.rpc import RetryPolicy
@@ -285,7 +285,8 @@ class ClientLifecycle:
     def privacy(self) -> dict[str, Any] | None:
         """Privacy spent, epsilon at --dp-delta (client/privacy_ledger.py); None before the server's image spec is known."""
         info = self._info or joining.cached_server_info(self.workdir, self.ledger.fingerprint, self.settings.cut)
-        return None if info is None else privacy_report(self.ledger, self.settings.dp_delta, info.image_shape)
+        return None if info is None else privacy_report(self.ledger, self.settings.dp_delta, info.image_shape,
+                                                            data_bound(self.settings.autoencoder is not None))
 
     def reset(self) -> None:
         """Forget the pinned server fingerprint, to join a server whose setup changed (releases, the pinned

@@ -228,21 +228,24 @@ class _Transaction:
         self.db.execute("COMMIT" if kind is None else "ROLLBACK")
 
 
-def ambient_mu2(ledger: Ledger, num_elements: int) -> dict[str, float]:
-    """mu^2 (replace-one) of every image's ambient releases in the ledger, by image key: each release counts."""
+def ambient_mu2(ledger: Ledger, num_elements: int, bound: float = 1.0) -> dict[str, float]:
+    """mu^2 (replace-one) of every image's ambient releases in the ledger, by image key: each release counts.
+    ``bound``: the data's range per element (1 for pixels; client/dp.py)."""
     out: dict[str, float] = {}
     for record in ledger.releases():
-        out[record.image_key] = out.get(record.image_key, 0.0) + release_mu2(record.alpha_bar, num_elements)
+        out[record.image_key] = out.get(record.image_key, 0.0) + release_mu2(record.alpha_bar, num_elements,
+                                                                              bound=bound)
     return out
 
 
-def privacy_report(ledger: Ledger, delta: float, image_shape: Sequence[int]) -> dict[str, Any]:
+def privacy_report(ledger: Ledger, delta: float, image_shape: Sequence[int], bound: float = 1.0) -> dict[str, Any]:
     """What this client's data has cost, in one unit (epsilon at ``delta``, replace-one), for metrics.json and status.
 
     ``split``: the most exposed image over every split send in the ledger. ``ambient``: per noise level released
     at, the epsilon of one release of an image there (a Gaussian mechanism on the image in [-1, 1]^d) and how many
     releases were made at it. ``worst_image``: an image's releases and split sends together, for the most exposed
-    image (what the client's data has cost as a whole).
+    image (what the client's data has cost as a whole). ``bound``: the data's range per element (1 for pixels,
+    LATENT_BOUND for latents: client/dp.py).
     """
     elements = math.prod(int(d) for d in image_shape)
     levels: dict[float, list[int]] = {}
@@ -250,7 +253,7 @@ def privacy_report(ledger: Ledger, delta: float, image_shape: Sequence[int]) -> 
         levels.setdefault(record.alpha_bar, []).append(record.cut)
     ambient = []
     for alpha_bar, cuts in sorted(levels.items()):
-        cost = release_epsilon(alpha_bar, elements, delta)
+        cost = release_epsilon(alpha_bar, elements, delta, bound=bound)
         ambient.append({
             "cut": max(set(cuts), key=cuts.count), "alpha_bar": alpha_bar, "releases": len(cuts),
             "relation": "replace-one",
@@ -259,7 +262,7 @@ def privacy_report(ledger: Ledger, delta: float, image_shape: Sequence[int]) -> 
         })
     split = PrivacyLedger(ledger.path)
     try:
-        totals = ambient_mu2(ledger, elements)
+        totals = ambient_mu2(ledger, elements, bound)
         for key, exposure in split.exposures().items():
             totals[key] = totals.get(key, 0.0) + exposure.mu2
         worst = max(totals.values(), default=0.0)

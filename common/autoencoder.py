@@ -35,6 +35,20 @@ AUTOENCODER_CLASSES: dict[str, type[torch.nn.Module]] = {
 PIPELINE_VAE_FOLDER = "vae"
 # The std of the scaled latents of a client's data must lie in this range (unit scale, within a factor of 2).
 LATENT_STD_RANGE: tuple[float, float] = (0.5, 2.0)
+# The client clamps its scaled latents to [-LATENT_BOUND, LATENT_BOUND] per element before anything leaves: DP
+# accounting needs the data's range (pixels lie in [-1, 1]; an encoder's output has no such bound of its own). At unit
+# std, 4 keeps all but a Gaussian's 4-sigma tail; the sensitivities in client/dp.py grow by this factor.
+LATENT_BOUND = 4.0
+
+
+def bounded_latents(latents: torch.Tensor) -> torch.Tensor:
+    """Scaled latents clamped to +-LATENT_BOUND: what a client releases from (and the audit takes as the truth)."""
+    return latents.clamp(-LATENT_BOUND, LATENT_BOUND)
+
+
+def data_bound(latent: bool) -> float:
+    """The range per element of what the diffusion runs on: pixels in [-1, 1], or clamped scaled latents."""
+    return LATENT_BOUND if latent else 1.0
 
 
 class AutoencoderError(ValueError):

@@ -84,6 +84,8 @@ Protocol = Literal["ambient", "split"]
 DIGIT_CLASSES = [str(i) for i in range(10)]
 # How the ambient server weighs releases of different cuts (common/diffusion.py::ambient_pooled_weights).
 AmbientWeighting = Literal["standard", "pooled"]
+# How the ambient server draws t above a release's cut (common/diffusion.py::sample_server_times_c2).
+AmbientTimesteps = Literal["uniform", "c2"]
 
 
 class AmbientFields(BaseModel):
@@ -100,6 +102,10 @@ class AmbientFields(BaseModel):
                                   "between batches (least recently used go first)")
     ambient_max_weight: float = Field(10.0, ge=1, description="with --ambient-weighting pooled: the largest "
                                       "per-release weight (the t just above a cut are scaled down to it)")
+    ambient_timesteps: AmbientTimesteps = Field(
+        "uniform", description="how the ambient server draws t above a release's cut: uniform, or c2 (in proportion "
+        "to the loss's weight c(t)^2, importance-weighted back to the same objective: fewer draws wasted just above "
+        "the cut, where c^2 is near 0)")
 
 
 class ServerSettings(CollafuseSettings, ScheduleFields, TrainingFields, RuntimeFields, TlsFields, AmbientFields,

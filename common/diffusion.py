@@ -56,6 +56,38 @@ def sample_server_times(cuts: torch.Tensor, num_train_timesteps: int, generator:
     return (cuts + 1 + torch.floor(u * span).long()).clamp(max=num_train_timesteps)
 
 
+def ambient_c2(cut: int, alphas_cumprod: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(t, c(t)^2) for every t in (cut, T]: c^2 = (1 - ab_t / ab_cut) / (1 - ab_t), the weight the ambient loss gives
+    t (docs/design.md §2). Float64."""
+    num_train_timesteps = alphas_cumprod.shape[0] - 1
+    t = torch.arange(cut + 1, num_train_timesteps + 1)
+    ab_t = alphas_cumprod[t].to(torch.float64)
+    return t, (1 - ab_t / float(alphas_cumprod[cut])) / (1 - ab_t)
+
+
+def sample_server_times_c2(
+    cuts: torch.Tensor, alphas_cumprod: torch.Tensor, generator: torch.Generator | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """t ~ p(t | cut) proportional to c(t)^2 on (cut, T], and the importance weight of each draw (the server's
+    ``--ambient-timesteps c2``).
+
+    The ambient loss weighs t by c(t)^2, which is near 0 just above the cut: drawn uniformly, those t cost a sample and
+    teach little. Drawn in proportion to c^2 and weighted by w = mean_t'(c^2) / c(t)^2, the loss has the same
+    expectation (the same objective) as the uniform draw: sum_t p(t) w(t) L(t) = mean_t L(t).
+    """
+    if bool((cuts >= alphas_cumprod.shape[0] - 1).any()):
+        raise ValueError("a release at cut T leaves the server no timesteps to train")
+    t = torch.empty(cuts.shape, dtype=torch.long)
+    weight = torch.empty(cuts.shape, dtype=torch.float64)
+    for cut in torch.unique(cuts).tolist():
+        rows = torch.nonzero(cuts == cut).flatten()
+        steps, c2 = ambient_c2(int(cut), alphas_cumprod)
+        draw = torch.multinomial(c2 / c2.sum(), len(rows), replacement=True, generator=generator)
+        t[rows] = steps[draw]
+        weight[rows] = c2.mean() / c2[draw]
+    return t, weight
+
+
 def client_loss(
     denoiser: Denoiser,
     x0: torch.Tensor,

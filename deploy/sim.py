@@ -2,7 +2,10 @@
 
 The same topology as ``docker compose up``, without Docker: separate OS processes
 (forked from a fork server that imported torch once, or plain ``python -m`` subprocesses;
-see ``launcher.py``) talking gRPC over 127.0.0.1 on a free port. Outputs under ``--out``:
+see ``launcher.py``) talking gRPC over 127.0.0.1 on a free port. ``--engine ray`` runs the
+clients instead as logical clients multiplexed over a pool of Ray worker actors (``sim_ray.py``),
+for runs of hundreds or thousands of clients; the server is the same process either way.
+Outputs under ``--out``:
 
     data/client-<k>/       each client's shard (class sub-folders)
     server/                the server's store (releases, checkpoints, metrics)
@@ -25,11 +28,13 @@ import signal
 import socket
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
+from typing import Protocol as TypingProtocol
 
 import grpc
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, model_validator
 from pydantic_settings import CliVariadicArg
 from tqdm import tqdm
 
@@ -70,14 +75,31 @@ log = logging.getLogger("collafuse.sim")
 DIGITS_SIDE = 8  # the bundled digits' own size
 # --tls: the identity of the simulation's own Status and health calls (an operator: it watches every client).
 SIM_IDENTITY = "sim"
-TLS_HOSTS = ("127.0.0.1", "localhost")
+LOOPBACK = "127.0.0.1"
+TLS_HOSTS = (LOOPBACK, "localhost")
+# One OS process per client costs ~0.5 GB once torch is imported: beyond this, --engine ray.
+MAX_PROCESS_CLIENTS = 64
+# Loss curves drawn in loss_curves.png: a thousand lines would be neither readable nor quick to draw.
+MAX_CURVES = 16
+# Clients whose grid path is logged at the end (all of them are in <out>/grids).
+MAX_LOGGED_GRIDS = 8
+Engine = Literal["process", "ray"]
 
 
 class SimSettings(CollafuseSettings, ScheduleFields, TrainingFields, RuntimeFields, AmbientFields, SplitFields,
                   AutoencoderFields):
     """The simulation's own settings; the schedule, training and runtime fields pass to every process."""
 
-    clients: int = Field(3, ge=1, le=64, description="number of client processes")
+    clients: int = Field(3, ge=1, le=100_000, description=f"number of clients (--engine process: at most "
+                         f"{MAX_PROCESS_CLIENTS})")
+    engine: Engine = Field("process", description="how the clients run: process (one OS process each) or ray "
+                           "(logical clients multiplexed over a pool of Ray worker actors, for hundreds or thousands "
+                           "of clients; pip install 'collafuse[ray]')")
+    ray_address: str | None = Field(None, description="with --engine ray: join this running Ray cluster ('auto', "
+                                    "'HOST:6379' or 'ray://HOST:10001'; --out must be on storage every node sees); "
+                                    "unset: start a local Ray")
+    ray_workers: int = Field(0, ge=0, description="with --engine ray: worker actors (0: one per CPU of this machine, "
+                             "or of the cluster with --ray-address)")
     cut: int = Field(200, ge=0, description="cut point zeta of every client (0 = GM, T = ICM)")
     cuts: CliVariadicArg[list[int]] = Field([], description="per-client cut points, one per client (e.g. --cuts "
                                             "100 200 500); replaces --cut")
@@ -109,6 +131,18 @@ class SimSettings(CollafuseSettings, ScheduleFields, TrainingFields, RuntimeFiel
     launcher: LauncherKind = Field(default_factory=default_launcher,
                                    description="forkserver: fork the CLIs from one process that imported torch once; "
                                                "subprocess: start each CLI as `python -m` (see deploy/launcher.py)")
+
+    @model_validator(mode="after")
+    def _engine_fits(self) -> SimSettings:
+        if self.engine == "process" and self.clients > MAX_PROCESS_CLIENTS:
+            raise ValueError(f"--clients {self.clients} with --engine process starts one OS process per client (at "
+                             f"most {MAX_PROCESS_CLIENTS}); use --engine ray, which multiplexes logical clients over "
+                             "a pool of worker processes (pip install 'collafuse[ray]')")
+        if self.engine == "ray" and self.protocol == "split":
+            raise ValueError("--engine ray runs the clients in phases, several on one worker, but a split round waits "
+                             "for every active client, so clients queued behind each other would stall every round; "
+                             "run --protocol split with --engine process")
+        return self
 
     def cut_of(self, k: int) -> int:
         """Client k's cut: its entry of --cuts, else --cut."""
@@ -189,13 +223,13 @@ def _shared(settings: SimSettings, *groups: type[BaseModel]) -> dict[str, Any]:
     return {name: getattr(settings, name) for name in names}
 
 
-def sim_pki(settings: SimSettings) -> DevPki | None:
-    """--tls: a fresh development CA in <out>/certs, the server's certificate and one per client and for the
-    simulation itself (None without --tls)."""
+def sim_pki(settings: SimSettings, hosts: Sequence[str] = TLS_HOSTS) -> DevPki | None:
+    """--tls: a fresh development CA in <out>/certs, the server's certificate (for ``hosts``) and one per client
+    and for the simulation itself (None without --tls)."""
     if not settings.tls:
         return None
     client_ids = [f"client-{k}" for k in range(settings.clients)]
-    pki = dev_pki(settings.out / "certs", TLS_HOSTS, [*client_ids, SIM_IDENTITY])
+    pki = dev_pki(settings.out / "certs", tuple(dict.fromkeys(hosts)), [*client_ids, SIM_IDENTITY])
     log.info("--tls: every process talks mutual TLS; development CA and certificates in %s", pki.ca.cert.parent)
     return pki
 
@@ -214,30 +248,38 @@ def _sim_credentials(pki: DevPki | None) -> grpc.ChannelCredentials | None:
     return channel_credentials(fields["tls_cert"], fields["tls_key"], fields["tls_ca"])
 
 
-def server_settings(settings: SimSettings, port: int, classes: list[str], pki: DevPki | None = None) -> ServerSettings:
-    """The server's settings, built (and so checked) here in the parent; with --tls, ``pki`` (sim_pki)'s."""
+def server_settings(settings: SimSettings, port: int, classes: list[str], pki: DevPki | None = None,
+                    host: str = LOOPBACK) -> ServerSettings:
+    """The server's settings, built (and so checked) here in the parent; with --tls, ``pki`` (sim_pki)'s; it
+    listens on ``host`` (a Ray cluster's clients reach it from other machines)."""
     settings = with_image_spec(settings)
     pki = _tls_pki(settings, pki)
     tls: dict[str, Any] = {**pki.server_fields(), "operators": [SIM_IDENTITY]} if pki else {}
+    # Clients at cut T release nothing: the trainer waits only for those that do.
+    releasing = sum(settings.cut_of(k) < settings.num_train_timesteps for k in range(settings.clients))
+    # --engine ray releases every client's images in one phase before any client trains, and stops the run if one
+    # fails: the trainer may wait for all of them however long that takes (minutes for a thousand clients).
+    start: dict[str, Any] = {"start_timeout": settings.timeout} if settings.engine == "ray" else {}
     return build_settings(
         ServerSettings,
         **_shared(settings, ScheduleFields, TrainingFields, RuntimeFields, AmbientFields, AutoencoderFields), **tls,
-        host="127.0.0.1", port=port, store=settings.out / "server",
+        host=host, port=port, store=settings.out / "server",
         image_size=settings.image_size, channels=settings.channels, classes=classes,
-        model_preset=settings.server_preset, max_steps=settings.steps, min_clients=settings.clients,
+        model_preset=settings.server_preset, max_steps=settings.steps, min_clients=max(1, releasing), **start,
         transcript=settings.out / "server" / "transcript.jsonl" if settings.transcript or settings.audit else None,
     )
 
 
-def client_settings(settings: SimSettings, k: int, shard: Path, port: int, pki: DevPki | None = None) -> ClientSettings:
+def client_settings(settings: SimSettings, k: int, shard: Path, port: int, pki: DevPki | None = None,
+                    server_host: str = LOOPBACK) -> ClientSettings:
     """Client k's settings, built (and so checked) here in the parent; its seed is the run's seed + k; with
-    --tls, its certificate from ``pki`` (sim_pki)."""
+    --tls, its certificate from ``pki`` (sim_pki); it reaches the server at ``server_host``."""
     pki = _tls_pki(settings, pki)
     return build_settings(
         ClientSettings,
         **{**_shared(settings, TrainingFields, RuntimeFields, SplitFields, AutoencoderFields), "seed": settings.seed + k},
         **(pki.client_fields(f"client-{k}") if pki else {}),
-        data=shard, server=f"127.0.0.1:{port}", client_id=f"client-{k}",
+        data=shard, server=f"{server_host}:{port}", client_id=f"client-{k}",
         workdir=settings.out / "clients" / f"client-{k}", cut=settings.cut_of(k), protocol=settings.protocol,
         model_preset=settings.client_preset, train_steps=settings.client_steps,
         samples_per_class=settings.samples_per_class, inference_steps=settings.inference_steps,
@@ -249,21 +291,27 @@ def client_settings(settings: SimSettings, k: int, shard: Path, port: int, pki: 
     )
 
 
-def server_command(settings: SimSettings, port: int, classes: list[str], pki: DevPki | None = None) -> Command:
-    return Command("collafuse.server.cli", to_cli_args(server_settings(settings, port, classes, pki)))
+def server_command(settings: SimSettings, port: int, classes: list[str], pki: DevPki | None = None,
+                   host: str = LOOPBACK) -> Command:
+    return Command("collafuse.server.cli", to_cli_args(server_settings(settings, port, classes, pki, host)))
 
 
 def client_command(settings: SimSettings, k: int, shard: Path, port: int, pki: DevPki | None = None) -> Command:
-    return Command("collafuse.client.cli", ["run", *to_cli_args(client_settings(settings, k, shard, port, pki))])
+    return _client_cli(client_settings(settings, k, shard, port, pki))
 
 
-def _server_status(port: int, credentials: grpc.ChannelCredentials | None = None) -> dict[str, Any] | None:
+def _client_cli(client: ClientSettings) -> Command:
+    return Command("collafuse.client.cli", ["run", *to_cli_args(client)])
+
+
+def server_status(port: int, credentials: grpc.ChannelCredentials | None = None) -> dict[str, Any] | None:
+    """The server's trainer (phase, step, max_steps, loss) from a Status call on loopback; None if it did not answer."""
     from collafuse.common.enums import phase_name
     from collafuse.common.rpc import open_channel
     from collafuse.v1 import collafuse_pb2, collafuse_pb2_grpc
 
     try:
-        with open_channel(f"127.0.0.1:{port}", credentials=credentials) as channel:
+        with open_channel(f"{LOOPBACK}:{port}", credentials=credentials) as channel:
             reply = collafuse_pb2_grpc.CollaFuseStub(channel).Status(collafuse_pb2.StatusRequest(), timeout=5)
     except grpc.RpcError:
         return None
@@ -277,7 +325,7 @@ def _wait_healthy(server: ChildProcess, port: int, timeout: float,
     while time.monotonic() < deadline:
         if server.poll() is not None:
             raise SimError(f"the server exited with code {server.poll()}:\n{server.tail()}")
-        if health_check(f"127.0.0.1:{port}", timeout=2.0, credentials=credentials):
+        if health_check(f"{LOOPBACK}:{port}", timeout=2.0, credentials=credentials):
             return
         time.sleep(0.5)
     raise SimError(f"the server did not become healthy within {timeout:.0f}s:\n{server.tail()}")
@@ -296,13 +344,9 @@ def _watch(server: ChildProcess, clients: list[ChildProcess], port: int, setting
                 raise SimError("\n".join(f"{c.name} exited with code {c.poll()}:\n{c.tail()}" for c in failed))
             if server.poll() is not None:
                 raise SimError(f"the server exited early with code {server.poll()}:\n{server.tail()}")
-            status = _server_status(port, credentials)
+            status = server_status(port, credentials)
             if status and (status["step"] != bar.n or not running):
-                bar.n = min(status["step"], bar.total)
-                # One refresh per update: set_postfix would draw the bar a second time.
-                bar.set_postfix(phase=status["phase"], loss=f"{status['loss']:.4f}", clients_left=len(running),
-                                refresh=False)
-                bar.refresh()
+                show_status(bar, status, clients_left=len(running))
             if not running:
                 return
             if time.monotonic() > deadline:
@@ -312,7 +356,70 @@ def _watch(server: ChildProcess, clients: list[ChildProcess], port: int, setting
         bar.close()
 
 
-def collect(settings: SimSettings, wall: float, shards: list[Path]) -> dict[str, Any]:
+def show_status(bar: tqdm, status: dict[str, Any], **postfix: Any) -> None:
+    """The server's training step and loss (``server_status``) on a progress bar."""
+    bar.n = min(status["step"], bar.total)
+    # One refresh per update: set_postfix would draw the bar a second time.
+    bar.set_postfix(phase=status["phase"], loss=f"{status['loss']:.4f}", **postfix, refresh=False)
+    bar.refresh()
+
+
+class ClientEngine(TypingProtocol):
+    """How the simulation runs its clients; everything else about a run (shards, server, outputs) is shared."""
+
+    name: str
+    bind_host: str  # where the server listens
+    client_host: str  # where the clients reach it
+
+    def run_clients(self, clients: Sequence[ClientSettings], server: ChildProcess, port: int,
+                    credentials: grpc.ChannelCredentials | None) -> dict[str, Any]:
+        """Run every client to its end, failing fast (SimError); what metrics.json records under "engine"."""
+        ...
+
+    def close(self) -> None:
+        """Free what the engine holds (its clients are stopped already)."""
+        ...
+
+
+class ProcessEngine:
+    """One OS process per client (launcher.py), each running ``collafuse-client run`` with its own log."""
+
+    name = "process"
+    bind_host = LOOPBACK
+    client_host = LOOPBACK
+
+    def __init__(self, settings: SimSettings, env: dict[str, str]) -> None:
+        self.settings = settings
+        self.env = env
+
+    def run_clients(self, clients: Sequence[ClientSettings], server: ChildProcess, port: int,
+                    credentials: grpc.ChannelCredentials | None) -> dict[str, Any]:
+        logs = self.settings.out / "logs"
+        processes: list[ChildProcess] = []
+        try:
+            for client in clients:
+                processes.append(ChildProcess(client.client_id or "client", _client_cli(client),
+                                              logs / f"{client.client_id}.log", self.env, self.settings.launcher))
+            _watch(server, processes, port, self.settings, credentials)
+        finally:
+            for proc in processes:
+                proc.stop()
+        return {"name": self.name, "launcher": self.settings.launcher, "failed_clients": 0}
+
+    def close(self) -> None:
+        pass
+
+
+def open_engine(settings: SimSettings) -> ClientEngine:
+    """The engine of --engine; Ray is imported (and started or joined) only for --engine ray."""
+    if settings.engine == "ray":
+        from collafuse.deploy.sim_ray import RayEngine
+
+        return RayEngine(settings)
+    return ProcessEngine(settings, _env(settings))
+
+
+def collect(settings: SimSettings, wall: float, shards: list[Path], engine: dict[str, Any] | None = None) -> dict[str, Any]:
     """metrics.json, grids and loss curves from the processes' outputs."""
     server_metrics = read_json(settings.out / "server" / "metrics.json")
     clients: dict[str, Any] = {}
@@ -326,18 +433,21 @@ def collect(settings: SimSettings, wall: float, shards: list[Path]) -> dict[str,
         workdir = settings.out / "clients" / name
         metrics = read_json(workdir / "metrics.json")
         clients[name] = metrics
-        if metrics.get("local_losses"):
+        if metrics.get("local_losses") and k < MAX_CURVES:
             curves[name] = [(float(x), float(y)) for x, y in metrics["local_losses"]]
         grid = workdir / "samples" / "grid.png"
         if grid.is_file():
             shutil.copyfile(grid, grids / f"{name}.png")
-    save_curves(settings.out / "loss_curves.png", curves, f"training loss (cuts {_cuts_text(settings)})")
+    shown = f", first {MAX_CURVES} of {settings.clients} clients" if settings.clients > MAX_CURVES else ""
+    save_curves(settings.out / "loss_curves.png", curves, f"training loss (cuts {_cuts_text(settings)}{shown})")
 
     def total(key: str) -> int:
         return int(sum(int(m.get(key, 0) or 0) for m in clients.values()))
 
+    engine = engine or {"name": settings.engine}
     pooled = {
         "clients": settings.clients,
+        "engine": engine["name"],
         "images": total("num_images"),
         "bytes_sent": total("bytes_sent"),
         "bytes_received": total("bytes_received"),
@@ -351,6 +461,7 @@ def collect(settings: SimSettings, wall: float, shards: list[Path]) -> dict[str,
         "server": server_metrics,
         "clients": clients,
         "pooled": pooled,
+        "engine": engine,
     }
     (settings.out / "metrics.json").write_text(json.dumps(summary, indent=2, default=str))
     return summary
@@ -372,7 +483,8 @@ def run_audit(settings: SimSettings) -> dict[str, Any]:
 
     # The attacker's chains run as long as the run's own sampling chain (--inference-steps).
     args = build_parser().parse_args([str(settings.out), "--features", settings.audit_features, "--seed", str(settings.seed),
-                                      "--chain-steps", str(settings.inference_steps)])
+                                      "--chain-steps", str(settings.inference_steps)]
+                                     + (["--autoencoder", str(settings.autoencoder)] if settings.autoencoder else []))
     try:
         result = audit_run(args)
     except (AuditError, TranscriptError) as exc:
@@ -400,9 +512,6 @@ def run(settings: SimSettings) -> dict[str, Any]:
     for k in range(settings.clients):
         if not 0 <= settings.cut_of(k) <= settings.num_train_timesteps:
             raise ConfigError(f"cut {settings.cut_of(k)} of client-{k} is outside [0, T = {settings.num_train_timesteps}]")
-    if settings.audit and settings.autoencoder is not None:
-        raise ConfigError("--audit with --autoencoder: the privacy audit does not decode latent payloads yet (its "
-                          "attacks compare estimates with x0 in pixels); run the latent federation without --audit")
     if settings.fresh:
         for sub in ("server", "clients", "logs", "grids"):
             shutil.rmtree(settings.out / sub, ignore_errors=True)
@@ -411,32 +520,33 @@ def run(settings: SimSettings) -> dict[str, Any]:
     settings = with_image_spec(settings)
     shards, classes = prepare_shards(settings)
     port = free_port()
-    env = _env(settings)
     logs = settings.out / "logs"
-    pki = sim_pki(settings)
-    credentials = _sim_credentials(pki)
     if 0 in (settings.cut_of(k) for k in range(settings.clients)):
         log.warning("cut 0 is the global-model baseline: every client releases its raw images to the server")
-    log.info("starting the server on 127.0.0.1:%d and %d clients (cut %s)", port, settings.clients, _cuts_text(settings))
-    server = ChildProcess("server", server_command(settings, port, classes, pki), logs / "server.log", env,
-                          settings.launcher)
-    clients: list[ChildProcess] = []
+    engine = open_engine(settings)
+    server: ChildProcess | None = None
     try:
+        pki = sim_pki(settings, (*TLS_HOSTS, engine.client_host))
+        credentials = _sim_credentials(pki)
+        clients = [client_settings(settings, k, shard, port, pki, engine.client_host) for k, shard in enumerate(shards)]
+        log.info("starting the server on %s:%d and %d clients (cut %s, --engine %s)", engine.bind_host, port,
+                 settings.clients, _cuts_text(settings), engine.name)
+        server = ChildProcess("server", server_command(settings, port, classes, pki, engine.bind_host),
+                              logs / "server.log", _env(settings), settings.launcher)
         _wait_healthy(server, port, timeout=120, credentials=credentials)
-        for k, shard in enumerate(shards):
-            clients.append(ChildProcess(f"client-{k}", client_command(settings, k, shard, port, pki),
-                                        logs / f"client-{k}.log", env, settings.launcher))
-        _watch(server, clients, port, settings, credentials)
+        engine_report = engine.run_clients(clients, server, port, credentials)
     finally:
-        for proc in clients:
-            proc.stop()
-        server.stop()
-    summary = collect(settings, time.monotonic() - started, shards)
+        if server is not None:
+            server.stop()
+        engine.close()
+    summary = collect(settings, time.monotonic() - started, shards, engine_report)
     if settings.audit:
         summary["audit"] = run_audit(settings)
     log.info("done in %.0fs: %s", summary["pooled"]["wall_seconds"], settings.out / "metrics.json")
-    for k in range(settings.clients):
+    for k in range(min(settings.clients, MAX_LOGGED_GRIDS)):
         log.info("samples of client-%d: %s", k, settings.out / "grids" / f"client-{k}.png")
+    if settings.clients > MAX_LOGGED_GRIDS:
+        log.info("... and of the other %d clients in %s", settings.clients - MAX_LOGGED_GRIDS, settings.out / "grids")
     return summary
 
 

@@ -16,7 +16,6 @@ image was sent once. 12 digits at 16x16 grey; no server model (the attacks here 
 
 from __future__ import annotations
 
-import base64
 import json
 import math
 from collections.abc import Callable
@@ -27,6 +26,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from transcript_support import split_step_lines, transcript_line, write_transcript
 
 from collafuse.client.dp import split_send_mu2
 from collafuse.client.ledger import Ledger
@@ -50,18 +50,6 @@ TOLERANCE_DB = 0.1
 # ---- recording a run ------------------------------------------------------------------------------------------
 
 
-def _line(seq: int, method: str, message: Any, direction: str = "request") -> str:
-    """One line in server/transcript.py's format."""
-    return json.dumps({"seq": seq, "time": float(seq), "method": f"/collafuse.v1.CollaFuse/{method}",
-                       "request_type": message.DESCRIPTOR.full_name, "peer": "ipv4:127.0.0.1:1", "direction": direction,
-                       "payload_b64": base64.b64encode(message.SerializeToString()).decode("ascii")})
-
-
-def _write(run: Path, lines: list[str]) -> None:
-    (run / "server").mkdir(parents=True, exist_ok=True)
-    (run / "server" / "transcript.jsonl").write_text("\n".join(lines) + "\n")
-
-
 def _shard(run: Path) -> Path:
     return run / "data" / "shards" / CLIENT
 
@@ -79,7 +67,7 @@ def _release_lines(x_cut: torch.Tensor, labels: list[int], cut: int) -> list[str
     chunk = collafuse_pb2.ReleaseChunk(client_id=CLIENT, cut=cut, last=True, total_items=len(labels))
     for i, (row, label) in enumerate(zip(x_cut, labels)):
         chunk.items.add(image_key=f"key-{i}", label=int(label), x_cut=encode(row.float().contiguous()))
-    return [_line(1, "Release", chunk)]
+    return [transcript_line(1, "Release", chunk)]
 
 
 def _audit(run: Path, *extra: str) -> dict[str, Any]:
@@ -115,7 +103,7 @@ def test_an_honest_single_release_gives_the_baseline(tmp_path: Path) -> None:
     x0 = load_image_folder(_shard(run), 1, 16).images.double()
     ab = float(AB[CUT])
     x_cut = math.sqrt(ab) * x0 + math.sqrt(1 - ab) * _noise(tuple(x0.shape), 0)
-    _write(run, _release_lines(x_cut, sorted(labels.tolist()), CUT))
+    write_transcript(run, _release_lines(x_cut, sorted(labels.tolist()), CUT))
     (group,) = _audit(run)["groups"]
     baseline = _psnr((x_cut / math.sqrt(ab)).numpy(), x0.numpy())
     assert abs(_figure(group) - baseline) < TOLERANCE_DB, (group["best_actual"], baseline)
@@ -179,17 +167,11 @@ def _split_run(run: Path, steps: int, cut: int, seed: int = 0, once: bool = Fals
             rows_per_image[i] += 1
         record.record_step(server="srv", protocol="split", sample_rate=BATCH / n, delta=1e-5, sends=[
             Send(keys[i], int(ti), split_send_mu2(float(AB[ti]), d, CLIP, SIGMA)) for i, ti in zip(pick.tolist(), t.tolist())])
-        forward = collafuse_pb2.SplitForwardRequest(client_id=CLIENT, x_t=encode(x_t.contiguous()), t=t.tolist(),
-                                                    labels=y[pick].tolist())
-        reply = collafuse_pb2.SplitForwardReply(step_id=f"s{step}", eps_hat=encode(eps_hat.contiguous()), server_step=step)
-        backward = collafuse_pb2.SplitBackwardRequest(client_id=CLIENT, step_id=f"s{step}", grad=encode(grad.contiguous()))
-        for method, message, direction in (("SplitForward", forward, "request"), ("SplitForward", reply, "reply"),
-                                           ("SplitBackward", backward, "request")):
-            seq += 1
-            lines.append(_line(seq, method, message, direction))
+        lines += split_step_lines(seq, CLIENT, step, x_t, t, y[pick].tolist(), eps_hat, grad)
+        seq += 3
     record.close()
     ledger.close()
-    _write(run, lines)
+    write_transcript(run, lines)
     (run / "clients" / CLIENT / "metrics.json").write_text(json.dumps(
         {"cut": cut, "contribution": {"dp_clip": CLIP, "dp_noise_multiplier": SIGMA}}))
     sent = rows_per_image > 0
@@ -242,7 +224,7 @@ def test_an_inflated_spec_is_audited_at_native_resolution(tmp_path: Path, served
     images = load_image_folder(_shard(run), served[0], served[1]).images.double()
     ab = float(AB[CUT])
     x_cut = math.sqrt(ab) * images + math.sqrt(1 - ab) * _noise(tuple(images.shape), 1)
-    _write(run, _release_lines(x_cut, sorted(labels.tolist()), CUT))
+    write_transcript(run, _release_lines(x_cut, sorted(labels.tolist()), CUT))
     # The attack: least squares back to 16x16 grey (channel mean, a pseudo-inverse per side).
     y = x_cut.numpy().mean(axis=1) / math.sqrt(ab)
     inverse = np.linalg.pinv(_resize(16, served[1]))
@@ -321,7 +303,7 @@ def test_augmented_copies_are_aligned_and_averaged(tmp_path: Path) -> None:
     assert np.allclose(x0[:len(names), 0].numpy(), np.stack(copies), atol=1e-6)  # files in this order
     ab = float(AB[CUT])
     x_cut = math.sqrt(ab) * x0 + math.sqrt(1 - ab) * _noise(tuple(x0.shape), 4)  # each released, fresh noise
-    _write(run, _release_lines(x_cut, [int(c) for c in data.class_names], CUT))
+    write_transcript(run, _release_lines(x_cut, [int(c) for c in data.class_names], CUT))
     # The attack: every copy undone onto the original, moved into each copy's frame, averaged where defined.
     looks = x_cut[:, 0].numpy() / math.sqrt(ab)
     in_original = np.stack([COPIES[n][1](looks[k]) for k, n in enumerate(names)])
@@ -351,7 +333,7 @@ def test_payloads_are_checked_against_the_clients_own_floor(tmp_path: Path, with
     x0 = load_image_folder(_shard(run), 1, 16).images.double()
     served = float(TINY.alphas_cumprod()[CUT])
     x_cut = math.sqrt(served) * x0 + math.sqrt(1 - served) * _noise(tuple(x0.shape), 5)
-    _write(run, _release_lines(x_cut, sorted(labels.tolist()), CUT))
+    write_transcript(run, _release_lines(x_cut, sorted(labels.tolist()), CUT))
     if with_ledger:
         with Ledger(run / "clients" / CLIENT) as ledger:  # it pinned the first schedule it met
             ledger.pin_schedule(TINY, served, f"cut {CUT} under the first schedule accepted", "srv")

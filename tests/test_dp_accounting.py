@@ -31,6 +31,7 @@ from collafuse.client.privacy_ledger import privacy_report
 from collafuse.client.protocols import split as client_split
 from collafuse.client.protocols.split import SplitClient, SplitOptions
 from collafuse.common.codec import decode, encode
+from collafuse.common.config import ClientSettings
 from collafuse.common.schedule import ScheduleConfig
 from collafuse.v1 import collafuse_pb2
 
@@ -98,21 +99,23 @@ class EchoServer:
         return collafuse_pb2.SplitBackwardReply(server_step=len(self.forwards), applied=True)
 
 
-def _per_image(steps: list[Any], d: int, clip: float, sigma: float) -> dict[int, list[float]]:
-    """Per image, the noise-over-radius of each Gaussian event its sends made: x_t, then the gradient row."""
+def _per_image(steps: list[Any], d: int, clip: float, sigma: float, bound: float = 1.0) -> dict[int, list[float]]:
+    """Per image, the noise-over-radius of each Gaussian event its sends made: x_t, then the gradient row. The data
+    lie in [-bound, bound]^d: within bound sqrt(d) of 0."""
     per_image: dict[int, list[float]] = {}
     for step in steps:
         for i, t in zip(step.index.tolist(), step.t.tolist()):
             ab = float(AB[t])
-            x_radius = math.sqrt(ab * d)
-            g_radius = min(clip, 2 / d * math.sqrt(ab / (1 - ab)) * math.sqrt(d))
+            x_radius = bound * math.sqrt(ab * d)
+            g_radius = min(clip, 2 / d * math.sqrt(ab / (1 - ab)) * bound * math.sqrt(d))
             per_image.setdefault(i, []).extend([math.sqrt(1 - ab) / x_radius, sigma * clip / g_radius])
     return per_image
 
 
-def _independent_split_epsilon(steps: list[Any], d: int, clip: float, sigma: float) -> tuple[float, float]:
+def _independent_split_epsilon(steps: list[Any], d: int, clip: float, sigma: float,
+                               bound: float = 1.0) -> tuple[float, float]:
     """(PLD epsilon of the worst image, RDP epsilon of the same image) from the sends alone."""
-    worst = max(_per_image(steps, d, clip, sigma).values(), key=lambda s: sum(v**-2 for v in s))
+    worst = max(_per_image(steps, d, clip, sigma, bound).values(), key=lambda s: sum(v**-2 for v in s))
     rdp = RdpAccountant(neighboring_relation=dpa.NeighboringRelation.ADD_OR_REMOVE_ONE)  # N(0) vs N(distance)
     rdp.compose(dpa.ComposedDpEvent([dpa.GaussianDpEvent(s / 2) for s in worst]))
     return _pld_epsilon(worst), float(rdp.get_epsilon(DELTA))
@@ -173,3 +176,29 @@ def test_split_epsilon_under_the_default_cap_is_one_release(tmp_path: Path, monk
     assert report.epsilon == pytest.approx(pld, rel=2e-3)
     assert report.epsilon <= one_release * (1 + 1e-9)  # type: ignore[operator]
     assert report.max_image_exposure is not None and report.max_image_exposure <= 1.0
+
+
+def test_latent_epsilon_is_priced_per_latent_element_in_the_latents_range(tmp_path: Path,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """In latent space (--autoencoder) the mechanism acts on the client's scaled latents, which it clamps to
+    [-4, 4]^d (common/autoencoder.py's LATENT_BOUND), d the latent elements: every radius is 4 times a pixel's.
+    Split sends (4x8x8 latents, cut 500, sigma 1, C 1) and an ambient release, against dp-accounting."""
+    assert SplitClient.from_settings(ClientSettings(autoencoder=tmp_path / "ae")).options.value_bound == 4.0
+    assert SplitClient.from_settings(ClientSettings()).options.value_bound == 1.0
+    recorder = Recorder(monkeypatch)
+    latents = (torch.randn((12, 4, 8, 8), generator=torch.Generator().manual_seed(3)) * 1.5).clamp(-4, 4)
+    options = SplitOptions(batch_size=4, steps=10, dp_clip=1.0, dp_noise_multiplier=1.0, max_image_exposure=math.inf,
+                           value_bound=4.0)
+    with Ledger(tmp_path / "work") as ledger:
+        report = SplitClient(options).contribute(EchoServer(), ledger, client_id="c0", images=latents,  # type: ignore[arg-type]
+                                                 labels=[0] * 12, paths=None, cut=500, schedule=SCHEDULE, server="srv")
+    pld, _ = _independent_split_epsilon(recorder.steps, 256, 1.0, 1.0, bound=4.0)
+    assert report.epsilon == pytest.approx(pld, rel=2e-3)
+    as_pixels, _ = _independent_split_epsilon(recorder.steps, 256, 1.0, 1.0)
+    assert report.epsilon is not None and report.epsilon > 2 * as_pixels  # what the [-1, 1] accounting would have understated
+    with Ledger(tmp_path / "ambient") as ledger:
+        ledger.record_sent([SentItem("k0", 0, 0, "0" * 64)], ReleaseLevel.of(SCHEDULE, 900), "ambient", "srv")
+        (entry,) = privacy_report(ledger, DELTA, (4, 8, 8), bound=4.0)["ambient"]
+    ab = float(AB[900])
+    assert entry["epsilon_per_release"] == pytest.approx(
+        dpa.get_epsilon_gaussian(math.sqrt(1 - ab) / (2 * 4 * math.sqrt(ab * 256)), DELTA), rel=1e-6)

@@ -18,7 +18,7 @@ from collafuse.client.lifecycle import ClientLifecycle
 from collafuse.common.autoencoder import latent_fingerprint, load_autoencoder
 from collafuse.common.config import ClientSettings, ServerSettings
 from collafuse.common.schedule import fingerprint
-from collafuse.common.settings import ConfigError, parse_settings
+from collafuse.common.settings import parse_settings
 from collafuse.deploy import sim
 from collafuse.deploy.sim import SimSettings
 from collafuse.server.errors import StartupError
@@ -126,8 +126,3 @@ def test_a_client_joins_only_a_server_with_its_own_autoencoder(tmp_path: Path) -
             client.register()
     finally:
         pixel.stop(0)
-
-
-def test_the_simulation_refuses_an_audit_of_a_latent_run(tmp_path: Path) -> None:
-    with pytest.raises(ConfigError, match="does not decode latent payloads yet"):
-        sim.run(SimSettings(out=tmp_path, autoencoder=tmp_path / "ae", audit=True, image_size=8, channels=1))

@@ -661,7 +661,11 @@ def test_split_steps_and_the_ambient_trainer_share_the_model(tmp_path: Path) -> 
 
 def test_protocol_split_through_the_client_lifecycle(tmp_path: Path) -> None:
     """A real server, a client run with --protocol split that may send each image once; outputs as for ambient."""
-    srv = start(tmp_path / "store", classes=["0", "1", "2"], max_steps=100, checkpoint_every=1, batch_size=4)
+    # The server's check against its own objective is off: on these synthetic images a step may point against it and
+    # be left out (server/gradient_trust.py, tested in tests/test_gradient_trust.py), and this test checks that the
+    # client's steps train and checkpoint the server's model.
+    srv = start(tmp_path / "store", classes=["0", "1", "2"], max_steps=100, checkpoint_every=1, batch_size=4,
+                split_trust_window=0)
     try:
         make_image_folder(tmp_path / "data", classes=("0", "2"), per_class=4)
         settings = ClientSettings(
@@ -684,11 +688,7 @@ def test_protocol_split_through_the_client_lifecycle(tmp_path: Path) -> None:
         assert 0 < split["epsilon"] <= 1e4
         assert status["privacy"]["split"]["steps"] == 2
         assert (tmp_path / "work" / "samples" / "grid.png").is_file()
-        # Each step is applied, or left out by the server's check against its own objective (server/
-        # gradient_trust.py): a first step on these synthetic images may point against it. (On real digits with
-        # DP, C 0.1 sigma 0.2, three clients x 100 rounds: none left out, eps-MSE as without the check.)
-        left_out = srv.servicer.protocols[collafuse_pb2.PROTOCOL_SPLIT].contributions.left_out  # type: ignore[attr-defined]
-        assert srv.trainer.core.step + left_out.total() == 2
+        assert srv.trainer.core.step == 2  # every step applied
         time.sleep(0.1)
         # The split steps checkpointed the server's model: a diffusers model folder.
         latest = tmp_path / "store" / "checkpoints" / "latest"

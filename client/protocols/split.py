@@ -51,6 +51,7 @@ from collafuse.client.ledger import Ledger
 from collafuse.client.noise_floor import release_floor
 from collafuse.client.privacy_ledger import Exposure, PrivacyLedger, Send, ambient_mu2, finite_or_none
 from collafuse.client.protocols.base import ClientProtocol, ContributionReport
+from collafuse.common.autoencoder import data_bound
 from collafuse.common.codec import TensorError, decode, encode
 from collafuse.common.config import ClientSettings
 from collafuse.common.diffusion import q_sample
@@ -167,6 +168,7 @@ class SplitOptions:
     dp_delta: float = _default("dp_delta")
     max_image_exposure: float = _default("split_max_image_exposure")  # in ambient releases at the floor
     max_sends_per_image: int = _default("split_max_sends_per_image")  # 0: no count limit
+    value_bound: float = 1.0  # the data's range per element: 1 for pixels, LATENT_BOUND for latents (client/dp.py)
 
     def __post_init__(self) -> None:
         if self.dp_noise_multiplier > 0 and self.dp_clip is None:
@@ -309,19 +311,21 @@ class SplitClient(ClientProtocol):
             dp_noise_multiplier=settings.dp_noise_multiplier, dp_epsilon=settings.dp_epsilon,
             dp_delta=settings.dp_delta, max_image_exposure=settings.split_max_image_exposure,
             max_sends_per_image=settings.split_max_sends_per_image,
+            value_bound=data_bound(settings.autoencoder is not None),
         ))
 
     def send_costs(self, schedule: ScheduleConfig, image_shape: Sequence[int]) -> torch.Tensor:
         """mu^2 of one send of one image at each t (index t; client/dp.py ``split_send_mu2``): x_t and gradient row."""
         d = math.prod(int(s) for s in image_shape)
         opts = self.options
-        return torch.tensor([split_send_mu2(float(ab), d, opts.dp_clip, opts.dp_noise_multiplier)
+        return torch.tensor([split_send_mu2(float(ab), d, opts.dp_clip, opts.dp_noise_multiplier,
+                                            bound=opts.value_bound)
                              for ab in schedule.alphas_cumprod().tolist()], dtype=torch.float64)
 
     def image_cap(self, floor_alpha_bar: float, image_shape: Sequence[int]) -> float:
         """The most mu^2 one image may reach: the exposure cap (in releases at the floor) and --dp-epsilon's mu."""
         opts = self.options
-        reference = release_mu2(floor_alpha_bar, math.prod(int(s) for s in image_shape))
+        reference = release_mu2(floor_alpha_bar, math.prod(int(s) for s in image_shape), bound=opts.value_bound)
         cap = math.inf if math.isinf(opts.max_image_exposure) else opts.max_image_exposure * reference
         if opts.dp_epsilon is not None:
             cap = min(cap, gaussian_mu(opts.dp_epsilon, opts.dp_delta) ** 2)
@@ -366,7 +370,7 @@ class SplitClient(ClientProtocol):
         d = math.prod(shape)
         cost = self.send_costs(schedule, shape)
         cap = self.image_cap(floor, shape)
-        reference = release_mu2(floor, d)
+        reference = release_mu2(floor, d, bound=self.options.value_bound)
         report.noise_multiplier = finite_or_none(self.noise_multiplier(schedule, cut, shape)) or None
         report.image_exposure_cap = finite_or_none(cap / reference) if 0 < reference < math.inf else None
         if Cut(cut, T).global_model:
@@ -407,7 +411,7 @@ class SplitClient(ClientProtocol):
             log.warning("not sending %s: it is %s (sending both would let the server average their noise away)",
                         ids[i].name(), copy.describe())
         exposures = privacy.exposures()
-        released = ambient_mu2(ledger, int(images[0].numel()))
+        released = ambient_mu2(ledger, int(images[0].numel()), self.options.value_bound)
         spent = torch.tensor([exposures.get(x.key, _NONE).mu2 + released.get(x.key, 0.0) for x in ids],
                              dtype=torch.float64)
         sends = torch.tensor([exposures.get(x.key, _NONE).sends for x in ids], dtype=torch.long)

@@ -1,7 +1,8 @@
 """Reconstruction attacks a curious server can run on what it receives (docs/design.md §3, §7).
 
 Pure functions of tensors and a denoiser (``Denoiser``: eps_hat(x_t, t, y) with the paper's 1-based t).
-Each returns an estimate of x_0 clamped to [-1, 1]; ``score`` turns it into PSNR/SSIM against the truth.
+Each returns an estimate of x_0 clamped to the data range of the audit's space (evaluation/audit/space.py: [-1, 1]
+in pixels); ``score`` turns it into PSNR/SSIM against the truth, in pixels (a latent estimate decoded first).
 
 - ``tweedie``: one-step x_hat_0 = (x_t - sqrt(1 - ab_t) eps_hat) / sqrt(ab_t) with the server's model.
 - ``chain``: the server's model runs the rest of the chain from x_t to 0 (DDIM or DDPM, diffusers
@@ -18,7 +19,6 @@ Each returns an estimate of x_0 clamped to [-1, 1]; ``score`` turns it into PSNR
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from typing import Literal
 
 import torch
@@ -26,29 +26,9 @@ import torch
 from collafuse.common.diffusion import Denoiser
 from collafuse.common.sampling import client_half, make_chain
 from collafuse.common.schedule import ScheduleConfig
-from collafuse.evaluation.audit.quality import mean_psnr, psnr, ssim
+from collafuse.evaluation.audit.space import Reconstruction, clamp_estimate, score
 
-
-@dataclass
-class Reconstruction:
-    """An attack's best estimate of x_0 and how close it is."""
-
-    attack: str
-    x0_hat: torch.Tensor
-    psnr_db: float
-    ssim: float
-    psnr_per_image: list[float]
-
-    def summary(self) -> dict[str, object]:
-        return {"attack": self.attack, "psnr_db": self.psnr_db, "ssim": self.ssim}
-
-
-def score(attack: str, x0_hat: torch.Tensor, x0: torch.Tensor) -> Reconstruction:
-    x0_hat = x0_hat.detach().float().clamp(-1, 1).cpu()
-    x0 = x0.detach().float().cpu()
-    return Reconstruction(
-        attack, x0_hat, mean_psnr(x0_hat, x0), float(ssim(x0_hat, x0).mean()), psnr(x0_hat, x0).tolist()
-    )
+__all__ = ["Reconstruction", "score"]  # re-exported: where callers have always found them
 
 
 def _level(alpha_bar: float | torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -62,13 +42,13 @@ def _level(alpha_bar: float | torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 
 def linear(x_t: torch.Tensor, alpha_bar: float | torch.Tensor) -> torch.Tensor:
     """x_t / sqrt(ab): unbiased, no model."""
-    return (x_t.to(torch.float64) / _level(alpha_bar, x_t).sqrt()).float().clamp(-1, 1)
+    return clamp_estimate((x_t.to(torch.float64) / _level(alpha_bar, x_t).sqrt()).float())
 
 
 def x0_from_eps(x_t: torch.Tensor, eps: torch.Tensor, alpha_bar: float | torch.Tensor) -> torch.Tensor:
     """x_0 = (x_t - sqrt(1 - ab) eps) / sqrt(ab), in float64 so exact inversions stay exact."""
     ab = _level(alpha_bar, x_t)
-    return ((x_t.to(torch.float64) - (1 - ab).sqrt() * eps.to(torch.float64)) / ab.sqrt()).clamp(-1, 1)
+    return clamp_estimate((x_t.to(torch.float64) - (1 - ab).sqrt() * eps.to(torch.float64)) / ab.sqrt())
 
 
 @torch.no_grad()
@@ -77,7 +57,7 @@ def tweedie(
 ) -> torch.Tensor:
     """One-step x_hat_0 from the server's eps-prediction at 1-based t."""
     if t < 1:
-        return x_t.float().clamp(-1, 1)  # t = 0: the payload is x_0 itself
+        return clamp_estimate(x_t.float())  # t = 0: the payload is x_0 itself
     eps_hat = denoiser(x_t, torch.full((x_t.shape[0],), t, dtype=torch.long, device=x_t.device), labels)
     return x0_from_eps(x_t, eps_hat, float(alphas_cumprod[t])).float()
 
@@ -94,7 +74,7 @@ def chain(
 ) -> torch.Tensor:
     """Run the chain's steps with t' <= t from x_t to x_0 with the server's model (0 steps: all T, exact level)."""
     steps = make_chain(schedule, kind, num_inference_steps, t)
-    return client_half(denoiser, steps, x_t, labels, seed, t).float().clamp(-1, 1)
+    return clamp_estimate(client_half(denoiser, steps, x_t, labels, seed, t).float())
 
 
 def averaged_level(alpha_bar: float, k: int) -> float:
@@ -122,7 +102,7 @@ def two_level(x_a: torch.Tensor, alpha_bar_a: float, x_b: torch.Tensor, alpha_ba
     det = a1 * b2 - a2 * b1
     if abs(det) < 1e-12:
         raise ValueError("the two releases are at the same level: nothing to solve")
-    return ((b2 * x_a.to(torch.float64) - b1 * x_b.to(torch.float64)) / det).clamp(-1, 1)
+    return clamp_estimate((b2 * x_a.to(torch.float64) - b1 * x_b.to(torch.float64)) / det)
 
 
 def mse_loss_scale(batch_shape: torch.Size | tuple[int, ...]) -> float:

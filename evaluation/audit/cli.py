@@ -36,12 +36,10 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from collafuse.client.joining import CACHED_SERVER_FILE
 from collafuse.client.ledger import FloorConfig
 from collafuse.common.config import ClientSettings
 from collafuse.common.data import DataError, load_image_folder
 from collafuse.common.diffusion import Denoiser
-from collafuse.common.files import read_json
 from collafuse.common.images import save_grid
 from collafuse.common.models import as_denoiser, load_model
 from collafuse.common.runtime import run_cli, setup_logging
@@ -56,8 +54,15 @@ from collafuse.evaluation.audit.disclosure import (
     server_side_images,
 )
 from collafuse.evaluation.audit.floor import client_floor_at, served_gain
+from collafuse.evaluation.audit.latent import (
+    LatentAudit,
+    LatentAuditError,
+    announced_identity,
+    run_autoencoder_path,
+)
 from collafuse.evaluation.audit.native import native_images, native_shapes
 from collafuse.evaluation.audit.payloads import match_to_originals
+from collafuse.evaluation.audit.space import AuditSpace, LatentSpace, PixelSpace, scoring_in
 from collafuse.evaluation.audit.split import DpParams, audit_split, ledger_index
 from collafuse.evaluation.audit.transcript import (
     ReleasePayload,
@@ -95,6 +100,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--features", choices=["inception", "pixels", "none"], default="inception",
                    help="features of the disclosure Fréchet distance (none: skip it)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--autoencoder", type=Path, default=None,
+                   help="a run in latent space: the autoencoder folder it ran with (default: the one RUN_DIR/metrics.json "
+                        "names); every estimate is decoded through it and scored against x0 in pixels")
     defaults = ClientSettings.model_fields
     floor = p.add_argument_group("the client's floor, for clients without a ledger (defaults: the client's)")
     floor.add_argument("--reference-timesteps", type=int, default=defaults["reference_timesteps"].default)
@@ -137,13 +145,14 @@ def _load_server(path: Path) -> tuple[Denoiser | None, ScheduleConfig | None, st
     return as_denoiser(model), schedule, str(path)
 
 
-def _match(payloads: list[ReleasePayload], client_dir: Path, shard: Path, paths: list[str], x0: torch.Tensor) -> list[int]:
-    """Index into the client's images of each payload: through its ledger's keys, else by correlation."""
+def _match(payloads: list[ReleasePayload], client_dir: Path, pixels: torch.Tensor, x0: torch.Tensor) -> list[int]:
+    """Index into the client's images of each payload: through its ledger's keys (of the images' ``pixels``), else by
+    correlation with ``x0`` (what the payloads noise: the pixels, or their latents)."""
     from collafuse.client.ledger import LEDGER_FILE, Ledger
 
     if (client_dir / LEDGER_FILE).is_file():
         with Ledger(client_dir) as ledger:
-            index = {key: i for i, key in enumerate(ledger.image_keys(x0))}
+            index = {key: i for i, key in enumerate(ledger.image_keys(pixels))}
         found = [index.get(p.image_key, -1) for p in payloads]
         if all(i >= 0 for i in found):
             return found
@@ -177,6 +186,18 @@ def _figure(path: Path, groups: list[dict[str, Any]]) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+@dataclass
+class ClientImages:
+    """A client's images as the audit holds them: ``data.images`` is what the payloads noise (pixels, or their
+    latents), ``pixels`` what the ledger keys and the scores compare; ``space`` how estimates are scored."""
+
+    shard: Path
+    data: Any
+    pixels: torch.Tensor
+    native_shapes: list[tuple[int, int, int]]
+    space: AuditSpace
 
 
 @dataclass
@@ -243,16 +264,20 @@ def audit_run(args: argparse.Namespace) -> dict[str, Any]:
     client_ids = sorted({c for c, _ in by_group} | set(split_by_client))
     shards = _data_paths(args, client_ids)
     records = {c: ClientRecords.read(run_dir / "clients" / c) for c in client_ids}
-    latent = [c for c in client_ids if read_json(run_dir / "clients" / c / CACHED_SERVER_FILE).get("autoencoder")]
-    if latent:
-        raise AuditError(f"{', '.join(latent)} ran in latent space (--autoencoder): the audit does not decode latent "
-                         "payloads yet, and its attacks compare estimates with x0 in pixels")
     first = payloads[0].x_cut if payloads else steps[0].x_t[0]
     channels, height, width = first.shape
     image_shape = (int(channels), int(height), int(width))
+    announced = {c: i for c in client_ids if (i := announced_identity(run_dir / "clients" / c)) is not None}
+    latent: LatentAudit | None = None
+    if announced:
+        try:
+            latent = LatentAudit.open(args.autoencoder or run_autoencoder_path(run_dir), announced, image_shape)
+        except LatentAuditError as exc:
+            raise AuditError(str(exc)) from None
+    shown_shape = latent.pixel_shape if latent is not None else image_shape  # what x0 and the pictures are in
     extractor: FeatureExtractor | None = None
     if args.features == "pixels":
-        extractor = PixelFeatures(image_shape)
+        extractor = PixelFeatures(shown_shape)
     elif args.features == "inception":
         extractor = inception_features()
     if model_schedule is None and not any(r.schedule for r in records.values()):
@@ -268,18 +293,30 @@ def audit_run(args: argparse.Namespace) -> dict[str, Any]:
             return model_schedule, "server model"
         return ScheduleConfig(), "default (no model, no ledger)"
 
-    def load(client: str) -> tuple[Path, Any, list[tuple[int, int, int]]]:
+    def load(client: str) -> ClientImages:
         shard = shards[client]
         if not shard.is_dir():
             raise AuditError(f"no images for {client} at {shard}: pass --data {client}=PATH")
         try:
+            if latent is not None:
+                # The native view does not apply: the payloads are latents of the images at the autoencoder's spec.
+                view = latent.load(shard)
+                return ClientImages(shard, view.data, view.pixels, [], view.space)
             data = load_image_folder(shard, image_shape[0], image_shape[1])
-            return shard, data, native_shapes(shard, data.paths, image_shape[0])
-        except DataError as exc:
+            return ClientImages(shard, data, data.images, native_shapes(shard, data.paths, image_shape[0]),
+                                PixelSpace())
+        except (DataError, LatentAuditError) as exc:
             raise AuditError(f"cannot load {client}'s images from {shard}: {exc}") from exc
 
+    def as_images(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Payload-space tensors (latents in a latent run) as the images they show."""
+        return latent.decoded(tensors) if latent is not None else tensors
+
     def floor_of(client: str, cut: int, shapes: list[tuple[int, int, int]], served: torch.Tensor) -> Any:
-        gain, origin = served_gain(shapes, image_shape, served)
+        if latent is not None:
+            gain, origin = 1.0, "latent space: the floor applies per scaled latent element"
+        else:
+            gain, origin = served_gain(shapes, image_shape, served)
         return client_floor_at(run_dir / "clients" / client, cut, image_shape, gain, origin, fallback_floor)
 
     groups: list[dict[str, Any]] = []
@@ -287,116 +324,132 @@ def audit_run(args: argparse.Namespace) -> dict[str, Any]:
     grid_titles: list[str] = []
     clients_released = sorted({c for c, _ in by_group})
     for client in tqdm(clients_released, desc="audit releases", unit="client"):
-        shard, data, shapes = load(client)
-        mine = records[client]
-        schedule, schedule_source = release_schedule(client)
-        ab = schedule.alphas_cumprod()
-        T = schedule.num_train_timesteps
-        cuts = sorted(cut for c, cut in by_group if c == client)
-        released = {cut: by_group[(client, cut)] for cut in cuts}
-        audited = {cut: group[: args.max_images] for cut, group in released.items()}
-        every = {cut: _match(group, run_dir / "clients" / client, shard, data.paths, data.images)
-                 for cut, group in released.items()}
-        index = {cut: every[cut][: args.max_images] for cut in cuts}
-        # Every copy of an audited image that reached the server, among all of this client's releases (the audited
-        # ones first, then the others, up to --max-copy-search).
-        rows = [(cut, k) for cut in cuts if 0 < cut < T for k in range(len(audited[cut]))]
-        rows += [(cut, k) for cut in cuts if 0 < cut < T for k in range(len(audited[cut]), len(released[cut]))]
-        rows = rows[: max(args.max_copy_search, sum(len(g) for g in audited.values()))]
-        copies = None
-        if len(rows) > 1:
-            copies = aligned_average(torch.stack([released[cut][k].x_cut for cut, k in rows]).float(),
-                                     torch.tensor([float(ab[cut]) for cut, _ in rows], dtype=torch.float64),
-                                     data.images[[every[cut][k] for cut, k in rows]].float())
-        position = {row: i for i, row in enumerate(rows)}
-        for cut in cuts:
-            group = audited[cut]
-            x0 = data.images[index[cut]].float()
-            x_cut = torch.stack([p.x_cut for p in group]).float()
-            labels = torch.tensor([p.label for p in group], dtype=torch.long)
-            files = {data.paths[i]: (shard / data.paths[i]).read_bytes() for i in sorted(set(index[cut]))}
-            wire = b"".join({p.seq: p.wire_bytes for p in group}.values())
-            extra: dict[str, torch.Tensor] = {}
-            info: dict[str, dict[str, Any]] = {}
-            if copies is not None and copies.groups and 0 < cut < T:
-                mine_rows = [position[(cut, k)] for k in range(len(group))]
-                extra["copies_aligned_mean"] = copies.estimate[mine_rows]
-                info["copies_aligned_mean"] = {"max_looks": int(copies.looks[mine_rows].max())}
-                if copies.two_level is not None:
-                    extra["two_level_actual"] = copies.two_level[mine_rows]
-            floor = floor_of(client, cut, shapes, x0)
-            native = native_images(shard, data.paths, shapes, index[cut], image_shape)
-            report, recs = audit_group(x0, x_cut, labels, cut, schedule, denoiser, config, wire, files,
-                                       floor=floor, native=native, extra=extra, extra_info=info)
-            report.update(protocol="ambient", client_id=client, floor_alpha_bar=floor.per_element,
-                          schedule_source=schedule_source)
-            report["copies"] = copies.summary() if copies is not None else {"groups": 0}
-            report["averaging"] = {
-                "releases_of_one_image_seen_by_server": max(
-                    (len(ps) for (c, _), ps in by_key.items() if c == client), default=0),
-                "client_guard": mine.refusals(),
-                "note": "the average_k* attacks are simulated (k fresh releases of every image); copies_aligned_mean "
-                        "averages the copies that actually reached the server",
-            }
-            if extractor is not None:
-                sets = {"release": x_cut}
+        view = load(client)
+        shard, data, shapes = view.shard, view.data, view.native_shapes
+        with scoring_in(view.space):
+            mine = records[client]
+            schedule, schedule_source = release_schedule(client)
+            ab = schedule.alphas_cumprod()
+            T = schedule.num_train_timesteps
+            cuts = sorted(cut for c, cut in by_group if c == client)
+            released = {cut: by_group[(client, cut)] for cut in cuts}
+            audited = {cut: group[: args.max_images] for cut, group in released.items()}
+            every = {cut: _match(group, run_dir / "clients" / client, view.pixels, data.images)
+                     for cut, group in released.items()}
+            index = {cut: every[cut][: args.max_images] for cut in cuts}
+            # Every copy of an audited image that reached the server, among all of this client's releases (the audited
+            # ones first, then the others, up to --max-copy-search).
+            rows = [(cut, k) for cut in cuts if 0 < cut < T for k in range(len(audited[cut]))]
+            rows += [(cut, k) for cut in cuts if 0 < cut < T for k in range(len(audited[cut]), len(released[cut]))]
+            rows = rows[: max(args.max_copy_search, sum(len(g) for g in audited.values()))]
+            copies = None
+            if len(rows) > 1:
+                copies = aligned_average(torch.stack([released[cut][k].x_cut for cut, k in rows]).float(),
+                                         torch.tensor([float(ab[cut]) for cut, _ in rows], dtype=torch.float64),
+                                         data.images[[every[cut][k] for cut, k in rows]].float())
+            position = {row: i for i, row in enumerate(rows)}
+            for cut in cuts:
+                group = audited[cut]
+                x0 = data.images[index[cut]].float()
+                x_cut = torch.stack([p.x_cut for p in group]).float()
+                labels = torch.tensor([p.label for p in group], dtype=torch.long)
+                files = {data.paths[i]: (shard / data.paths[i]).read_bytes() for i in sorted(set(index[cut]))}
+                wire = b"".join({p.seq: p.wire_bytes for p in group}.values())
+                extra: dict[str, torch.Tensor] = {}
+                info: dict[str, dict[str, Any]] = {}
+                if copies is not None and copies.groups and 0 < cut < T:
+                    mine_rows = [position[(cut, k)] for k in range(len(group))]
+                    extra["copies_aligned_mean"] = copies.estimate[mine_rows]
+                    info["copies_aligned_mean"] = {"max_looks": int(copies.looks[mine_rows].max())}
+                    if copies.two_level is not None:
+                        extra["two_level_actual"] = copies.two_level[mine_rows]
+                floor = floor_of(client, cut, shapes, x0)
+                native = native_images(shard, data.paths, shapes, index[cut], image_shape) if latent is None else None
+                report, recs = audit_group(x0, x_cut, labels, cut, schedule, denoiser, config, wire, files,
+                                           floor=floor, native=native, extra=extra, extra_info=info)
+                report.update(protocol="ambient", client_id=client, floor_alpha_bar=floor.per_element,
+                              schedule_source=schedule_source)
+                report["copies"] = copies.summary() if copies is not None else {"groups": 0}
+                report["averaging"] = {
+                    "releases_of_one_image_seen_by_server": max(
+                        (len(ps) for (c, _), ps in by_key.items() if c == client), default=0),
+                    "client_guard": mine.refusals(),
+                    "note": "the average_k* attacks are simulated (k fresh releases of every image); copies_aligned_mean "
+                            "averages the copies that actually reached the server",
+                }
+                x0_image = view.pixels[index[cut]].float()
+                if latent is not None:
+                    report["latent"] = latent.describe()
+                if extractor is not None:
+                    sets = {"release": x_cut}
+                    if denoiser is not None:
+                        sets.update(server_side_images(denoiser, schedule, labels, cut, image_shape, seed=args.seed,
+                                                       num_inference_steps=args.chain_steps or 100))
+                    report["disclosure"] = {"features": extractor.name,
+                                            "frechet": disclosure(extractor, x0_image, as_images(sets))}
+                groups.append(report)
+                best = sorted(recs, key=lambda r: -r.psnr_db)
+                shown = [r for r in best if r.attack in {"tweedie", "chain_ddim", "linear", "copies_aligned_mean"}][:2] + [
+                    r for r in best if r.attack.startswith("split_inversion")][:2]
+                grid_rows += [x0_image[:8], as_images({"x": x_cut[:8]})["x"]] + [r.x0_hat[:8] for r in shown]
+                grid_titles += [f"{client} x0", f"x_cut (ζ={cut})"] + [f"{r.attack} {r.psnr_db:.1f} dB" for r in shown]
+                _log_group(report, recs)
+
+    for client, mine_steps in tqdm(sorted(split_by_client.items()), desc="audit split steps", unit="client"):
+        view = load(client)
+        shard, data, shapes = view.shard, view.data, view.native_shapes
+        with scoring_in(view.space):
+            mine = records[client]
+            schedule, schedule_source = release_schedule(client)
+            cut = int(mine.metrics.get("cut", min(int(s.t.min()) for s in mine_steps) - 1))
+            ab = schedule.alphas_cumprod()
+            files = {path: (shard / path).read_bytes() for path in data.paths}
+            floor = floor_of(client, cut, shapes, data.images)
+
+            def native_of(index: Any, shard: Path = shard, data: Any = data, shapes: Any = shapes) -> Any:
+                return native_images(shard, data.paths, shapes, list(index), image_shape)
+
+            known = ledger_index(run_dir / "clients" / client, mine_steps, view.pixels)
+            report, recs, x0 = audit_split(mine_steps, data.images.float(), cut, ab, mine.dp(), floor, files,
+                                           native_of=native_of if latent is None else None, link=args.link,
+                                           known_index=known)
+            # x0: the truth per row, in payload space; the scores and the pictures are of images.
+            x0_image = view.space.pixels_of(x0) if isinstance(view.space, LatentSpace) else x0
+            if latent is not None:
+                report["latent"] = latent.describe()
+            contribution = mine.metrics.get("contribution") or {}
+            report.update(client_id=client, schedule_source=schedule_source,
+                          epsilon_spent=contribution.get("epsilon"), epsilon_unbounded=contribution.get("epsilon_unbounded"),
+                          privacy=mine.metrics.get("privacy"))
+            by_name = {r.attack: r for r in recs}
+            low = torch.cat([s.t for s in mine_steps]) <= report["t"]["low_band_max"]
+            order = torch.nonzero(low).flatten()[: args.max_images]
+            if extractor is not None and len(order) >= 2:
+                x_t = torch.cat([s.x_t for s in mine_steps])[order].float()
+                labels = torch.cat([s.labels for s in mine_steps])[order]
+                sets = {"x_t_low_band": x_t}
                 if denoiser is not None:
                     sets.update(server_side_images(denoiser, schedule, labels, cut, image_shape, seed=args.seed,
                                                    num_inference_steps=args.chain_steps or 100))
-                report["disclosure"] = {"features": extractor.name, "frechet": disclosure(extractor, x0, sets)}
+                # The inversion's estimate is an image already (scores decode latent estimates).
+                sets = {**as_images(sets), "split_inversion": by_name["split_inversion"].x0_hat[order]}
+                report["disclosure"] = {"features": extractor.name, "frechet": disclosure(extractor, x0_image[order], sets)}
             groups.append(report)
-            best = sorted(recs, key=lambda r: -r.psnr_db)
-            shown = [r for r in best if r.attack in {"tweedie", "chain_ddim", "linear", "copies_aligned_mean"}][:2] + [
-                r for r in best if r.attack.startswith("split_inversion")][:2]
-            grid_rows += [x0[:8], x_cut[:8]] + [r.x0_hat[:8] for r in shown]
-            grid_titles += [f"{client} x0", f"x_cut (ζ={cut})"] + [f"{r.attack} {r.psnr_db:.1f} dB" for r in shown]
-            _log_group(report, recs)
-
-    for client, mine_steps in tqdm(sorted(split_by_client.items()), desc="audit split steps", unit="client"):
-        shard, data, shapes = load(client)
-        mine = records[client]
-        schedule, schedule_source = release_schedule(client)
-        cut = int(mine.metrics.get("cut", min(int(s.t.min()) for s in mine_steps) - 1))
-        ab = schedule.alphas_cumprod()
-        files = {path: (shard / path).read_bytes() for path in data.paths}
-        floor = floor_of(client, cut, shapes, data.images)
-
-        def native_of(index: Any, shard: Path = shard, data: Any = data, shapes: Any = shapes) -> Any:
-            return native_images(shard, data.paths, shapes, list(index), image_shape)
-
-        known = ledger_index(run_dir / "clients" / client, mine_steps, data.images)
-        report, recs, x0 = audit_split(mine_steps, data.images.float(), cut, ab, mine.dp(), floor, files,
-                                       native_of=native_of, link=args.link, known_index=known)
-        contribution = mine.metrics.get("contribution") or {}
-        report.update(client_id=client, schedule_source=schedule_source,
-                      epsilon_spent=contribution.get("epsilon"), epsilon_unbounded=contribution.get("epsilon_unbounded"),
-                      privacy=mine.metrics.get("privacy"))
-        by_name = {r.attack: r for r in recs}
-        low = torch.cat([s.t for s in mine_steps]) <= report["t"]["low_band_max"]
-        order = torch.nonzero(low).flatten()[: args.max_images]
-        if extractor is not None and len(order) >= 2:
-            x_t = torch.cat([s.x_t for s in mine_steps])[order].float()
-            labels = torch.cat([s.labels for s in mine_steps])[order]
-            sets = {"x_t_low_band": x_t, "split_inversion": by_name["split_inversion"].x0_hat[order]}
-            if denoiser is not None:
-                sets.update(server_side_images(denoiser, schedule, labels, cut, image_shape, seed=args.seed,
-                                               num_inference_steps=args.chain_steps or 100))
-            report["disclosure"] = {"features": extractor.name, "frechet": disclosure(extractor, x0[order], sets)}
-        groups.append(report)
-        # The low-t rows show the most; when a short run drew none, show its first rows.
-        show = order[:8] if len(order) else torch.arange(min(8, int(low.numel())))
-        served = [r for r in recs[1:] if tuple(r.x0_hat.shape) == tuple(x0.shape)]
-        grid_rows += [x0[show], torch.cat([s.x_t for s in mine_steps])[show].float()] + [r.x0_hat[show] for r in served]
-        grid_titles += [f"{client} x0 (split)", f"x_t (t <= {report['t']['low_band_max']})"] + [
-            f"{r.attack} {r.psnr_db:.1f} dB" for r in served]
-        attack = {a["attack"]: a for a in report["attacks"]}
-        log.info("%s split, cut %d: %d steps, %d images; %d t <= cut, %d less noisy than the client's floor, %d raw; "
-                 "gradient inversion %.1f dB (low t %.1f dB), Tweedie %.1f dB, rows linked per image %.1f dB; matched "
-                 "confidently %.0f%%", client, cut, report["steps"], report["images"], report["t_at_or_below_cut"],
-                 report["noise_check"]["less_noisy_than_declared"], report["raw_findings_count"],
-                 attack["split_inversion"]["psnr_db"], attack["split_inversion"].get("psnr_db_low_t", math.nan),
-                 attack["tweedie"]["psnr_db"], attack.get("linked_by_image", {}).get("psnr_db", math.nan),
-                 100 * report["match"]["confident"])
+            # The low-t rows show the most; when a short run drew none, show its first rows.
+            show = order[:8] if len(order) else torch.arange(min(8, int(low.numel())))
+            served = [r for r in recs[1:] if tuple(r.x0_hat.shape) == tuple(x0_image.shape)]
+            x_t_shown = as_images({"x_t": torch.cat([s.x_t for s in mine_steps])[show].float()})["x_t"]
+            grid_rows += [x0_image[show], x_t_shown] + [r.x0_hat[show] for r in served]
+            grid_titles += [f"{client} x0 (split)", f"x_t (t <= {report['t']['low_band_max']})"] + [
+                f"{r.attack} {r.psnr_db:.1f} dB" for r in served]
+            attack = {a["attack"]: a for a in report["attacks"]}
+            log.info("%s split, cut %d: %d steps, %d images; %d t <= cut, %d less noisy than the client's floor, %d raw; "
+                     "gradient inversion %.1f dB (low t %.1f dB), Tweedie %.1f dB, rows linked per image %.1f dB; matched "
+                     "confidently %.0f%%", client, cut, report["steps"], report["images"], report["t_at_or_below_cut"],
+                     report["noise_check"]["less_noisy_than_declared"], report["raw_findings_count"],
+                     attack["split_inversion"]["psnr_db"], attack["split_inversion"].get("psnr_db_low_t", math.nan),
+                     attack["tweedie"]["psnr_db"], attack.get("linked_by_image", {}).get("psnr_db", math.nan),
+                     100 * report["match"]["confident"])
 
     result = {
         "run_dir": str(run_dir), "transcript": str(transcript), "model": model_path,

@@ -39,6 +39,7 @@ from collafuse.evaluation.audit.attacks import Reconstruction, score
 from collafuse.evaluation.audit.floor import ClientFloor
 from collafuse.evaluation.audit.native import NativeImages
 from collafuse.evaluation.audit.payloads import check_noise, check_raw
+from collafuse.evaluation.audit.space import current_space
 
 log = logging.getLogger(__name__)
 
@@ -119,7 +120,7 @@ def audit_group(
     report["raw_findings"] = [f.to_json() for f in raw[:20]]
     if cut == 0:
         report["note"] = "cut 0 is the global-model baseline: the release IS x0 (no privacy, by design)"
-    report["epsilon_release"] = release_epsilon(ab_cut, d, config.delta)
+    report["epsilon_release"] = release_epsilon(ab_cut, d, config.delta, bound=current_space().dp_bound)
     results: list[dict[str, Any]] = []
     recs: list[Reconstruction] = []
 
@@ -170,7 +171,7 @@ def audit_group(
         _attack(results, recs, score("split_inversion", attacks.invert_gradient(grad, eps_hat, x_t, ab_t, scale), x0),
                 simulated=True, t=t, dp_noise=0.0)
         clip = config.dp_clip or float(per_sample_norms(grad).median())
-        x_t_multiplier = release_noise_multiplier(ab_t, d)
+        x_t_multiplier = release_noise_multiplier(ab_t, d, bound=current_space().dp_bound)
         report["split"] = {"t": t, "dp_clip": clip, "epsilon_one_step": {}}
         for sigma in config.dp_noise:
             noisy = privatize(grad, clip, sigma, gen)

@@ -41,6 +41,7 @@ from collafuse.evaluation.audit.linking import Looks, link_by_content, row_looks
 from collafuse.evaluation.audit.native import NativeImages
 from collafuse.evaluation.audit.payloads import check_noise, check_raw
 from collafuse.evaluation.audit.quality import ssim
+from collafuse.evaluation.audit.space import current_space
 from collafuse.evaluation.audit.transcript import SplitPayload
 
 log = logging.getLogger(__name__)
@@ -323,8 +324,7 @@ def _link_quality(groups: torch.Tensor, index: torch.Tensor) -> dict[str, Any]:
 def score_by_image(attack: str, x0_hat: torch.Tensor, x0: torch.Tensor, image: torch.Tensor) -> Reconstruction:
     """Per image, not per row: each image's MSE is the mean over its rows (identical rows for a linked estimate),
     and the figure is the PSNR of the mean over images (so an image sent often counts once). ``x0_hat`` per row."""
-    est = x0_hat.detach().to(torch.float64).clamp(-1, 1)
-    truth = x0.detach().to(torch.float64)
+    est, truth = (v.to(torch.float64) for v in current_space().to_pixels(x0_hat, x0))
     mse = (est - truth).pow(2).flatten(1).mean(dim=1)
     _, inverse = torch.unique(image, return_inverse=True)
     count = torch.bincount(inverse).double()

@@ -21,6 +21,10 @@ def partition(labels: np.ndarray, num_clients: int, scheme: PartitionScheme, see
     rng = np.random.default_rng(seed)
     labels = np.asarray(labels)
     if scheme == "iid":
+        if num_clients > len(labels):
+            # array_split would hand the surplus clients empty shards, which fail later as a missing --data folder.
+            raise DataError(f"{num_clients} clients but only {len(labels)} images: every client needs at least one "
+                            f"image; use at most {len(labels)} clients or a larger dataset")
         return [np.sort(part) for part in np.array_split(rng.permutation(len(labels)), num_clients)]
     classes = np.unique(labels)
     if scheme == "classes":

@@ -27,12 +27,13 @@ import numpy as np
 import torch
 
 from collafuse.common.codec import TensorError, decode
-from collafuse.common.config import AmbientWeighting, ServerSettings
+from collafuse.common.config import AmbientTimesteps, AmbientWeighting, ServerSettings
 from collafuse.common.diffusion import (
     Denoiser,
     ambient_pooled_weights,
     ambient_server_loss,
     sample_server_times,
+    sample_server_times_c2,
 )
 from collafuse.common.models import drop_labels
 from collafuse.common.schedule import Cut, validate_cut
@@ -65,6 +66,9 @@ CREATE TABLE IF NOT EXISTS releases (
     created_at REAL NOT NULL,
     PRIMARY KEY (client_id, image_key)
 );
+-- The primary key serves the queries by client (Status's counts, forget); the trainer asks for the distinct
+-- cuts held after every new release (ReleaseTable.summary), a scan of every row and its payload without this.
+CREATE INDEX IF NOT EXISTS releases_cut ON releases (cut);
 """,
     client_tables=("releases",),
 )
@@ -276,6 +280,7 @@ class AmbientSource(TrainingSource[AmbientBatch]):
         incremental: bool = True,
         weighting: AmbientWeighting = "standard",
         max_weight: float = 10.0,
+        timesteps: AmbientTimesteps = "uniform",
     ) -> None:
         self.table = table
         self.alphas_cumprod = alphas_cumprod
@@ -288,6 +293,7 @@ class AmbientSource(TrainingSource[AmbientBatch]):
         # "pooled": per-release weights so that mixed cuts learn the pooled E[eps | x_t] (common/diffusion.py).
         self.weighting = weighting
         self.max_weight = max_weight
+        self.timesteps = timesteps
         self._reset()
         self.loads = 0
         self.rows_loaded = 0
@@ -350,13 +356,19 @@ class AmbientSource(TrainingSource[AmbientBatch]):
         idx = torch.randint(len(self), (self.batch_size,), generator=generator)
         labels, cuts = self._labels_and_cuts(idx)
         labels = drop_labels(labels, self.null_label, self.label_dropout, generator=generator)
-        t = sample_server_times(cuts, self.alphas_cumprod.shape[0] - 1, generator)
+        importance: torch.Tensor | None = None
+        if self.timesteps == "c2":
+            t, importance = sample_server_times_c2(cuts, self.alphas_cumprod, generator)
+        else:
+            t = sample_server_times(cuts, self.alphas_cumprod.shape[0] - 1, generator)
         noise = torch.randn((self.batch_size, *self._row_shape()), generator=generator, dtype=torch.float32)
-        weight = None
+        weight = importance
         # One cut held: every pooled weight is 1, and the plain loss is kept bit for bit.
         if self.weighting == "pooled" and len(self._cut_levels) > 1:
             levels = torch.tensor(sorted(self._cut_levels), dtype=torch.long)
-            weight = ambient_pooled_weights(cuts, t, levels, self.alphas_cumprod, self.max_weight).float()
+            pooled = ambient_pooled_weights(cuts, t, levels, self.alphas_cumprod, self.max_weight)
+            weight = pooled if importance is None else pooled * importance
+        weight = None if weight is None else weight.float()
         # Every CPU draw before the first copy to the device: that copy waits for the previous step's queued GPU
         # work, and drawing the noise (3 MB at 64x64x3, batch 64) after it left the GPU idle for ~6% of a step.
         return AmbientBatch(self._x_cut(idx), labels, cuts, t, noise, weight)
@@ -461,6 +473,7 @@ def ambient_source(
     options: dict[str, Any] = {
         "batch_size": settings.batch_size, "label_dropout": settings.label_dropout, "null_label": null_label,
         "device": device, "weighting": settings.ambient_weighting, "max_weight": settings.ambient_max_weight,
+        "timesteps": settings.ambient_timesteps,
     }
     alphas_cumprod = settings.schedule().alphas_cumprod()
     if settings.train_from_store and table is not None:
