@@ -98,7 +98,7 @@ STUDY = Mode("study", steps=150, batch_size={"noniid": 32, "scarce": 16}, infere
              disclosure_images=50, side=16)
 STUDY_CUTS = [0, 100, 200, 1000]
 # Near-cut variants of an arm ("200+c2"): server settings tried against the standard loss at equal compute.
-VARIANTS: dict[str, dict[str, Any]] = {"c2": {"ambient_timesteps": "c2"}}
+VARIANTS: dict[str, dict[str, Any]] = {"c2": {"ambient_timesteps": "c2"}, "margin50": {"handoff_margin": 50}}
 VARIANT_MARK = "+"
 REGIMES: dict[str, dict[str, Any]] = {
     "noniid": {"clients": 3, "partition": "classes"},

@@ -204,14 +204,15 @@ class ClientLifecycle:
         return report
 
     def train(self) -> TrainResult:
-        """Train the local model on t in [1, cut] (works offline once the server setup is cached)."""
+        """Train the local model on t in [1, cut + --handoff-margin] (works offline once the server setup is cached)."""
         s = self.settings
         info = self.server_info(allow_cached=True)
         data = self.load_data()
         with self.report.phase("train"):
             result = train_local(
                 images=data.dataset.images, labels=data.labels, num_classes=len(info.class_names),
-                image_shape=info.image_shape, schedule=info.schedule, cut=s.cut, fingerprint=info.fingerprint,
+                image_shape=info.image_shape, schedule=info.schedule,
+                cut=s.handoff_cut(info.schedule.num_train_timesteps), fingerprint=info.fingerprint,
                 workdir=self.workdir, settings=s, device=self.device, show_progress=self.show_progress,
             )
             self.report.update(
@@ -231,7 +232,7 @@ class ClientLifecycle:
         if not s.wait_for_server:
             log.info("not waiting for the server's training (--no-wait-for-server)")
             return None
-        if Cut(s.cut, info.schedule.num_train_timesteps).independent:
+        if Cut(s.handoff_cut(info.schedule.num_train_timesteps), info.schedule.num_train_timesteps).independent:
             log.info("cut = T: the client runs every sampling step, so the server's training is not needed")
             return None
         with self.report.phase("wait_for_server"):
@@ -253,7 +254,8 @@ class ClientLifecycle:
         with self.report.phase("generate"):
             result = generate_samples(
                 self.connection, client_id=self.client_id, workdir=self.workdir, server=info, labels_present=present,
-                settings=s, cut=s.cut, device=self.device, show_progress=self.show_progress,
+                settings=s, cut=s.handoff_cut(info.schedule.num_train_timesteps), device=self.device,
+                show_progress=self.show_progress,
                 decode=self.autoencoder.decode_batched if self.autoencoder is not None else None,
             )
             self.report.update(

@@ -279,6 +279,9 @@ class ClientSettings(CollafuseSettings, TrainingFields, RuntimeFields, TlsFields
     client_id: str | None = Field(None, description="stable id of this client (default: kept in the workdir)")
     workdir: Path = Field(Path("./collafuse-client"), description="ledger, local model, samples and metrics")
     cut: int = Field(200, ge=0, description="cut point zeta: 0 = global model, T = independent client model")
+    handoff_margin: int = Field(0, ge=0, description="the local model also covers (cut, cut + margin], and sampling "
+                                "hands off at cut + margin: the server's hand-off is noisier, nothing more is released, "
+                                "and the client's sampling compute grows by margin / T (0: hand off at the cut)")
     protocol: Protocol = Field("ambient", description="training protocol: ambient (release x_cut once per image) "
                                "or split (split learning with gradient exchange; see --dp-clip)")
     image_size: int | None = Field(None, description="expected image side (default: the server's)")
@@ -308,3 +311,8 @@ class ClientSettings(CollafuseSettings, TrainingFields, RuntimeFields, TlsFields
     reference_beta_start: float = Field(1e-4, gt=0, lt=1, description="first beta of the reference schedule")
     reference_beta_end: float = Field(0.02, gt=0, lt=1, description="last beta of the reference schedule")
     reference_beta_schedule: BetaSchedule = Field("linear", description="beta schedule of the reference schedule")
+
+    def handoff_cut(self, num_train_timesteps: int) -> int:
+        """Where sampling hands off and the local model's steps end: the cut plus --handoff-margin, at most T (the
+        global model, cut 0, has no local model to extend)."""
+        return 0 if self.cut == 0 else min(num_train_timesteps, self.cut + self.handoff_margin)

@@ -103,6 +103,8 @@ class SimSettings(CollafuseSettings, ScheduleFields, TrainingFields, RuntimeFiel
     cut: int = Field(200, ge=0, description="cut point zeta of every client (0 = GM, T = ICM)")
     cuts: CliVariadicArg[list[int]] = Field([], description="per-client cut points, one per client (e.g. --cuts "
                                             "100 200 500); replaces --cut")
+    handoff_margin: int = Field(0, ge=0, description="every client's --handoff-margin: its local model also covers "
+                                "(cut, cut + margin] and sampling hands off there (nothing more is released)")
     steps: int = Field(1000, ge=0, description="server training steps")
     client_steps: int = Field(500, ge=0, description="local training steps of each client")
     dataset: str = Field("digits", description="'digits' (bundled) or a folder with one sub-folder per class")
@@ -281,6 +283,7 @@ def client_settings(settings: SimSettings, k: int, shard: Path, port: int, pki: 
         **(pki.client_fields(f"client-{k}") if pki else {}),
         data=shard, server=f"{server_host}:{port}", client_id=f"client-{k}",
         workdir=settings.out / "clients" / f"client-{k}", cut=settings.cut_of(k), protocol=settings.protocol,
+        handoff_margin=settings.handoff_margin,
         model_preset=settings.client_preset, train_steps=settings.client_steps,
         samples_per_class=settings.samples_per_class, inference_steps=settings.inference_steps,
         # An independent client model needs nothing from the server's training.

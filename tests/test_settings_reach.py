@@ -129,6 +129,7 @@ CLIENT_ELSEWHERE: dict[str, str] = {
     "threads": "setup_torch", "log_level": "setup_logging", "token": "ClientLifecycle.connection",
     "tls_cert": "tls_credentials", "tls_key": "tls_credentials", "tls_ca": "tls_credentials",
     "autoencoder": "joining.own_autoencoder (tests/test_latent_settings.py)",
+    "handoff_margin": "ClientLifecycle.train/generate (tests/test_handoff_margin.py)",
     **{f"reference_{name}": "noise_floor.floor_config (tests/test_noise_floor.py)"
        for name in ("timesteps", "beta_start", "beta_end", "beta_schedule")},
 }
