@@ -19,8 +19,10 @@ compute per generated image (model evaluations and seconds, against ICM), with t
 training compute of the arm.
 
     python benchmarks/cut_study.py --quick      # < 20 min on 2 cores, one seed, small budgets
-    python benchmarks/cut_study.py --study --variants c2   # ~1 hour: 16x16, cuts 0/100/200/1000 + GM matched,
-                                                           # two seeds, 300 samples per arm, and "200+c2" (t ~ c^2)
+    python benchmarks/cut_study.py --study       # ~1 hour: 16x16, cuts 0/100/200/1000 + GM matched, two seeds,
+                                                 # 300 samples per arm
+    python benchmarks/cut_study.py --study --variants c2 margin50 x0   # and the near-cut variants "200+c2" (t ~ c^2),
+                                   # "200+margin50" (hand-off margin 50) and "200+x0" (x0-parametrised loss)
     python benchmarks/cut_study.py              # full: 2 seeds, 1,500 steps, >= 1,000 images per arm
 
 Outputs: benchmarks/results/cut_study-<date>[-quick].json, ...-fid.png (FID and disclosure
@@ -48,7 +50,7 @@ from collafuse.common.images import grid
 from collafuse.common.models import as_denoiser, load_model
 from collafuse.common.runtime import setup_logging
 from collafuse.common.sampling import client_half, make_chain
-from collafuse.deploy.sim import SimSettings, run
+from collafuse.deploy.sim import SimSettings, run, with_image_spec
 from collafuse.evaluation.data.digits import digits_arrays, export_digits
 from collafuse.evaluation.metrics.classifier import conditional_accuracy, train_on_real
 from collafuse.evaluation.metrics.evaluate import compare, source_features
@@ -98,7 +100,9 @@ STUDY = Mode("study", steps=150, batch_size={"noniid": 32, "scarce": 16}, infere
              disclosure_images=50, side=16)
 STUDY_CUTS = [0, 100, 200, 1000]
 # Near-cut variants of an arm ("200+c2"): server settings tried against the standard loss at equal compute.
-VARIANTS: dict[str, dict[str, Any]] = {"c2": {"ambient_timesteps": "c2"}, "margin50": {"handoff_margin": 50}}
+VARIANTS: dict[str, dict[str, Any]] = {
+    "c2": {"ambient_timesteps": "c2"}, "margin50": {"handoff_margin": 50}, "x0": {"ambient_loss": "x0"},
+}
 VARIANT_MARK = "+"
 REGIMES: dict[str, dict[str, Any]] = {
     "noniid": {"clients": 3, "partition": "classes"},
@@ -127,7 +131,10 @@ def finished(settings: SimSettings) -> bool:
     done = settings.out / "metrics.json"
     if not done.is_file():
         return False
-    return bool(json.loads(done.read_text()).get("settings") == json.loads(settings.model_dump_json()))
+    saved = json.loads(done.read_text()).get("settings")
+    # Validated again, so that a setting added since the run (at its default) does not make the run look different;
+    # the run saved its settings with the image spec filled in.
+    return saved is not None and SimSettings.model_validate(saved) == with_image_spec(settings)
 
 
 @dataclass

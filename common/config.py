@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Literal
+from typing import Literal, Self
 
-from pydantic import BaseModel, Field, PrivateAttr, field_validator
+from pydantic import BaseModel, Field, PrivateAttr, field_validator, model_validator
 from pydantic_settings import CliVariadicArg
 
 from collafuse.common.schedule import BetaSchedule, ScheduleFields
@@ -86,6 +86,8 @@ DIGIT_CLASSES = [str(i) for i in range(10)]
 AmbientWeighting = Literal["standard", "pooled"]
 # How the ambient server draws t above a release's cut (common/diffusion.py::sample_server_times_c2).
 AmbientTimesteps = Literal["uniform", "c2"]
+# What the ambient server's loss regresses (common/diffusion.py::ambient_server_loss).
+AmbientLoss = Literal["eps", "x0"]
 
 
 class AmbientFields(BaseModel):
@@ -100,12 +102,25 @@ class AmbientFields(BaseModel):
                                    "in memory: memory stays flat as the store grows")
     train_cache_rows: int = Field(65_536, ge=0, description="with --train-from-store: releases kept in memory "
                                   "between batches (least recently used go first)")
-    ambient_max_weight: float = Field(10.0, ge=1, description="with --ambient-weighting pooled: the largest "
-                                      "per-release weight (the t just above a cut are scaled down to it)")
+    ambient_max_weight: float = Field(10.0, ge=1, description="with --ambient-weighting pooled or "
+                                      "--ambient-loss x0: the largest per-release weight relative to the eps loss "
+                                      "(the t just above a cut are capped at it)")
     ambient_timesteps: AmbientTimesteps = Field(
         "uniform", description="how the ambient server draws t above a release's cut: uniform, or c2 (in proportion "
         "to the loss's weight c(t)^2, importance-weighted back to the same objective: fewer draws wasted just above "
         "the cut, where c^2 is near 0)")
+    ambient_loss: AmbientLoss = Field(
+        "eps", description="the ambient server's loss: eps (|| c eps_hat - eps' ||^2) or x0 (Daras et al. 2024: the "
+        "model's x0 estimate regressed onto the ambient x0 target, SNR-weighted and capped at --ambient-max-weight "
+        "times the eps loss's weight; the same minimiser, more weight just above the cut). Not with pooled weighting")
+
+    @model_validator(mode="after")
+    def _x0_loss_weights_its_own_cuts(self) -> Self:
+        if self.ambient_loss == "x0" and self.ambient_weighting == "pooled":
+            raise ValueError("--ambient-loss x0 weighs each release by 1/c^2 relative to the eps loss and "
+                             "--ambient-weighting pooled by (T - cut)/c^2, so together they would count 1/c^2 twice; "
+                             "use x0 with standard weighting, or eps with pooled")
+        return self
 
 
 class ServerSettings(CollafuseSettings, ScheduleFields, TrainingFields, RuntimeFields, TlsFields, AmbientFields,

@@ -10,6 +10,8 @@ from collections.abc import Callable
 
 import torch
 
+from collafuse.common.config import AmbientLoss
+
 # eps_hat = denoiser(x_t, t, labels); t is the paper's 1-based time (LongTensor [N]).
 Denoiser = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -185,6 +187,8 @@ def ambient_server_loss(
     t: torch.Tensor | None = None,
     noise: torch.Tensor | None = None,
     weight: torch.Tensor | None = None,
+    parametrisation: AmbientLoss = "eps",
+    max_weight: float = 10.0,
 ) -> torch.Tensor:
     """|| c eps_hat_s(x_t, t, y) - eps' ||^2 with t ~ U(cut, T] and eps' ~ N(0, I) unless given.
 
@@ -201,8 +205,61 @@ def ambient_server_loss(
         noise = torch.randn(x_cut.shape, generator=generator, dtype=x_cut.dtype)
     noise = noise.to(x_cut.device)
     x_t, c = ambient_renoise(x_cut, cuts, t, noise, alphas_cumprod)
-    prediction = c * denoiser(x_t, t.to(x_cut.device), labels)
-    if weight is None:
-        return torch.nn.functional.mse_loss(prediction, noise)
-    squared = (prediction.float() - noise.float()) ** 2
-    return (_bcast(weight, squared) * squared).mean()
+    eps_hat = denoiser(x_t, t.to(x_cut.device), labels)
+    if parametrisation == "x0":
+        squared = ambient_x0_squared_error(eps_hat, x_t, x_cut, cuts, t, alphas_cumprod, max_weight)
+    elif weight is None:
+        return torch.nn.functional.mse_loss(c * eps_hat, noise)
+    else:
+        squared = (c * eps_hat.float() - noise.float()) ** 2
+    return squared.mean() if weight is None else (_bcast(weight, squared) * squared).mean()
+
+
+def ambient_x0_target(
+    x_t: torch.Tensor, x_cut: torch.Tensor, cuts: torch.Tensor, t: torch.Tensor, alphas_cumprod: torch.Tensor
+) -> torch.Tensor:
+    """The x0 that a release at its cut and its re-noised x_t point to (Daras et al. 2024, "Consistent Diffusion
+    Meets Tweedie", the double application of Tweedie's formula).
+
+    In variance-exploding units y = x / sqrt(ab) with sigma^2 = (1 - ab) / ab, Tweedie's formula at both levels
+    gives E[y_cut | y_t] = r y_t + (1 - r) E[x_0 | y_t], r = sigma_cut^2 / sigma_t^2. So the model's E[x_0 | x_t]
+    minimises || x0_hat - (y_cut - r y_t) / (1 - r) ||^2: this is that target (unbiased, not clean: its variance
+    grows as t nears the cut, where 1 - r = c^2 -> 0).
+    """
+    ab_t = alphas_cumprod[t.cpu()].to(torch.float64)
+    ab_cut = alphas_cumprod[cuts.cpu()].to(torch.float64)
+    r = ((1 - ab_cut) / ab_cut) / ((1 - ab_t) / ab_t)
+    y_t = x_t / _bcast(ab_t.sqrt(), x_t)
+    y_cut = x_cut / _bcast(ab_cut.sqrt(), x_cut)
+    return (y_cut - _bcast(r, y_t) * y_t) / _bcast(1 - r, y_t)
+
+
+def predicted_x0(eps_hat: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor, alphas_cumprod: torch.Tensor) -> torch.Tensor:
+    """x0_hat = (x_t - sqrt(1 - ab_t) eps_hat) / sqrt(ab_t): an eps-model's estimate of x_0."""
+    ab_t = alphas_cumprod[t.cpu()]
+    return (x_t - _bcast((1 - ab_t).sqrt(), x_t) * eps_hat) / _bcast(ab_t.sqrt(), x_t)
+
+
+def ambient_x0_squared_error(
+    eps_hat: torch.Tensor,
+    x_t: torch.Tensor,
+    x_cut: torch.Tensor,
+    cuts: torch.Tensor,
+    t: torch.Tensor,
+    alphas_cumprod: torch.Tensor,
+    max_weight: float,
+) -> torch.Tensor:
+    """The x0-parametrised ambient loss per element (the server's ``--ambient-loss x0``):
+    lambda(t) || x0_hat(x_t) - x0_target ||^2 with lambda = SNR(t) min(1, max_weight c^2).
+
+    SNR(t) = ab_t / (1 - ab_t) is the weight that makes the x0 loss the plain eps loss when cut = 0. Written in eps
+    terms this loss is min(1 / c^2, max_weight) || c eps_hat - eps' ||^2: the eps loss with the t just above the cut,
+    which it weighs by c^2 ~ 0, lifted to full weight, up to ``max_weight`` times the eps loss's (the target's variance
+    grows as 1 / c^2 there). Each t keeps its minimiser E[x_0 | x_t], so the objective's optimum is the eps loss's.
+    """
+    ab_t = alphas_cumprod[t.cpu()].to(torch.float64)
+    c2 = (1 - ab_t / alphas_cumprod[cuts.cpu()].to(torch.float64)) / (1 - ab_t)
+    lam = ab_t / (1 - ab_t) * torch.clamp(max_weight * c2, max=1.0)
+    error = predicted_x0(eps_hat.double(), x_t.double(), t, alphas_cumprod.double()) - ambient_x0_target(
+        x_t.double(), x_cut.double(), cuts, t, alphas_cumprod)
+    return (_bcast(lam, error) * error**2).to(eps_hat.dtype)

@@ -107,6 +107,7 @@ SERVER_ELSEWHERE: dict[str, str] = {
     "tls_key": "server_credentials", "tls_ca": "server_credentials, Authenticator", "threads": "setup_torch",
     "device": "resolve_device", "log_level": "setup_logging", "ambient_weighting": "ambient_source",
     "ambient_max_weight": "ambient_source", "ambient_timesteps": "ambient_source (tests/test_ambient_timesteps.py)",
+    "ambient_loss": "ambient_source (tests/test_ambient_loss_x0.py)",
     "train_from_store": "ambient_source (tests/test_ambient_store.py)",
     "train_cache_rows": "ambient_source (tests/test_ambient_store.py)", "num_train_timesteps": "schedule()", "beta_start": "schedule()",
     "beta_end": "schedule()", "beta_schedule": "schedule()",

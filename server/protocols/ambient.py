@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from collafuse.common.codec import TensorError, decode
-from collafuse.common.config import AmbientTimesteps, AmbientWeighting, ServerSettings
+from collafuse.common.config import AmbientLoss, AmbientTimesteps, AmbientWeighting, ServerSettings
 from collafuse.common.diffusion import (
     Denoiser,
     ambient_pooled_weights,
@@ -281,6 +281,7 @@ class AmbientSource(TrainingSource[AmbientBatch]):
         weighting: AmbientWeighting = "standard",
         max_weight: float = 10.0,
         timesteps: AmbientTimesteps = "uniform",
+        loss: AmbientLoss = "eps",
     ) -> None:
         self.table = table
         self.alphas_cumprod = alphas_cumprod
@@ -294,6 +295,7 @@ class AmbientSource(TrainingSource[AmbientBatch]):
         self.weighting = weighting
         self.max_weight = max_weight
         self.timesteps = timesteps
+        self.loss_kind = loss  # "x0": the x0-parametrised ambient loss (common/diffusion.py::ambient_x0_squared_error)
         self._reset()
         self.loads = 0
         self.rows_loaded = 0
@@ -385,10 +387,13 @@ class AmbientSource(TrainingSource[AmbientBatch]):
 
     def loss(self, net: Denoiser, batch: AmbientBatch, generator: torch.Generator) -> torch.Tensor:
         return ambient_server_loss(net, batch.x_cut, batch.labels, batch.cuts, self.alphas_cumprod, t=batch.t,
-                                   noise=batch.noise, weight=batch.weight)
+                                   noise=batch.noise, weight=batch.weight, parametrisation=self.loss_kind,
+                                   max_weight=self.max_weight)
 
     def describe(self) -> str:
-        weighting = f", {self.weighting} weighting" + (f" (max weight {self.max_weight:g})" if self.weighting == "pooled" else "")
+        capped = self.weighting == "pooled" or self.loss_kind == "x0"
+        weighting = f", {self.weighting} weighting, {self.loss_kind} loss" + (
+            f" (max weight {self.max_weight:g})" if capped else "")
         return (f"{len(self)} releases from {len(self._clients)} clients (cuts {sorted(self._cut_levels)}"
                 f"{weighting})")
 
@@ -473,7 +478,7 @@ def ambient_source(
     options: dict[str, Any] = {
         "batch_size": settings.batch_size, "label_dropout": settings.label_dropout, "null_label": null_label,
         "device": device, "weighting": settings.ambient_weighting, "max_weight": settings.ambient_max_weight,
-        "timesteps": settings.ambient_timesteps,
+        "timesteps": settings.ambient_timesteps, "loss": settings.ambient_loss,
     }
     alphas_cumprod = settings.schedule().alphas_cumprod()
     if settings.train_from_store and table is not None:

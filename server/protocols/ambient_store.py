@@ -18,7 +18,7 @@ from collections import OrderedDict
 import numpy as np
 import torch
 
-from collafuse.common.config import AmbientTimesteps, AmbientWeighting
+from collafuse.common.config import AmbientLoss, AmbientTimesteps, AmbientWeighting
 from collafuse.server.protocols.ambient import AmbientBatch, AmbientSource, ReleaseRows, ReleaseTable
 
 FORGET_RETRIES = 3
@@ -43,6 +43,7 @@ class StoreSource(AmbientSource):
         weighting: AmbientWeighting = "standard",
         max_weight: float = 10.0,
         timesteps: AmbientTimesteps = "uniform",
+        loss: AmbientLoss = "eps",
         cache_rows: int = 65_536,
     ) -> None:
         self.cache_rows = cache_rows
@@ -52,7 +53,7 @@ class StoreSource(AmbientSource):
         self.reads = 0  # rows read from the store
         super().__init__(table, alphas_cumprod, batch_size=batch_size, label_dropout=label_dropout,
                          null_label=null_label, device=device, weighting=weighting, max_weight=max_weight,
-                         timesteps=timesteps)
+                         timesteps=timesteps, loss=loss)
         self.store_table: ReleaseTable = table  # the base's ``table``, never None here
 
     def _reset(self) -> None:
