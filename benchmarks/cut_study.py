@@ -99,10 +99,15 @@ STUDY = Mode("study", steps=150, batch_size={"noniid": 32, "scarce": 16}, infere
              samples_per_class={"noniid": 30, "scarce": 3}, reference=600, handoff_disclosure=False,
              disclosure_images=50, side=16)
 STUDY_CUTS = [0, 100, 200, 1000]
-# Near-cut variants of an arm ("200+c2"): server settings tried against the standard loss at equal compute.
+# Variants of an arm ("200+c2"): settings tried against the standard arm at equal compute. Most are SimSettings;
+# "server3x" moves compute instead (SERVER_HEAVY).
 VARIANTS: dict[str, dict[str, Any]] = {
     "c2": {"ambient_timesteps": "c2"}, "margin50": {"handoff_margin": 50}, "x0": {"ambient_loss": "x0"},
+    "server3x": {},
 }
+# "server3x": each client trains a third of the per-model steps and the server the rest of the arm's image-steps
+# (noniid: 3 x 1/3 to the clients, 3 1/3 x to the server), so the shared model gets most of the same total compute.
+SERVER_HEAVY = {"server3x": 3}
 VARIANT_MARK = "+"
 REGIMES: dict[str, dict[str, Any]] = {
     "noniid": {"clients": 3, "partition": "classes"},
@@ -116,10 +121,14 @@ def arm_settings(mode: Mode, regime: str, arm: str, seed: int, work: Path) -> Si
     clients = REGIMES[regime]["clients"]
     matched = arm == GM_MATCHED
     cut, _, variant = arm.partition(VARIANT_MARK)
+    client_steps, server_steps = mode.steps, mode.steps * (1 + clients) if matched else mode.steps
+    if variant in SERVER_HEAVY:
+        client_steps = mode.steps // SERVER_HEAVY[variant]
+        server_steps = mode.steps * (1 + clients) - client_steps * clients
     return SimSettings(
         **VARIANTS[variant] if variant else {},
         clients=clients, partition=REGIMES[regime]["partition"], cut=0 if matched else int(cut), image_size=mode.side,
-        steps=mode.steps * (1 + clients) if matched else mode.steps, client_steps=mode.steps,
+        steps=server_steps, client_steps=client_steps,
         batch_size=mode.batch_size[regime], inference_steps=mode.inference_steps,
         samples_per_class=mode.samples_per_class[regime], seed=seed,
         out=work / regime / (arm if matched else f"cut{arm}") / f"seed{seed}", threads=1, timeout=4 * 3600,
