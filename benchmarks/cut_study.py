@@ -480,7 +480,8 @@ def main(argv: list[str] | None = None) -> int:
     }
     out.write_text(json.dumps(payload, indent=2, default=str))
     plot(summary, args.results / f"cut_study-{stamp}-fid.png")
-    samples_figure(figure_rows, args.results / f"cut_study-{stamp}-samples.png")
+    if figure_rows:  # a variants-only run (a bare --cuts) has no plain-cut rows to show
+        samples_figure(figure_rows, args.results / f"cut_study-{stamp}-samples.png")
     for regime, data in summary.items():
         print(f"\n{regime}: cut  FID (floor)  accuracy  server-alone FID  client s/img vs ICM")
         for cut, row in sorted(data["by_cut"].items(), key=lambda kv: int(kv[0]) if kv[0].isdigit() else 10**9):
