@@ -36,7 +36,7 @@ test-fuzz: install
 # training/sampling/uploads, a client killed mid-release, a full disk (a tmpfs: needs root, as in CI) and
 # cancelled uploads (~7 min on 2 cores); the default suite runs a short one. Also a real `collafuse-sim --engine ray`
 # run (~1 min: Ray's start), an audited `collafuse-sim --autoencoder` run and the
-# Stable Diffusion VAE architecture end to end (~1 min each), and the outcome of the eps, x0 and c2 ambient losses (~40 s).
+# Stable Diffusion VAE architecture end to end (~1 min each), and the outcome of the eps, x0 and c2 ambient losses (about a minute).
 test-faults: install
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -m slow tests/test_faults.py tests/test_distributed.py tests/test_reliability_faults.py \
 		tests/test_split_poisoning.py tests/test_split_quality.py tests/test_audit_latent.py tests/test_sim_ray.py \

@@ -133,7 +133,7 @@ def digits() -> Digits:
     return Digits()
 
 
-@pytest.mark.slow  # ~40 s; `make test-faults` (CI) runs it, benchmarks/cut_study.py --variants x0 c2 measures it
+@pytest.mark.slow  # about a minute; `make test-faults` (CI) runs it, benchmarks/cut_study.py --variants x0 c2 measures it
 def test_a_server_trained_with_the_x0_loss_is_as_good_and_uses_the_label(digits: Digits) -> None:
     """The outcome: eps-MSE on held-out digits at t in (cut, 2 cut] (the zone the x0 loss lifts), with the true label
     and with a wrong one, for the eps loss, the x0 loss and the c^2 draw (each a mode a user can pick)."""
