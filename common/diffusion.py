@@ -207,7 +207,7 @@ def ambient_server_loss(
     x_t, c = ambient_renoise(x_cut, cuts, t, noise, alphas_cumprod)
     eps_hat = denoiser(x_t, t.to(x_cut.device), labels)
     if parametrisation == "x0":
-        squared = ambient_x0_squared_error(eps_hat, x_t, x_cut, cuts, t, alphas_cumprod, max_weight)
+        squared = ambient_x0_squared_error(eps_hat, x_t, x_cut, cuts, t, c, alphas_cumprod, max_weight)
     elif weight is None:
         return torch.nn.functional.mse_loss(c * eps_hat, noise)
     else:
@@ -246,10 +246,12 @@ def ambient_x0_squared_error(
     x_cut: torch.Tensor,
     cuts: torch.Tensor,
     t: torch.Tensor,
+    c: torch.Tensor,
     alphas_cumprod: torch.Tensor,
     max_weight: float,
 ) -> torch.Tensor:
-    """The x0-parametrised ambient loss per element (the server's ``--ambient-loss x0``):
+    """The x0-parametrised ambient loss per element (the server's ``--ambient-loss x0``; ``c`` from
+    ``ambient_renoise``):
     lambda(t) || x0_hat(x_t) - x0_target ||^2 with lambda = SNR(t) min(1, max_weight c^2).
 
     SNR(t) = ab_t / (1 - ab_t) is the weight that makes the x0 loss the plain eps loss when cut = 0. Written in eps
@@ -258,7 +260,7 @@ def ambient_x0_squared_error(
     grows as 1 / c^2 there). Each t keeps its minimiser E[x_0 | x_t], so the objective's optimum is the eps loss's.
     """
     ab_t = alphas_cumprod[t.cpu()].to(torch.float64)
-    c2 = (1 - ab_t / alphas_cumprod[cuts.cpu()].to(torch.float64)) / (1 - ab_t)
+    c2 = c.flatten().cpu().to(torch.float64) ** 2
     lam = ab_t / (1 - ab_t) * torch.clamp(max_weight * c2, max=1.0)
     error = predicted_x0(eps_hat.double(), x_t.double(), t, alphas_cumprod.double()) - ambient_x0_target(
         x_t.double(), x_cut.double(), cuts, t, alphas_cumprod)
