@@ -23,6 +23,8 @@ training compute of the arm.
                                                  # 300 samples per arm
     python benchmarks/cut_study.py --study --variants c2 margin50 x0   # and the near-cut variants "200+c2" (t ~ c^2),
                                    # "200+margin50" (hand-off margin 50) and "200+x0" (x0-parametrised loss)
+    python benchmarks/cut_study.py --study --steps 600 --regimes noniid --cuts 200 --variants margin50
+                                   # a budget sweep point: 4x the study's steps per model, GM matched again
     python benchmarks/cut_study.py              # full: 2 seeds, 1,500 steps, >= 1,000 images per arm
 
 Outputs: benchmarks/results/cut_study-<date>[-quick].json, ...-fid.png (FID and disclosure
@@ -37,7 +39,7 @@ import json
 import logging
 import platform
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -413,6 +415,9 @@ def main(argv: list[str] | None = None) -> int:
                              "models (default: on in the full mode, off in --quick)")
     parser.add_argument("--regimes", nargs="+", default=list(REGIMES), choices=list(REGIMES))
     parser.add_argument("--seeds", type=int, nargs="+", default=None, help="override the mode's seeds")
+    parser.add_argument("--steps", type=int, default=None,
+                        help="override the mode's training steps per model (a budget sweep: does the gap to GM at "
+                             "matched compute close with budget?); runs go to their own folder and result files")
     parser.add_argument("--work", type=Path, default=ROOT / "runs" / "cut_study")
     parser.add_argument("--results", type=Path, default=ROOT / "benchmarks" / "results")
     parser.add_argument("--tag", default="", help="suffix of the result files' names, e.g. for a subset of the arms")
@@ -425,6 +430,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.quick and args.study:
         parser.error("--quick and --study are two modes: pick one")
     mode = QUICK if args.quick else STUDY if args.study else FULL
+    if args.steps is not None:
+        if args.steps < 1:
+            parser.error(f"--steps must be a positive number of training steps per model, got {args.steps}")
+        mode = replace(mode, name=f"{mode.name}-steps{args.steps}", steps=args.steps)
     if args.cuts is None:
         args.cuts = STUDY_CUTS if args.study else CUTS
     seeds = tuple(args.seeds) if args.seeds else mode.seeds
@@ -462,6 +471,7 @@ def main(argv: list[str] | None = None) -> int:
             figure_rows += [(f"z={cut} server", outputs.handoff[0][pick].clamp(-1, 1)), (f"z={cut} client", outputs.samples[0][pick])]
     summary = summarise(results)
     stamp = dt.date.today().isoformat() + ("-quick" if args.quick else "-study" if args.study else "") + (
+        f"-steps{args.steps}" if args.steps is not None else "") + (
         f"-{args.tag}" if args.tag else "")
     args.results.mkdir(parents=True, exist_ok=True)
     out = args.results / f"cut_study-{stamp}.json"
