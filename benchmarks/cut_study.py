@@ -102,15 +102,16 @@ STUDY = Mode("study", steps=150, batch_size={"noniid": 32, "scarce": 16}, infere
              disclosure_images=50, side=16)
 STUDY_CUTS = [0, 100, 200, 1000]
 # Variants of an arm ("200+c2"): settings tried against the standard arm at equal compute (image-steps). Most are
-# SimSettings ("clientsmall": the clients use the server's UNet preset, more FLOPs per step); "server3x" moves compute
+# SimSettings ("clientsmall": the clients use the server's UNet preset, more FLOPs per step); "server2x" and "server3x" move compute
 # instead (SERVER_HEAVY).
 VARIANTS: dict[str, dict[str, Any]] = {
     "c2": {"ambient_timesteps": "c2"}, "margin50": {"handoff_margin": 50}, "x0": {"ambient_loss": "x0"},
-    "server3x": {}, "clientsmall": {"client_preset": "small"},
+    "server2x": {}, "server3x": {}, "clientsmall": {"client_preset": "small"},
 }
 # "server3x": each client trains a third of the per-model steps and the server the rest of the arm's image-steps
-# (noniid: 3 x 1/3 to the clients, 3 1/3 x to the server), so the shared model gets most of the same total compute.
-SERVER_HEAVY = {"server3x": 3}
+# (noniid: 3 x 1/3 to the clients, 3 1/3 x to the server), so the shared model gets most of the same total compute;
+# "server2x": half of the per-model steps to each client (noniid: the server 2.5x).
+SERVER_HEAVY = {"server2x": 2, "server3x": 3}
 VARIANT_MARK = "+"
 REGIMES: dict[str, dict[str, Any]] = {
     "noniid": {"clients": 3, "partition": "classes"},
