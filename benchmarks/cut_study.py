@@ -107,7 +107,7 @@ STUDY_CUTS = [0, 100, 200, 1000]
 VARIANTS: dict[str, dict[str, Any]] = {
     "c2": {"ambient_timesteps": "c2"}, "margin50": {"handoff_margin": 50}, "x0": {"ambient_loss": "x0"},
     "server2x": {}, "server3x": {}, "clientsmall": {"client_preset": "small"},
-    "server2x-margin50": {"handoff_margin": 50},  # both: the margin's FID and the server-heavy split's accuracy?
+    "server2x-margin50": {"handoff_margin": 50},  # the margin with the server-heavy split (SERVER_HEAVY)
 }
 # "server3x": each client trains a third of the per-model steps and the server the rest of the arm's image-steps
 # (noniid: 3 x 1/3 to the clients, 3 1/3 x to the server), so the shared model gets most of the same total compute;

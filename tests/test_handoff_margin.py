@@ -10,7 +10,6 @@ import pytest
 import torch
 from client_fake_server import make_image_folder
 from server_support import start
-from sklearn.datasets import load_digits
 
 from collafuse.client.generate import load_client_model
 from collafuse.client.ledger import Ledger
@@ -20,6 +19,7 @@ from collafuse.common.data import save_png
 from collafuse.common.diffusion import q_sample
 from collafuse.common.models import as_denoiser
 from collafuse.common.schedule import ScheduleConfig
+from collafuse.evaluation.data.digits import digits_arrays
 from collafuse.server.protocols.ambient import ReleaseTable
 
 T, CUT, MARGIN = 50, 20, 10  # the in-process test server's T (tests/server_support.py)
@@ -68,9 +68,8 @@ def test_a_client_trained_with_a_margin_denoises_the_margin_zone_and_uses_the_la
     itself. Trained through the client's lifecycle on real digits (classes 0-3, cut 200, margin 50 at T = 1000), it
     must do so on held-out digits far better than the same budget without the margin, and use the label there."""
     t_total, cut, margin, classes = 1000, 200, 50, ["0", "1", "2", "3"]
-    digits = load_digits()
-    x = torch.tensor(digits.images, dtype=torch.float32)[:, None] / 8 - 1
-    y = torch.tensor(digits.target)
+    images, targets = digits_arrays(8)
+    x, y = torch.from_numpy(images), torch.from_numpy(targets)
     four = torch.nonzero(y < len(classes)).flatten()
     order = four[torch.randperm(len(four), generator=torch.Generator().manual_seed(0))]
     held_out, private = order[:200], order[200:]
