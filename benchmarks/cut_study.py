@@ -25,6 +25,8 @@ training compute of the arm.
                                    # "200+margin50" (hand-off margin 50) and "200+x0" (x0-parametrised loss)
     python benchmarks/cut_study.py --study --steps 600 --regimes noniid --cuts 200 --variants margin50
                                    # a budget sweep point: 4x the study's steps per model, GM matched again
+    python benchmarks/cut_study.py --study --steps 600 --regimes noniid --cuts 200 --guidance-scale 2
+                                   # the same arms and GM sampled with classifier-free guidance 2
     python benchmarks/cut_study.py              # full: 2 seeds, 1,500 steps, >= 1,000 images per arm
 
 Outputs: benchmarks/results/cut_study-<date>[-quick].json, ...-fid.png (FID and disclosure
@@ -84,6 +86,8 @@ class Mode:
     disclosure_images: int
     # side of the digits every model trains on (the bundled ones are 8x8, upscaled bicubically)
     side: int = 8
+    # classifier-free guidance of every arm's sampling (1: plain conditional)
+    guidance_scale: float = 1.0
 
 
 # Sized to finish within 20 minutes on 2 cores from a cold feature cache. Inception embeds ~5
@@ -122,7 +126,8 @@ REGIMES: dict[str, dict[str, Any]] = {
 
 def arm_settings(mode: Mode, regime: str, arm: str, seed: int, work: Path) -> SimSettings:
     """``arm`` is a cut point ("0" ... "1000"), a cut with a near-cut variant ("200+c2": ``VARIANTS``), or
-    GM_MATCHED: GM with the server trained for as many image-steps as a collaborative arm's 1 + N models together."""
+    GM_MATCHED: GM with the server trained for as many image-steps as a collaborative arm's 1 + N models together.
+    The mode's guidance scale applies to every arm alike, GM included (it changes sampling, not training)."""
     clients = REGIMES[regime]["clients"]
     matched = arm == GM_MATCHED
     cut, _, variant = arm.partition(VARIANT_MARK)
@@ -135,7 +140,7 @@ def arm_settings(mode: Mode, regime: str, arm: str, seed: int, work: Path) -> Si
         clients=clients, partition=REGIMES[regime]["partition"], cut=0 if matched else int(cut), image_size=mode.side,
         steps=server_steps, client_steps=client_steps,
         batch_size=mode.batch_size[regime], inference_steps=mode.inference_steps,
-        samples_per_class=mode.samples_per_class[regime], seed=seed,
+        samples_per_class=mode.samples_per_class[regime], guidance_scale=mode.guidance_scale, seed=seed,
         out=work / regime / (arm if matched else f"cut{arm}") / f"seed{seed}", threads=1, timeout=4 * 3600,
     )
 
@@ -176,11 +181,12 @@ def gather(settings: SimSettings) -> ArmOutputs:
 
 
 def server_alone(settings: SimSettings, handoff: torch.Tensor, labels: np.ndarray, seed: int) -> torch.Tensor:
-    """The server continuing alone from its hand-off to t = 0 with its own model (the paper's disclosure)."""
+    """The server continuing alone from its hand-off to t = 0 with its own model (the paper's disclosure), with the
+    arm's guidance."""
     ema = settings.out / "server" / "checkpoints" / "latest" / "ema"
     model, _ = load_model(ema)
     chain = make_chain(settings.schedule(), "ddpm", settings.inference_steps, settings.cut)
-    return client_half(as_denoiser(model), chain, handoff, torch.from_numpy(labels).long(), seed, settings.cut)
+    return client_half(as_denoiser(model, settings.guidance_scale), chain, handoff, torch.from_numpy(labels).long(), seed, settings.cut)
 
 
 class Evaluator:
@@ -420,6 +426,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=None,
                         help="override the mode's training steps per model (a budget sweep: does the gap to GM at "
                              "matched compute close with budget?); runs go to their own folder and result files")
+    parser.add_argument("--guidance-scale", type=float, default=None,
+                        help="classifier-free guidance for every arm's sampling, GM included (default 1: plain "
+                             "conditional); runs go to their own folder and result files")
     parser.add_argument("--work", type=Path, default=ROOT / "runs" / "cut_study")
     parser.add_argument("--results", type=Path, default=ROOT / "benchmarks" / "results")
     parser.add_argument("--tag", default="", help="suffix of the result files' names, e.g. for a subset of the arms")
@@ -436,6 +445,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.steps < 1:
             parser.error(f"--steps must be a positive number of training steps per model, got {args.steps}")
         mode = replace(mode, name=f"{mode.name}-steps{args.steps}", steps=args.steps)
+    if args.guidance_scale is not None:
+        if args.guidance_scale <= 0:
+            parser.error(f"--guidance-scale must be above 0 (1 = plain conditional), got {args.guidance_scale}")
+        mode = replace(mode, name=f"{mode.name}-cfg{args.guidance_scale:g}", guidance_scale=args.guidance_scale)
     if args.cuts is None:
         args.cuts = STUDY_CUTS if args.study else CUTS
     seeds = tuple(args.seeds) if args.seeds else mode.seeds
@@ -474,6 +487,7 @@ def main(argv: list[str] | None = None) -> int:
     summary = summarise(results)
     stamp = dt.date.today().isoformat() + ("-quick" if args.quick else "-study" if args.study else "") + (
         f"-steps{args.steps}" if args.steps is not None else "") + (
+        f"-cfg{args.guidance_scale:g}" if args.guidance_scale is not None else "") + (
         f"-{args.tag}" if args.tag else "")
     args.results.mkdir(parents=True, exist_ok=True)
     out = args.results / f"cut_study-{stamp}.json"
