@@ -49,11 +49,12 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from collafuse.common.config import ClientSettings
 from collafuse.common.data import load_image_folder
 from collafuse.common.images import grid
 from collafuse.common.models import as_denoiser, load_model
 from collafuse.common.runtime import setup_logging
-from collafuse.common.sampling import client_half, make_chain
+from collafuse.common.sampling import client_half, handoff_sample, make_chain
 from collafuse.deploy.sim import SimSettings, run, with_image_spec
 from collafuse.evaluation.data.digits import digits_arrays, export_digits
 from collafuse.evaluation.metrics.classifier import conditional_accuracy, train_on_real
@@ -180,13 +181,42 @@ def gather(settings: SimSettings) -> ArmOutputs:
     return ArmOutputs(labels, handoff, samples, metrics, summary.get("server") or {}, summary["pooled"]["wall_seconds"])
 
 
-def server_alone(settings: SimSettings, handoff: torch.Tensor, labels: np.ndarray, seed: int) -> torch.Tensor:
-    """The server continuing alone from its hand-off to t = 0 with its own model (the paper's disclosure), with the
-    arm's guidance."""
+def handoff_cut(settings: SimSettings, k: int) -> int:
+    """Where client k's chain hands off: its cut plus the run's --handoff-margin (the client's own rule)."""
+    return ClientSettings(cut=settings.cut_of(k), handoff_margin=settings.handoff_margin).handoff_cut(
+        settings.num_train_timesteps)
+
+
+def server_alone(settings: SimSettings, handoff: torch.Tensor, labels: np.ndarray, k: int) -> torch.Tensor:
+    """The server continuing alone from client k's hand-off to t = 0 with its own model (the paper's disclosure),
+    with the arm's guidance."""
     ema = settings.out / "server" / "checkpoints" / "latest" / "ema"
     model, _ = load_model(ema)
-    chain = make_chain(settings.schedule(), "ddpm", settings.inference_steps, settings.cut)
-    return client_half(as_denoiser(model, settings.guidance_scale), chain, handoff, torch.from_numpy(labels).long(), seed, settings.cut)
+    cut = handoff_cut(settings, k)
+    chain = make_chain(settings.schedule(), "ddpm", settings.inference_steps, cut)
+    return client_half(as_denoiser(model, settings.guidance_scale), chain, handoff, torch.from_numpy(labels).long(),
+                       settings.seed + k, cut)
+
+
+def resample(settings: SimSettings, outputs: ArmOutputs, scale: float, images: int | None = None) -> list[torch.Tensor]:
+    """Every client's samples (its first ``images``) drawn again in this process from the arm's trained models, the
+    server's EMA and the client's, at guidance ``scale``: the run's chain, seeds and labels, so at the run's own scale
+    the run's images. A guidance sweep needs no training, as guidance changes only sampling."""
+    server_ema = settings.out / "server" / "checkpoints" / "latest" / "ema"
+    server = as_denoiser(load_model(server_ema)[0], scale) if server_ema.is_dir() else None  # ICM trains none
+    drawn = []
+    for k, (labels, samples) in enumerate(zip(outputs.labels, outputs.samples)):
+        cut = handoff_cut(settings, k)
+        client_ema = settings.out / "clients" / f"client-{k}" / "checkpoints" / "latest" / "ema"
+        client = as_denoiser(load_model(client_ema)[0], scale) if cut > 0 else server  # GM has no local model
+        first = server or client
+        if first is None or client is None:
+            raise FileNotFoundError(f"no trained model for client {k} in {settings.out}: run the arm first")
+        chain = make_chain(settings.schedule(), "ddpm", settings.inference_steps, cut)
+        wanted = torch.from_numpy(labels[:images]).long()
+        channels, height, width = samples.shape[1:]
+        drawn.append(handoff_sample(first, client, chain, wanted, settings.seed + k, cut, (channels, height, width))[1])
+    return drawn
 
 
 class Evaluator:
@@ -224,6 +254,19 @@ class Evaluator:
         pooled["floor_fid"] = self.floor(len(fake))
         pooled["accuracy"] = conditional_accuracy(self.classifier, fake.numpy(), labels, self.heldout).accuracy
         return features, pooled
+
+    def guidance_sweep(self, settings: SimSettings, outputs: ArmOutputs, scales: list[float]) -> dict[str, Any]:
+        """Pooled FID, KID and accuracy of the arm's trained models resampled at each guidance scale (``resample``),
+        after checking that resampling at the run's own scale redraws the run's images (the same system)."""
+        check = resample(settings, outputs, settings.guidance_scale, images=8)
+        gap = max(float((a - b[: len(a)]).abs().max()) for a, b in zip(check, outputs.samples))
+        if gap > 1e-3:
+            raise RuntimeError(f"resampling {settings.out} at its own guidance {settings.guidance_scale:g} differs from "
+                               f"the run's images by {gap:.3g}: a sweep would not measure the run's system")
+        sweep = {}
+        for scale in tqdm(scales, desc="guidance sweep", unit="scale", leave=False):
+            _, sweep[f"{scale:g}"] = self.pooled(replace(outputs, samples=resample(settings, outputs, scale)))
+        return sweep
 
     def floor(self, n_fake: int, real_mask: np.ndarray | None = None) -> float | None:
         """FID of two disjoint real subsets with the sizes of the comparison (n_fake vs the rest)."""
@@ -267,7 +310,7 @@ class Evaluator:
             # Every stride-th image of each client (samples are ordered by class, so all classes stay).
             total = sum(len(h) for h in outputs.handoff)
             stride = -(-total // self.mode.disclosure_images) if self.mode.disclosure_images else 1
-            alone = torch.cat([server_alone(settings, h[::stride], lab[::stride], settings.seed + k)
+            alone = torch.cat([server_alone(settings, h[::stride], lab[::stride], k)
                                for k, (h, lab) in enumerate(zip(outputs.handoff, outputs.labels))])
             handoff = torch.cat(outputs.handoff).clamp(-1, 1)
             result["disclosure"] = {
@@ -317,6 +360,10 @@ def summarise(results: dict[str, dict[str, list[dict[str, Any]]]]) -> dict[str, 
                 "client_evaluations_per_image": stat(lambda r: r["compute"]["client_model_evaluations_per_image"]),
                 "client_seconds_per_image": stat(lambda r: r["compute"]["client_seconds_per_image"]),
                 "training_image_steps": stat(lambda r: r["compute"]["training_image_steps"]),
+                # Per resampled guidance scale (--guidance-sweep): the same trained models, sampled again.
+                "guidance_sweep": {scale: {key: stat(lambda r, g=scale, m=key: r["guidance_sweep"][g][m])
+                                           for key in ("fid", "kid", "accuracy")}
+                                   for scale in runs[0].get("guidance_sweep", {})},
             }
         icm = rows.get("1000", {}).get("client_seconds_per_image")
         for row in rows.values():
@@ -429,6 +476,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--guidance-scale", type=float, default=None,
                         help="classifier-free guidance for every arm's sampling, GM included (default 1: plain "
                              "conditional); runs go to their own folder and result files")
+    parser.add_argument("--guidance-sweep", type=float, nargs="+", default=[],
+                        help="also resample every arm's trained models in this process at these guidance scales "
+                             "(pooled FID, KID, accuracy; no training: guidance changes only sampling)")
     parser.add_argument("--work", type=Path, default=ROOT / "runs" / "cut_study")
     parser.add_argument("--results", type=Path, default=ROOT / "benchmarks" / "results")
     parser.add_argument("--tag", default="", help="suffix of the result files' names, e.g. for a subset of the arms")
@@ -449,6 +499,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.guidance_scale <= 0:
             parser.error(f"--guidance-scale must be above 0 (1 = plain conditional), got {args.guidance_scale}")
         mode = replace(mode, name=f"{mode.name}-cfg{args.guidance_scale:g}", guidance_scale=args.guidance_scale)
+    if any(scale <= 0 for scale in args.guidance_sweep):
+        parser.error(f"--guidance-sweep scales must be above 0 (1 = plain conditional), got {args.guidance_sweep}")
     if args.cuts is None:
         args.cuts = STUDY_CUTS if args.study else CUTS
     seeds = tuple(args.seeds) if args.seeds else mode.seeds
@@ -475,6 +527,8 @@ def main(argv: list[str] | None = None) -> int:
         outputs = gather(settings)
         eval_started = time.monotonic()
         result = evaluator.evaluate(settings, outputs, seed)
+        if args.guidance_sweep:
+            result["guidance_sweep"] = evaluator.guidance_sweep(settings, outputs, args.guidance_sweep)
         result["compute"]["eval_seconds"] = time.monotonic() - eval_started
         result.update(regime=regime, arm=key, cut=cut, steps=settings.steps, seed=seed)
         results.setdefault(regime, {}).setdefault(key, []).append(result)
@@ -517,6 +571,9 @@ def main(argv: list[str] | None = None) -> int:
             ratio_text = f"{ratio:.2f}" if ratio is not None else "-"
             print(f"  {cut:>5}  {fmt(row['fid'])} ({fmt(row['floor_fid'])})  {fmt(row['accuracy'], '{:.2f}')}  "
                   f"{fmt(row['server_alone_fid'])}  {ratio_text}")
+            for scale, swept in row["guidance_sweep"].items():
+                print(f"         resampled at guidance {scale}: FID {fmt(swept['fid'])}, accuracy "
+                      f"{fmt(swept['accuracy'], '{:.2f}')}")
         print(f"  claims: {data['claims']}")
     print(f"\nwrote {out} in {payload['wall_seconds'] / 60:.1f} min")
     return 0

@@ -28,7 +28,7 @@ def _offline(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
 
 
-@pytest.mark.slow  # about two minutes on 2 cores; `make test-faults` (CI) runs it, benchmarks/cut_study.py measures FID
+@pytest.mark.slow  # about a minute on 2 cores; `make test-faults` (CI) runs it, benchmarks/cut_study.py measures FID
 def test_guided_collaborative_samples_match_their_labels_more_often(tmp_path: Path) -> None:
     """Real digits (8x8, ten classes) at cut 200 of T = 1000: the client releases them, the server trains 300 steps
     on the releases, the client 200 on t <= 200. Then the client generates ten images per class twice through the
@@ -42,22 +42,23 @@ def test_guided_collaborative_samples_match_their_labels_more_often(tmp_path: Pa
     classifier = PixelClassifier().fit(images, [str(int(v)) for v in targets])
     server = start(tmp_path / "store", classes=classes, num_train_timesteps=1000, max_steps=300, batch_size=32,
                    lr=2e-3, max_sample_images=128)
-    common = {"data": tmp_path / "data", "server": server.address, "workdir": tmp_path / "work", "cut": 200,
-              "train_steps": 200, "batch_size": 32, "lr": 2e-3, "retries": 2, "rpc_timeout": 60, "device": "cpu",
-              "seed": 0, "samples_per_class": 10, "inference_steps": 50}
+    plain = ClientSettings(data=tmp_path / "data", server=server.address, workdir=tmp_path / "work", cut=200,
+                           train_steps=200, batch_size=32, lr=2e-3, retries=2, rpc_timeout=60, device="cpu", seed=0,
+                           samples_per_class=10, inference_steps=50)
 
     def accuracy(samples: torch.Tensor, labels: list[int]) -> float:
         return float((classifier.predict(samples.numpy()) == np.array([str(y) for y in labels])).mean())
 
-    scores, handoffs, finished = {}, {}, {}
+    scores: dict[float | str, float] = {}
+    handoffs, finished = {}, {}
     try:
-        with ClientLifecycle(ClientSettings(**common), show_progress=False, poll_interval=0.05) as client:
+        with ClientLifecycle(plain, show_progress=False, poll_interval=0.05) as client:
             client.contribute()
             client.train()
             client.wait_for_server()
             info = client.server_info()
         for scale in (1.0, 2.0):
-            with ClientLifecycle(ClientSettings(**common, guidance_scale=scale), show_progress=False,
+            with ClientLifecycle(plain.model_copy(update={"guidance_scale": scale}), show_progress=False,
                                  poll_interval=0.05) as client:
                 result = client.generate()
             assert result is not None and len(result.labels) == 100
