@@ -27,6 +27,8 @@ training compute of the arm.
                                    # a budget sweep point: 4x the study's steps per model, GM matched again
     python benchmarks/cut_study.py --study --steps 600 --regimes noniid --cuts 200 --guidance-scale 2
                                    # the same arms and GM sampled with classifier-free guidance 2
+    python benchmarks/cut_study.py --study --steps 600 --regimes noniid --cuts 200 --guidance-scale 2 --reuse-only \
+        --guidance-sweep 1 1.5 --tag sweep   # their trained models resampled at more scales (no training)
     python benchmarks/cut_study.py              # full: 2 seeds, 1,500 steps, >= 1,000 images per arm
 
 Outputs: benchmarks/results/cut_study-<date>[-quick].json, ...-fid.png (FID and disclosure
