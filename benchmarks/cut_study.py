@@ -189,11 +189,16 @@ def handoff_cut(settings: SimSettings, k: int) -> int:
         settings.num_train_timesteps)
 
 
+def ema_folder(settings: SimSettings, k: int | None = None) -> Path:
+    """The saved EMA model of the arm's server (``k`` None) or of client k."""
+    owner = settings.out / "server" if k is None else settings.out / "clients" / f"client-{k}"
+    return owner / "checkpoints" / "latest" / "ema"
+
+
 def server_alone(settings: SimSettings, handoff: torch.Tensor, labels: np.ndarray, k: int) -> torch.Tensor:
     """The server continuing alone from client k's hand-off to t = 0 with its own model (the paper's disclosure),
     with the arm's guidance."""
-    ema = settings.out / "server" / "checkpoints" / "latest" / "ema"
-    model, _ = load_model(ema)
+    model, _ = load_model(ema_folder(settings))
     cut = handoff_cut(settings, k)
     chain = make_chain(settings.schedule(), "ddpm", settings.inference_steps, cut)
     return client_half(as_denoiser(model, settings.guidance_scale), chain, handoff, torch.from_numpy(labels).long(),
@@ -204,20 +209,20 @@ def resample(settings: SimSettings, outputs: ArmOutputs, scale: float, images: i
     """Every client's samples (its first ``images``) drawn again in this process from the arm's trained models, the
     server's EMA and the client's, at guidance ``scale``: the run's chain, seeds and labels, so at the run's own scale
     the run's images. A guidance sweep needs no training, as guidance changes only sampling."""
-    server_ema = settings.out / "server" / "checkpoints" / "latest" / "ema"
-    server = as_denoiser(load_model(server_ema)[0], scale) if server_ema.is_dir() else None  # ICM trains none
+    server = as_denoiser(load_model(ema_folder(settings))[0], scale) if ema_folder(settings).is_dir() else None
     drawn = []
     for k, (labels, samples) in enumerate(zip(outputs.labels, outputs.samples)):
         cut = handoff_cut(settings, k)
-        client_ema = settings.out / "clients" / f"client-{k}" / "checkpoints" / "latest" / "ema"
-        client = as_denoiser(load_model(client_ema)[0], scale) if cut > 0 else server  # GM has no local model
-        first = server or client
-        if first is None or client is None:
+        client = as_denoiser(load_model(ema_folder(settings, k))[0], scale) if cut > 0 else None
+        # One half is empty where a model is missing: ICM's server half (it trains no server), GM's client half.
+        server_half, client_half_ = server or client, client or server
+        if server_half is None or client_half_ is None:
             raise FileNotFoundError(f"no trained model for client {k} in {settings.out}: run the arm first")
         chain = make_chain(settings.schedule(), "ddpm", settings.inference_steps, cut)
         wanted = torch.from_numpy(labels[:images]).long()
         channels, height, width = samples.shape[1:]
-        drawn.append(handoff_sample(first, client, chain, wanted, settings.seed + k, cut, (channels, height, width))[1])
+        drawn.append(handoff_sample(server_half, client_half_, chain, wanted, settings.seed + k, cut,
+                                    (channels, height, width))[1])
     return drawn
 
 

@@ -49,8 +49,7 @@ def test_guided_collaborative_samples_match_their_labels_more_often(tmp_path: Pa
     def accuracy(samples: torch.Tensor, labels: list[int]) -> float:
         return float((classifier.predict(samples.numpy()) == np.array([str(y) for y in labels])).mean())
 
-    scores: dict[float | str, float] = {}
-    handoffs, finished = {}, {}
+    generated = {}
     try:
         with ClientLifecycle(plain, show_progress=False, poll_interval=0.05) as client:
             client.contribute()
@@ -62,17 +61,18 @@ def test_guided_collaborative_samples_match_their_labels_more_often(tmp_path: Pa
                                  poll_interval=0.05) as client:
                 result = client.generate()
             assert result is not None and len(result.labels) == 100
-            scores[scale], labels = accuracy(result.x0, result.labels), result.labels
-            handoffs[scale], finished[scale] = result.x_cut, result.x0
+            generated[scale] = result
     finally:
         server.stop(0)
+    scores: dict[float | str, float] = {scale: accuracy(r.x0, r.labels) for scale, r in generated.items()}
     # The server's half alone: its guided hand-off finished by the client's model without guidance.
+    guided = generated[2.0]
     model = load_client_model(tmp_path / "work", info.fingerprint, 200)
-    plain_finish = client_half(as_denoiser(model), make_chain(info.schedule, "ddpm", 50, 200), handoffs[2.0],
-                               torch.tensor(labels), 0, 200)
-    scores["server_guided_only"] = accuracy(plain_finish, labels)
+    plain_finish = client_half(as_denoiser(model), make_chain(info.schedule, "ddpm", 50, 200), guided.x_cut,
+                               torch.tensor(guided.labels), 0, 200)
+    scores["server_guided_only"] = accuracy(plain_finish, guided.labels)
     # The client guided its own half too: the same hand-off and seeds, and its images differ from the plain finish.
-    assert (finished[2.0] - plain_finish).abs().max() > 1e-3, "the client's half is not guided"
+    assert (guided.x0 - plain_finish).abs().max() > 1e-3, "the client's half is not guided"
     assert scores[2.0] >= 0.8, f"guided samples should match their labels: {scores}"
     assert scores[2.0] >= scores[1.0] + 0.15, f"guidance does not help: {scores}"
     assert scores["server_guided_only"] >= scores[1.0] + 0.1, f"the server's half is not guided: {scores}"
