@@ -28,7 +28,10 @@ training compute of the arm.
     python benchmarks/cut_study.py --study --steps 600 --regimes noniid --cuts 200 --guidance-scale 2
                                    # the same arms and GM sampled with classifier-free guidance 2
     python benchmarks/cut_study.py --study --steps 600 --regimes noniid --cuts 200 --guidance-scale 2 --reuse-only \
-        --guidance-sweep 1 1.5 --tag sweep   # their trained models resampled at more scales (no training)
+        --guidance-sweep 1 1.5 2:1 --tag sweep   # their trained models resampled at more scales (no training;
+                                   # "2:1": the server's half at 2, the client's at 1)
+    python benchmarks/cut_study.py --study --steps 600 --regimes noniid --cuts 200 --server-guidance-scale 2
+                                   # guidance 2 on the server's half only (every client's --server-guidance-scale)
     python benchmarks/cut_study.py              # full: 2 seeds, 1,500 steps, >= 1,000 images per arm
 
 Outputs: benchmarks/results/cut_study-<date>[-quick].json, ...-fid.png (FID and disclosure
@@ -89,8 +92,10 @@ class Mode:
     disclosure_images: int
     # side of the digits every model trains on (the bundled ones are 8x8, upscaled bicubically)
     side: int = 8
-    # classifier-free guidance of every arm's sampling (1: plain conditional)
+    # classifier-free guidance of every arm's sampling (1: plain conditional) ...
     guidance_scale: float = 1.0
+    # ... and of the server's half where it differs (None: guidance_scale; every client's --server-guidance-scale)
+    server_guidance_scale: float | None = None
 
 
 # Sized to finish within 20 minutes on 2 cores from a cold feature cache. Inception embeds ~5
@@ -143,7 +148,8 @@ def arm_settings(mode: Mode, regime: str, arm: str, seed: int, work: Path) -> Si
         clients=clients, partition=REGIMES[regime]["partition"], cut=0 if matched else int(cut), image_size=mode.side,
         steps=server_steps, client_steps=client_steps,
         batch_size=mode.batch_size[regime], inference_steps=mode.inference_steps,
-        samples_per_class=mode.samples_per_class[regime], guidance_scale=mode.guidance_scale, seed=seed,
+        samples_per_class=mode.samples_per_class[regime], guidance_scale=mode.guidance_scale,
+        server_guidance_scale=mode.server_guidance_scale, seed=seed,
         out=work / regime / (arm if matched else f"cut{arm}") / f"seed{seed}", threads=1, timeout=4 * 3600,
     )
 
@@ -189,6 +195,36 @@ def handoff_cut(settings: SimSettings, k: int) -> int:
         settings.num_train_timesteps)
 
 
+@dataclass(frozen=True)
+class Guidance:
+    """Classifier-free guidance of the two halves of a chain: the server's (T ... cut) and the client's."""
+
+    server: float
+    client: float
+
+    @classmethod
+    def of_run(cls, settings: SimSettings) -> Guidance:
+        """What the run's clients used (the client's own rule for the server's half)."""
+        chosen = ClientSettings(guidance_scale=settings.guidance_scale,
+                                server_guidance_scale=settings.server_guidance_scale)
+        return cls(chosen.server_half_guidance(), chosen.guidance_scale)
+
+    @classmethod
+    def parse(cls, text: str) -> Guidance:
+        """"1.5" guides both halves at 1.5, "2:1" the server's half at 2 and the client's at 1 (argparse type)."""
+        server, _, client = text.partition(":")
+        try:
+            guidance = cls(float(server), float(client or server))
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r}: a guidance scale (1.5) or server:client scales (2:1)") from None
+        if not (guidance.server > 0 and guidance.client > 0):
+            raise argparse.ArgumentTypeError(f"{text!r}: guidance scales must be above 0 (1 = plain conditional)")
+        return guidance
+
+    def __str__(self) -> str:
+        return f"{self.server:g}" if self.server == self.client else f"{self.server:g}:{self.client:g}"
+
+
 def ema_folder(settings: SimSettings, k: int | None = None) -> Path:
     """The saved EMA model of the arm's server (``k`` None) or of client k."""
     owner = settings.out / "server" if k is None else settings.out / "clients" / f"client-{k}"
@@ -197,27 +233,28 @@ def ema_folder(settings: SimSettings, k: int | None = None) -> Path:
 
 def server_alone(settings: SimSettings, handoff: torch.Tensor, labels: np.ndarray, k: int) -> torch.Tensor:
     """The server continuing alone from client k's hand-off to t = 0 with its own model (the paper's disclosure),
-    with the arm's guidance."""
+    with the guidance of the arm's server half."""
     model, _ = load_model(ema_folder(settings))
     cut = handoff_cut(settings, k)
     chain = make_chain(settings.schedule(), "ddpm", settings.inference_steps, cut)
-    return client_half(as_denoiser(model, settings.guidance_scale), chain, handoff, torch.from_numpy(labels).long(),
+    return client_half(as_denoiser(model, Guidance.of_run(settings).server), chain, handoff, torch.from_numpy(labels).long(),
                        settings.seed + k, cut)
 
 
-def resample(settings: SimSettings, outputs: ArmOutputs, scale: float, images: int | None = None) -> list[torch.Tensor]:
+def resample(settings: SimSettings, outputs: ArmOutputs, guidance: Guidance, images: int | None = None) -> list[torch.Tensor]:
     """Every client's samples (its first ``images``) drawn again in this process from the arm's trained models, the
-    server's EMA and the client's, at guidance ``scale``: the run's chain, seeds and labels, so at the run's own scale
+    server's EMA and the client's, at ``guidance``: the run's chain, seeds and labels, so at the run's own guidance
     the run's images. A guidance sweep needs no training, as guidance changes only sampling."""
-    server = as_denoiser(load_model(ema_folder(settings))[0], scale) if ema_folder(settings).is_dir() else None
+    server = load_model(ema_folder(settings))[0] if ema_folder(settings).is_dir() else None
     drawn = []
     for k, (labels, samples) in enumerate(zip(outputs.labels, outputs.samples)):
         cut = handoff_cut(settings, k)
-        client = as_denoiser(load_model(ema_folder(settings, k))[0], scale) if cut > 0 else None
+        client = load_model(ema_folder(settings, k))[0] if cut > 0 else None
         # One half is empty where a model is missing: ICM's server half (it trains no server), GM's client half.
-        server_half, client_half_ = server or client, client or server
-        if server_half is None or client_half_ is None:
+        server_model, client_model = server or client, client or server
+        if server_model is None or client_model is None:
             raise FileNotFoundError(f"no trained model for client {k} in {settings.out}: run the arm first")
+        server_half, client_half_ = as_denoiser(server_model, guidance.server), as_denoiser(client_model, guidance.client)
         chain = make_chain(settings.schedule(), "ddpm", settings.inference_steps, cut)
         wanted = torch.from_numpy(labels[:images]).long()
         channels, height, width = samples.shape[1:]
@@ -262,18 +299,19 @@ class Evaluator:
         pooled["accuracy"] = conditional_accuracy(self.classifier, fake.numpy(), labels, self.heldout).accuracy
         return features, pooled
 
-    def guidance_sweep(self, settings: SimSettings, outputs: ArmOutputs, scales: list[float]) -> dict[str, Any]:
-        """Pooled FID, KID and accuracy of the arm's trained models resampled at each guidance scale (``resample``),
-        after checking that resampling at the run's own scale redraws the run's images (the same system)."""
-        check = resample(settings, outputs, settings.guidance_scale, images=8)
+    def guidance_sweep(self, settings: SimSettings, outputs: ArmOutputs, sweep: list[Guidance]) -> dict[str, Any]:
+        """Pooled FID, KID and accuracy of the arm's trained models resampled at each guidance (``resample``), after
+        checking that resampling at the run's own guidance redraws the run's images (the same system)."""
+        own = Guidance.of_run(settings)
+        check = resample(settings, outputs, own, images=8)
         gap = max(float((a - b[: len(a)]).abs().max()) for a, b in zip(check, outputs.samples))
         if gap > 1e-3:
-            raise RuntimeError(f"resampling {settings.out} at its own guidance {settings.guidance_scale:g} differs from "
-                               f"the run's images by {gap:.3g}: a sweep would not measure the run's system")
-        sweep = {}
-        for scale in tqdm(scales, desc="guidance sweep", unit="scale", leave=False):
-            _, sweep[f"{scale:g}"] = self.pooled(replace(outputs, samples=resample(settings, outputs, scale)))
-        return sweep
+            raise RuntimeError(f"resampling {settings.out} at its own guidance {own} differs from the run's images "
+                               f"by {gap:.3g}: a sweep would not measure the run's system")
+        results = {}
+        for guidance in tqdm(sweep, desc="guidance sweep", unit="scale", leave=False):
+            _, results[str(guidance)] = self.pooled(replace(outputs, samples=resample(settings, outputs, guidance)))
+        return results
 
     def floor(self, n_fake: int, real_mask: np.ndarray | None = None) -> float | None:
         """FID of two disjoint real subsets with the sizes of the comparison (n_fake vs the rest)."""
@@ -483,9 +521,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--guidance-scale", type=float, default=None,
                         help="classifier-free guidance for every arm's sampling, GM included (default 1: plain "
                              "conditional); runs go to their own folder and result files")
-    parser.add_argument("--guidance-sweep", type=float, nargs="+", default=[],
-                        help="also resample every arm's trained models in this process at these guidance scales "
-                             "(pooled FID, KID, accuracy; no training: guidance changes only sampling)")
+    parser.add_argument("--server-guidance-scale", type=float, default=None,
+                        help="guidance of the server's half only, for every arm (default: --guidance-scale); GM's "
+                             "whole chain is the server's")
+    parser.add_argument("--guidance-sweep", type=Guidance.parse, nargs="+", default=[],
+                        help="also resample every arm's trained models in this process at these guidance scales, "
+                             "\"1.5\" for both halves or \"2:1\" for the server's half and the client's (pooled FID, "
+                             "KID, accuracy; no training: guidance changes only sampling)")
     parser.add_argument("--work", type=Path, default=ROOT / "runs" / "cut_study")
     parser.add_argument("--results", type=Path, default=ROOT / "benchmarks" / "results")
     parser.add_argument("--tag", default="", help="suffix of the result files' names, e.g. for a subset of the arms")
@@ -506,8 +548,11 @@ def main(argv: list[str] | None = None) -> int:
         if args.guidance_scale <= 0:
             parser.error(f"--guidance-scale must be above 0 (1 = plain conditional), got {args.guidance_scale}")
         mode = replace(mode, name=f"{mode.name}-cfg{args.guidance_scale:g}", guidance_scale=args.guidance_scale)
-    if any(scale <= 0 for scale in args.guidance_sweep):
-        parser.error(f"--guidance-sweep scales must be above 0 (1 = plain conditional), got {args.guidance_sweep}")
+    if args.server_guidance_scale is not None:
+        if args.server_guidance_scale <= 0:
+            parser.error(f"--server-guidance-scale must be above 0 (1 = plain conditional), got {args.server_guidance_scale}")
+        mode = replace(mode, name=f"{mode.name}-server-cfg{args.server_guidance_scale:g}",
+                       server_guidance_scale=args.server_guidance_scale)
     if args.cuts is None:
         args.cuts = STUDY_CUTS if args.study else CUTS
     seeds = tuple(args.seeds) if args.seeds else mode.seeds
@@ -549,6 +594,7 @@ def main(argv: list[str] | None = None) -> int:
     stamp = dt.date.today().isoformat() + ("-quick" if args.quick else "-study" if args.study else "") + (
         f"-steps{args.steps}" if args.steps is not None else "") + (
         f"-cfg{args.guidance_scale:g}" if args.guidance_scale is not None else "") + (
+        f"-server-cfg{args.server_guidance_scale:g}" if args.server_guidance_scale is not None else "") + (
         f"-{args.tag}" if args.tag else "")
     args.results.mkdir(parents=True, exist_ok=True)
     out = args.results / f"cut_study-{stamp}.json"

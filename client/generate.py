@@ -51,7 +51,9 @@ class GenerateResult:
     class_names: list[str]
     server_steps: int
     client_steps: int
-    guidance_factor: int  # denoiser evaluations per step: 2 with classifier-free guidance
+    # denoiser evaluations per step of each half: 2 where it is guided (classifier-free guidance)
+    server_guidance_factor: int
+    client_guidance_factor: int
     server_seconds: float
     client_seconds: float
     x_cut: torch.Tensor
@@ -59,10 +61,10 @@ class GenerateResult:
 
     @property
     def client_evaluations_per_image(self) -> int:
-        return self.client_steps * self.guidance_factor
+        return self.client_steps * self.client_guidance_factor
 
     def model_evaluations_per_image(self) -> dict[str, int]:
-        return {"server": self.server_steps * self.guidance_factor, "client": self.client_evaluations_per_image}
+        return {"server": self.server_steps * self.server_guidance_factor, "client": self.client_evaluations_per_image}
 
     @property
     def seconds_per_image(self) -> float:
@@ -87,9 +89,9 @@ def sample_labels(present: Iterable[int], samples_per_class: int) -> list[int]:
     return [label for label in sorted({int(p) for p in present}) for _ in range(samples_per_class)]
 
 
-def guidance_factor(settings: ClientSettings) -> int:
-    """Denoiser evaluations per step: classifier-free guidance adds the null-label branch."""
-    return 1 if settings.guidance_scale == 1.0 else 2
+def guidance_factor(scale: float) -> int:
+    """Denoiser evaluations per step at a guidance scale: classifier-free guidance adds the null-label branch."""
+    return 1 if scale == 1.0 else 2
 
 
 def _file_safe(name: str) -> str:
@@ -145,7 +147,7 @@ def generate_samples(
 
     request = collafuse_pb2.SampleRequest(
         client_id=client_id, labels=labels, seed=settings.seed, num_inference_steps=settings.inference_steps,
-        scheduler=kind, guidance_scale=settings.guidance_scale, cut=cut,
+        scheduler=kind, guidance_scale=settings.server_half_guidance(), cut=cut,
     )
     log.info("asking the server for %d image(s): %d server step(s), then %d local step(s) each",
              len(labels), expected_server, client_steps)
@@ -180,7 +182,9 @@ def generate_samples(
     out = _write_outputs(Path(workdir) / SAMPLES_DIR, x_cut, x0, labels, server.class_names, cut, latents)
     generated = GenerateResult(
         out_dir=out, labels=labels, class_names=[server.class_names[y] for y in labels],
-        server_steps=result.server_steps, client_steps=client_steps, guidance_factor=guidance_factor(settings),
+        server_steps=result.server_steps, client_steps=client_steps,
+        server_guidance_factor=guidance_factor(settings.server_half_guidance()),
+        client_guidance_factor=guidance_factor(settings.guidance_scale),
         server_seconds=result.seconds, client_seconds=client_seconds, x_cut=x_cut, x0=x0,
     )
     log.info("wrote %d sample(s) to %s (%.3fs per image: server %.1fs, client %.1fs)",

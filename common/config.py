@@ -305,8 +305,14 @@ class ClientSettings(CollafuseSettings, TrainingFields, RuntimeFields, TlsFields
     samples_per_class: int = Field(4, ge=0, description="images generated per class of the client's data")
     inference_steps: int = Field(100, ge=0, description="sampling chain length (0: all T)")
     scheduler: Literal["ddpm", "ddim"] = Field("ddpm", description="sampling scheduler")
-    # > 0: both halves of the chain must use the same scale, and the wire reads 0 as "unset" (1.0).
+    # > 0: the wire reads 0 as "unset" (1.0).
     guidance_scale: float = Field(1.0, gt=0, description="classifier-free guidance, > 0 (1 = plain conditional)")
+    # The class is decided in the server's (high-noise) half, so guiding only that half buys most of the accuracy
+    # at no client compute (docs/benchmarks.md).
+    server_guidance_scale: float | None = Field(None, gt=0, description="classifier-free guidance the server applies "
+                                                "to its half of the chain, > 0 (default: --guidance-scale); e.g. 2 "
+                                                "with --guidance-scale 1 guides only the shared model's half, and "
+                                                "the client's half stays at one model evaluation per step")
     wait_for_server: bool = Field(True, description="before generating, wait until the server finished training")
     wait_timeout: float = Field(1800.0, ge=0, description="most seconds to wait for the server: its training, "
                                 "or a restart (each call retries with backoff until then)")
@@ -326,6 +332,10 @@ class ClientSettings(CollafuseSettings, TrainingFields, RuntimeFields, TlsFields
     reference_beta_start: float = Field(1e-4, gt=0, lt=1, description="first beta of the reference schedule")
     reference_beta_end: float = Field(0.02, gt=0, lt=1, description="last beta of the reference schedule")
     reference_beta_schedule: BetaSchedule = Field("linear", description="beta schedule of the reference schedule")
+
+    def server_half_guidance(self) -> float:
+        """The guidance scale the client asks the server to sample its half with."""
+        return self.guidance_scale if self.server_guidance_scale is None else self.server_guidance_scale
 
     def handoff_cut(self, num_train_timesteps: int) -> int:
         """Where sampling hands off and the local model's steps end: the cut plus --handoff-margin, at most T (the

@@ -122,6 +122,10 @@ class SimSettings(CollafuseSettings, ScheduleFields, TrainingFields, RuntimeFiel
     guidance_scale: float = Field(1.0, gt=0, description="every client's --guidance-scale: classifier-free guidance "
                                   "for both halves of the chain, > 0 (1 = plain conditional; 2 evaluates each model "
                                   "twice per step)")
+    server_guidance_scale: float | None = Field(None, gt=0, description="every client's --server-guidance-scale: "
+                                                "guidance of the server's half only (default: --guidance-scale); "
+                                                "2 with --guidance-scale 1 guides the shared model's half at no "
+                                                "client compute")
     # Not RuntimeFields' default (0: all cores): N processes share this machine's cores.
     threads: int = Field(1, ge=0, description="torch threads per process (0: torch's default)")
     transcript: bool = Field(False, description="record every payload the server receives in server/transcript.jsonl")
@@ -289,7 +293,7 @@ def client_settings(settings: SimSettings, k: int, shard: Path, port: int, pki: 
         handoff_margin=settings.handoff_margin,
         model_preset=settings.client_preset, train_steps=settings.client_steps,
         samples_per_class=settings.samples_per_class, inference_steps=settings.inference_steps,
-        guidance_scale=settings.guidance_scale,
+        guidance_scale=settings.guidance_scale, server_guidance_scale=settings.server_guidance_scale,
         # An independent client model needs nothing from the server's training.
         wait_for_server=Cut(settings.cut_of(k), settings.num_train_timesteps).server_steps,
         # The simulation's schedule is its clients' own: their noise floor is the cut under it.

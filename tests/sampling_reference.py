@@ -51,9 +51,11 @@ def reference_sample(
     seed: int,
     guidance: float,
     image_shape: tuple[int, int, int],
+    client_guidance: float | None = None,
     **schedule: Any,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(x_hat_cut, x_hat_0) of one chain; ``num_inference_steps`` 0 runs all T steps."""
+    """(x_hat_cut, x_hat_0) of one chain; ``num_inference_steps`` 0 runs all T steps. ``guidance`` is the server's
+    half's scale, ``client_guidance`` the client's (default: the same)."""
     steps = num_inference_steps or num_train_timesteps
     # The hand-off exactly at the cut (docs/design.md §5): diffusers' leading grid k * (T // N), shifted so
     # that the paper's t = cut (0-based cut - 1) is on it; no shift without a hand-off (cut 0 or T).
@@ -69,7 +71,8 @@ def reference_sample(
         on_server = i + 1 > cut
         if not on_server and x_cut is None:
             x_cut = x.clone()  # the hand-off: the first client step starts from here
-        eps = _eps(server if on_server else client, x, i, y, guidance)
+        scale = guidance if on_server or client_guidance is None else client_guidance
+        eps = _eps(server if on_server else client, x, i, y, scale)
         if kind == "ddpm":
             out = scheduler.step(eps, i, x, generator=[_generator(seed, j, i) for j in range(n)])
         else:

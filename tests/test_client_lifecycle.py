@@ -88,6 +88,32 @@ def test_full_lifecycle_writes_outputs_and_matches_the_reference_sampler(tmp_pat
         assert fake.servicer.release_calls == 1
 
 
+@pytest.mark.parametrize(("server_scale", "client_scale"), [(2.0, 1.0), (1.0, 3.0), (None, 2.5)])
+def test_each_half_is_guided_at_its_own_scale(tmp_path, server_scale, client_scale):
+    """--server-guidance-scale sets the scale the client asks the server for; --guidance-scale guides the client's
+    own half (and the server's, where no server scale is set). Checked against the independent loop."""
+    make_image_folder(tmp_path / "data", classes=("0", "2"), per_class=2)
+    with FakeServer() as fake:
+        settings = _settings(tmp_path, fake.target, guidance_scale=client_scale, server_guidance_scale=server_scale,
+                             samples_per_class=1)
+        metrics = run_lifecycle(settings, poll_interval=0.01)
+        expected_server = client_scale if server_scale is None else server_scale
+        [request] = fake.servicer.sample_requests
+        assert request.guidance_scale == expected_server
+        # Two model evaluations per step only in a guided half (6 server steps and 4 client steps per image).
+        assert metrics["model_evaluations_per_image"] == {
+            "server": 6 * (1 if expected_server == 1.0 else 2), "client": 4 * (1 if client_scale == 1.0 else 2)}
+        client_model, _ = load_model(model_dir(settings.workdir))
+        x_cut, x0 = reference_sample(
+            fake.servicer.model, client_model, num_train_timesteps=fake.servicer.state.schedule.num_train_timesteps,
+            kind="ddpm", num_inference_steps=10, cut=20, labels=[0, 2], seed=5, guidance=expected_server,
+            client_guidance=client_scale, image_shape=(1, 8, 8),
+        )
+        work = settings.workdir
+        assert relative_difference(torch.from_numpy(np.load(work / "samples/handoff.npy")), x_cut) <= 1e-5
+        assert relative_difference(torch.from_numpy(np.load(work / "samples/samples.npy")), x0) <= 1e-5
+
+
 def test_global_model_and_independent_client_paths(tmp_path, caplog):
     make_image_folder(tmp_path / "data", classes=("1",), per_class=3)
     with FakeServer() as fake:

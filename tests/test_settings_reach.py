@@ -125,6 +125,7 @@ CLIENT_ELSEWHERE: dict[str, str] = {
     "client_id": "Ledger.client_id", "cut": "every step of the lifecycle", "image_size": "joining.register",
     "model_preset": "train_local", "train_steps": "train_local", "samples_per_class": "generate_samples",
     "inference_steps": "generate_samples", "scheduler": "generate_samples", "guidance_scale": "generate_samples",
+    "server_guidance_scale": "generate_samples (tests/test_client_lifecycle.py)",
     "wait_for_server": "ClientLifecycle.wait_for_server", "max_release_alpha_bar": "noise_floor.check_schedule",
     "re_release_confirm": "ClientLifecycle.contribute", "label_dropout": "train_local",
     "threads": "setup_torch", "log_level": "setup_logging", "token": "ClientLifecycle.connection",
