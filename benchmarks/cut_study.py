@@ -32,6 +32,8 @@ training compute of the arm.
                                    # "2:1": the server's half at 2, the client's at 1)
     python benchmarks/cut_study.py --study --steps 600 --regimes noniid --cuts 200 --server-guidance-scale 2
                                    # guidance 2 on the server's half only (every client's --server-guidance-scale)
+    python benchmarks/cut_study.py --study --steps 600 --regimes scarce --cuts 200 --variants server2x --guidance-scale 2 \
+        --reuse-only --swap-halves --tag swap   # each arm drawn again with GM's model in one half (which half limits)
     python benchmarks/cut_study.py              # full: 2 seeds, 1,500 steps, >= 1,000 images per arm
 
 Outputs: benchmarks/results/cut_study-<date>[-quick].json, ...-fid.png (FID and disclosure
@@ -52,6 +54,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from diffusers.models import UNet2DModel
 from tqdm import tqdm
 
 from collafuse.common.config import ClientSettings
@@ -241,17 +244,31 @@ def server_alone(settings: SimSettings, handoff: torch.Tensor, labels: np.ndarra
                        settings.seed + k, cut)
 
 
-def resample(settings: SimSettings, outputs: ArmOutputs, guidance: Guidance, images: int | None = None) -> list[torch.Tensor]:
-    """Every client's samples (its first ``images``) drawn again in this process from the arm's trained models, the
-    server's EMA and the client's, at ``guidance``: the run's chain, seeds and labels, so at the run's own guidance
-    the run's images. A guidance sweep needs no training, as guidance changes only sampling."""
-    server = load_model(ema_folder(settings))[0] if ema_folder(settings).is_dir() else None
+@dataclass(frozen=True)
+class ArmModels:
+    """An arm's trained EMA models: the server's (None: ICM trains none) and each client's (None: GM's clients)."""
+
+    server: UNet2DModel | None
+    clients: list[UNet2DModel | None]
+
+    @classmethod
+    def load(cls, settings: SimSettings) -> ArmModels:
+        server = load_model(ema_folder(settings))[0] if ema_folder(settings).is_dir() else None
+        return cls(server, [load_model(ema_folder(settings, k))[0] if handoff_cut(settings, k) > 0 else None
+                            for k in range(settings.clients)])
+
+
+def resample(settings: SimSettings, outputs: ArmOutputs, guidance: Guidance, images: int | None = None,
+             models: ArmModels | None = None) -> list[torch.Tensor]:
+    """Every client's samples (its first ``images``) drawn again in this process from the arm's trained models (or
+    ``models``), the server's EMA and the client's, at ``guidance``: the run's chain, seeds and labels, so at the
+    run's own guidance the run's images. A guidance sweep needs no training, as guidance changes only sampling."""
+    models = models or ArmModels.load(settings)
     drawn = []
     for k, (labels, samples) in enumerate(zip(outputs.labels, outputs.samples)):
         cut = handoff_cut(settings, k)
-        client = load_model(ema_folder(settings, k))[0] if cut > 0 else None
         # One half is empty where a model is missing: ICM's server half (it trains no server), GM's client half.
-        server_model, client_model = server or client, client or server
+        server_model, client_model = models.server or models.clients[k], models.clients[k] or models.server
         if server_model is None or client_model is None:
             raise FileNotFoundError(f"no trained model for client {k} in {settings.out}: run the arm first")
         server_half, client_half_ = as_denoiser(server_model, guidance.server), as_denoiser(client_model, guidance.client)
@@ -310,8 +327,21 @@ class Evaluator:
                                f"by {gap:.3g}: a sweep would not measure the run's system")
         results = {}
         for guidance in tqdm(sweep, desc="guidance sweep", unit="scale", leave=False):
-            _, results[str(guidance)] = self.pooled(replace(outputs, samples=resample(settings, outputs, guidance)))
+            # GM's chain is all the server's: a sweep entry with the run's server scale is the run itself.
+            same = settings.cut == 0 and guidance.server == own.server
+            samples = outputs.samples if same else resample(settings, outputs, guidance)
+            _, results[str(guidance)] = self.pooled(replace(outputs, samples=samples))
         return results
+
+    def swap_halves(self, settings: SimSettings, outputs: ArmOutputs, gm: SimSettings) -> dict[str, Any]:
+        """Which half holds the arm back: its chain drawn again (``resample``, at the run's guidance) with the model
+        of GM at matched compute (``gm``, trained on every t) in one half, "gm_above" the cut (the arm's clients
+        finish) or "gm_below" it (the arm's server hands off)."""
+        own, model = ArmModels.load(settings), load_model(ema_folder(gm))[0]
+        swapped = {"gm_above": replace(own, server=model), "gm_below": replace(own, clients=[model] * len(own.clients))}
+        return {name: self.pooled(replace(outputs, samples=resample(settings, outputs, Guidance.of_run(settings),
+                                                                    models=models)))[1]
+                for name, models in swapped.items()}
 
     def floor(self, n_fake: int, real_mask: np.ndarray | None = None) -> float | None:
         """FID of two disjoint real subsets with the sizes of the comparison (n_fake vs the rest)."""
@@ -409,6 +439,10 @@ def summarise(results: dict[str, dict[str, list[dict[str, Any]]]]) -> dict[str, 
                 "guidance_sweep": {scale: {key: stat(lambda r, g=scale, m=key: r["guidance_sweep"][g][m])
                                            for key in ("fid", "kid", "accuracy")}
                                    for scale in runs[0].get("guidance_sweep", {})},
+                # --swap-halves: GM's model in one half of the arm's chain.
+                "swap_halves": {name: {key: stat(lambda r, n=name, m=key: r["swap_halves"][n][m])
+                                       for key in ("fid", "kid", "accuracy")}
+                                for name in runs[0].get("swap_halves", {})},
             }
         icm = rows.get("1000", {}).get("client_seconds_per_image")
         for row in rows.values():
@@ -528,6 +562,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="also resample every arm's trained models in this process at these guidance scales, "
                              "\"1.5\" for both halves or \"2:1\" for the server's half and the client's (pooled FID, "
                              "KID, accuracy; no training: guidance changes only sampling)")
+    parser.add_argument("--swap-halves", action="store_true",
+                        help="also draw every collaborative arm's chain again with the model of GM at matched "
+                             "compute (same seed) in one half, above or below the cut: which half holds it back")
     parser.add_argument("--work", type=Path, default=ROOT / "runs" / "cut_study")
     parser.add_argument("--results", type=Path, default=ROOT / "benchmarks" / "results")
     parser.add_argument("--tag", default="", help="suffix of the result files' names, e.g. for a subset of the arms")
@@ -581,6 +618,12 @@ def main(argv: list[str] | None = None) -> int:
         result = evaluator.evaluate(settings, outputs, seed)
         if args.guidance_sweep:
             result["guidance_sweep"] = evaluator.guidance_sweep(settings, outputs, args.guidance_sweep)
+        gm = arm_settings(mode, regime, GM_MATCHED, seed, work)
+        if args.swap_halves and 0 < cut < settings.num_train_timesteps:
+            if finished(gm):
+                result["swap_halves"] = evaluator.swap_halves(settings, outputs, gm)
+            else:
+                log.warning("--swap-halves: no finished GM at matched compute in %s; run it first", gm.out)
         result["compute"]["eval_seconds"] = time.monotonic() - eval_started
         result.update(regime=regime, arm=key, cut=cut, steps=settings.steps, seed=seed)
         results.setdefault(regime, {}).setdefault(key, []).append(result)
@@ -627,6 +670,9 @@ def main(argv: list[str] | None = None) -> int:
             for scale, swept in row["guidance_sweep"].items():
                 print(f"         resampled at guidance {scale}: FID {fmt(swept['fid'])}, accuracy "
                       f"{fmt(swept['accuracy'], '{:.2f}')}")
+            for name, swapped in row["swap_halves"].items():
+                print(f"         with GM's model {name.removeprefix('gm_')} the cut: FID {fmt(swapped['fid'])}, accuracy "
+                      f"{fmt(swapped['accuracy'], '{:.2f}')}")
         print(f"  claims: {data['claims']}")
     print(f"\nwrote {out} in {payload['wall_seconds'] / 60:.1f} min")
     return 0
