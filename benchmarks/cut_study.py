@@ -319,8 +319,8 @@ class Evaluator:
     def guidance_sweep(self, settings: SimSettings, outputs: ArmOutputs, sweep: list[Guidance]) -> dict[str, Any]:
         """Pooled FID, KID and accuracy of the arm's trained models resampled at each guidance (``resample``), after
         checking that resampling at the run's own guidance redraws the run's images (the same system)."""
-        own = Guidance.of_run(settings)
-        check = resample(settings, outputs, own, images=8)
+        own, models = Guidance.of_run(settings), ArmModels.load(settings)
+        check = resample(settings, outputs, own, images=8, models=models)
         gap = max(float((a - b[: len(a)]).abs().max()) for a, b in zip(check, outputs.samples))
         if gap > 1e-3:
             raise RuntimeError(f"resampling {settings.out} at its own guidance {own} differs from the run's images "
@@ -329,7 +329,7 @@ class Evaluator:
         for guidance in tqdm(sweep, desc="guidance sweep", unit="scale", leave=False):
             # GM's chain is all the server's: a sweep entry with the run's server scale is the run itself.
             same = settings.cut == 0 and guidance.server == own.server
-            samples = outputs.samples if same else resample(settings, outputs, guidance)
+            samples = outputs.samples if same else resample(settings, outputs, guidance, models=models)
             _, results[str(guidance)] = self.pooled(replace(outputs, samples=samples))
         return results
 
@@ -337,10 +337,9 @@ class Evaluator:
         """Which half holds the arm back: its chain drawn again (``resample``, at the run's guidance) with the model
         of GM at matched compute (``gm``, trained on every t) in one half, "gm_above" the cut (the arm's clients
         finish) or "gm_below" it (the arm's server hands off)."""
-        own, model = ArmModels.load(settings), load_model(ema_folder(gm))[0]
+        own, model, guidance = ArmModels.load(settings), load_model(ema_folder(gm))[0], Guidance.of_run(settings)
         swapped = {"gm_above": replace(own, server=model), "gm_below": replace(own, clients=[model] * len(own.clients))}
-        return {name: self.pooled(replace(outputs, samples=resample(settings, outputs, Guidance.of_run(settings),
-                                                                    models=models)))[1]
+        return {name: self.pooled(replace(outputs, samples=resample(settings, outputs, guidance, models=models)))[1]
                 for name, models in swapped.items()}
 
     def floor(self, n_fake: int, real_mask: np.ndarray | None = None) -> float | None:
@@ -618,8 +617,8 @@ def main(argv: list[str] | None = None) -> int:
         result = evaluator.evaluate(settings, outputs, seed)
         if args.guidance_sweep:
             result["guidance_sweep"] = evaluator.guidance_sweep(settings, outputs, args.guidance_sweep)
-        gm = arm_settings(mode, regime, GM_MATCHED, seed, work)
         if args.swap_halves and 0 < cut < settings.num_train_timesteps:
+            gm = arm_settings(mode, regime, GM_MATCHED, seed, work)
             if finished(gm):
                 result["swap_halves"] = evaluator.swap_halves(settings, outputs, gm)
             else:
