@@ -57,6 +57,16 @@ def percentiles(values: list[float]) -> dict[str, float | int]:
     return {"count": len(ordered), "p50_ms": at(0.50), "p99_ms": at(0.99), "max_ms": round(1000 * ordered[-1], 2)}
 
 
+def save_figure(fig: Any, path: Path, title: str) -> None:
+    """Title, lay out, write and close a matplotlib figure (the result picture beside a benchmark's JSON)."""
+    import matplotlib.pyplot as plt
+
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
 def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from bench_common import save_figure
 from cut_study import ArmOutputs, Evaluator, Mode, finished, gather, machine
 from tqdm import tqdm
 
@@ -117,10 +118,7 @@ def plot(summary: dict[str, Any], path: Path, title: str) -> None:
         ax.set_ylabel(label)
         ax.grid(alpha=0.3, axis="y")
         ax.legend(fontsize=7)
-    fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    save_figure(fig, path, title)
 
 
 def main(argv: list[str] | None = None) -> int:
