@@ -123,11 +123,13 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "c2": {"ambient_timesteps": "c2"}, "margin50": {"handoff_margin": 50}, "x0": {"ambient_loss": "x0"},
     "server2x": {}, "server3x": {}, "clientsmall": {"client_preset": "small"},
     "server2x-margin50": {"handoff_margin": 50},  # the margin with the server-heavy split (SERVER_HEAVY)
+    "server1.2x": {},
 }
 # "server3x": each client trains a third of the per-model steps and the server the rest of the arm's image-steps
 # (noniid: 3 x 1/3 to the clients, 3 1/3 x to the server), so the shared model gets most of the same total compute;
-# "server2x": half of the per-model steps to each client (noniid: the server 2.5x).
-SERVER_HEAVY = {"server2x": 2, "server3x": 3, "server2x-margin50": 2}
+# "server2x": half of the per-model steps to each client (noniid: the server 2.5x); "server1.2x": 5/6 of them (scarce
+# at 600 steps: 500 per client, 1,600 for the server).
+SERVER_HEAVY = {"server2x": 2, "server3x": 3, "server2x-margin50": 2, "server1.2x": 1.2}
 VARIANT_MARK = "+"
 REGIMES: dict[str, dict[str, Any]] = {
     "noniid": {"clients": 3, "partition": "classes"},
@@ -144,7 +146,7 @@ def arm_settings(mode: Mode, regime: str, arm: str, seed: int, work: Path) -> Si
     cut, _, variant = arm.partition(VARIANT_MARK)
     client_steps, server_steps = mode.steps, mode.steps * (1 + clients) if matched else mode.steps
     if variant in SERVER_HEAVY:
-        client_steps = mode.steps // SERVER_HEAVY[variant]
+        client_steps = round(mode.steps / SERVER_HEAVY[variant])
         server_steps = mode.steps * (1 + clients) - client_steps * clients
     return SimSettings(
         **VARIANTS[variant] if variant else {},
