@@ -26,12 +26,13 @@ Every setting changes one thing against ``base`` (batch 16, 600 steps: the study
     python benchmarks/client_half.py                       # every setting, seeds 0 and 1: ~35 min on 2 cores
     python benchmarks/client_half.py --settings base batch4 steps4x --seeds 0 1 2
 
-Outputs: benchmarks/results/client_half-<date>[-tag].json and ...-<date>[-tag].png (FID and accuracy per setting).
+Outputs: benchmarks/results/client_half[-tag]-<date>.json and the same name .png (FID and accuracy per setting).
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
 import tempfile
 import time
@@ -149,8 +150,14 @@ def run_group(names: list[str], seed: int, work: Path) -> list[dict[str, Any]]:
     return rows
 
 
+@functools.cache
+def study_evaluator() -> Evaluator:
+    """The study's reference features and classifier, built once per process (the main one and each worker)."""
+    return Evaluator(MODE, ROOT / "runs" / "cut_study" / MODE.name)
+
+
 def score(images: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
-    evaluator = Evaluator(MODE, ROOT / "runs" / "cut_study" / MODE.name)
+    evaluator = study_evaluator()
     requested = [str(int(v)) for v in labels]
     return {"fid": evaluator.fid(evaluator.features(images))["fid"],
             "accuracy": conditional_accuracy(evaluator.classifier, images.numpy(), requested, evaluator.heldout).accuracy}
@@ -202,8 +209,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tag", default="", help="suffix of the result files")
     args = parser.parse_args(argv)
     setup_logging("WARNING")
-    # The reference features and the classifier once, before the workers read them from the cache.
-    Evaluator(MODE, ROOT / "runs" / "cut_study" / MODE.name)
+    # The reference features once, before the workers read them from the feature cache.
+    study_evaluator()
     name = "client_half" + (f"-{args.tag}" if args.tag else "")
     runs = [real_row(seed) for seed in args.seeds]
     with tempfile.TemporaryDirectory(prefix="client-half-") as tmp, ProcessPoolExecutor(args.workers) as pool:
