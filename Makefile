@@ -42,7 +42,7 @@ test-faults: install
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -m slow tests/test_faults.py tests/test_distributed.py tests/test_reliability_faults.py \
 		tests/test_split_poisoning.py tests/test_split_quality.py tests/test_audit_latent.py tests/test_sim_ray.py \
 		tests/test_latent_e2e.py tests/test_latent_outcome.py tests/test_ambient_loss_x0.py tests/test_handoff_margin.py \
-		tests/test_guidance_outcome.py
+		tests/test_guidance_outcome.py tests/test_local_timesteps.py
 
 # Builds the images without a registry (installs and starts Docker as root if needed), then runs
 # `docker compose up` with tiny budgets; see tests/test_docker_compose.py. CI runs it.

@@ -19,6 +19,7 @@ Every setting changes one thing against ``base`` (batch 16, 600 steps: the study
     alldata     1,497 images instead of 180 (the other clients' data too, none of the held-out): data, same steps
     steps2x     1,200 steps (twice the compute)
     steps4x     2,400 steps
+    linear      t drawn in proportion to t (--local-timesteps linear): more of the noisier steps, same steps
     base+g2     base's model sampled with guidance 2 in the client's half
     base+250    base's model with 250 inference steps (the client's half takes 50 steps instead of 10)
     base+ddim   base's model with DDIM (eta 0) in the client's half
@@ -48,7 +49,7 @@ from cut_study import STUDY, Evaluator
 from tqdm import tqdm
 
 from collafuse.client.trainer import train_local
-from collafuse.common.config import ClientSettings
+from collafuse.common.config import ClientSettings, LocalTimesteps
 from collafuse.common.diffusion import q_sample
 from collafuse.common.models import as_denoiser, load_model
 from collafuse.common.runtime import setup_logging
@@ -74,6 +75,7 @@ class Setting:
     lr: float = 2e-3
     preset: str = "tiny"
     label_dropout: float = 0.1
+    local_timesteps: LocalTimesteps = "uniform"
     images: int = SHARD
     scheduler: SchedulerKind = "ddpm"
     guidance_scale: float = 1.0
@@ -81,7 +83,7 @@ class Setting:
 
     def training(self) -> tuple[Any, ...]:
         """What the trained model depends on (sampling variants reuse one model)."""
-        return self.batch_size, self.steps, self.lr, self.preset, self.label_dropout, self.images
+        return self.batch_size, self.steps, self.lr, self.preset, self.label_dropout, self.local_timesteps, self.images
 
 
 BASE = Setting()
@@ -95,6 +97,7 @@ SETTINGS: dict[str, Setting] = {
     "alldata": replace(BASE, images=1497),  # every digit but the held-out ones
     "steps2x": replace(BASE, steps=1200),
     "steps4x": replace(BASE, steps=2400),
+    "linear": replace(BASE, local_timesteps="linear"),
     "base+g2": replace(BASE, guidance_scale=2.0),
     "base+250": replace(BASE, inference_steps=250),
     "base+ddim": replace(BASE, scheduler="ddim"),
@@ -127,7 +130,8 @@ def run_group(names: list[str], seed: int, work: Path) -> list[dict[str, Any]]:
     schedule = ScheduleConfig()
     workdir = work / f"seed{seed}-{names[0]}"
     client = ClientSettings(cut=CUT, batch_size=setting.batch_size, train_steps=setting.steps, lr=setting.lr,
-                            model_preset=setting.preset, label_dropout=setting.label_dropout, seed=seed)
+                            model_preset=setting.preset, label_dropout=setting.label_dropout,
+                            local_timesteps=setting.local_timesteps, seed=seed)
     index = train_indices(setting, seed)
     started = time.perf_counter()
     trained = train_local(images=torch.from_numpy(images[index]), labels=torch.from_numpy(labels[index]),

@@ -1,11 +1,11 @@
 """Local training of the client's own small denoiser on its low-noise steps t in [1, cut].
 
-Plain DDPM eps-prediction on the client's private x0 (``common.diffusion.client_loss``) with
-classifier-free label drop-out, run by the training core (``common.train_loop``) that the server uses
-too. Checkpoints have the server's format (``common.checkpoint``): ``<workdir>/checkpoints/latest``
-holds ``model/``, ``ema/`` (the model used for sampling, an ordinary diffusers UNet) and ``trainer.pt``,
-swapped in atomically, so an interrupted run resumes exactly where the last checkpoint left off and an
-error never leaves a half-written model.
+Plain DDPM eps-prediction on the client's private x0 (``common.diffusion.client_loss``; t drawn uniformly or, with
+``--local-timesteps linear``, in proportion to t) with classifier-free label drop-out, run by the training core
+(``common.train_loop``) that the server uses too. Checkpoints have the server's format (``common.checkpoint``):
+``<workdir>/checkpoints/latest`` holds ``model/``, ``ema/`` (the model used for sampling, an ordinary diffusers UNet)
+and ``trainer.pt``, swapped in atomically, so an interrupted run resumes exactly where the last checkpoint left off
+and an error never leaves a half-written model.
 """
 
 from __future__ import annotations
@@ -118,7 +118,7 @@ def train_local(
             seeded(settings.seed, lambda: build_unet(settings.model_preset, image_shape, num_classes)), options, device
         )
     meta = {**identity, "ema_decay": settings.ema_decay, "lr": settings.lr, "seed": settings.seed,
-            "label_dropout": settings.label_dropout}
+            "label_dropout": settings.label_dropout, "local_timesteps": settings.local_timesteps}
     start, target = core.step, settings.train_steps
     result = TrainResult(True, start, start, target, list(core.losses), 0.0, count_parameters(core.model), resumed,
                          model_dir(workdir))
@@ -138,11 +138,12 @@ def train_local(
         return _ClientBatch(images[index], drop_labels(labels[index], null, settings.label_dropout, gen))
 
     def loss(net: Denoiser, batch: _ClientBatch, generator: torch.Generator) -> torch.Tensor:
-        return client_loss(net, batch.x0, batch.labels, cut, alphas_cumprod, generator)
+        return client_loss(net, batch.x0, batch.labels, cut, alphas_cumprod, generator, settings.local_timesteps)
 
     log.info(
-        "training the local %s model (%d parameters) on %d images, t in [1, %d], steps %d..%d, batch %d, device %s",
-        settings.model_preset, result.parameters, images.shape[0], cut, start, target, settings.batch_size, device,
+        "training the local %s model (%d parameters) on %d images, t in [1, %d] (%s), steps %d..%d, batch %d, device %s",
+        settings.model_preset, result.parameters, images.shape[0], cut, settings.local_timesteps, start, target,
+        settings.batch_size, device,
     )
     started = time.perf_counter()
     log_every = max(1, (target - start) // 10)

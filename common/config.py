@@ -88,6 +88,8 @@ AmbientWeighting = Literal["standard", "pooled"]
 AmbientTimesteps = Literal["uniform", "c2"]
 # What the ambient server's loss regresses (common/diffusion.py::ambient_server_loss).
 AmbientLoss = Literal["eps", "x0"]
+# How a client's local training draws t in [1, cut] (common/diffusion.py::sample_client_times).
+LocalTimesteps = Literal["uniform", "linear"]
 
 
 class AmbientFields(BaseModel):
@@ -297,6 +299,12 @@ class ClientSettings(CollafuseSettings, TrainingFields, RuntimeFields, TlsFields
     handoff_margin: int = Field(0, ge=0, description="the local model also covers (cut, cut + margin], and sampling "
                                 "hands off at cut + margin: the server's hand-off is noisier, nothing more is released, "
                                 "and the client's sampling compute grows by margin / T (0: hand off at the cut)")
+    # Issue 19: a scarce client's model trained uniformly loses the class of about one hand-off in nine; linear
+    # draws keep more at the same steps and cost FID, so uniform stays the default (docs/benchmarks.md).
+    local_timesteps: LocalTimesteps = Field("uniform", description="how local training draws t in [1, cut] "
+                                            "(with --handoff-margin, [1, cut + margin]): uniform, or linear "
+                                            "(P(t) proportional to t: more of the noisier steps, where the class "
+                                            "of the hand-off is kept or lost; fewer of the last few)")
     protocol: Protocol = Field("ambient", description="training protocol: ambient (release x_cut once per image) "
                                "or split (split learning with gradient exchange; see --dp-clip)")
     image_size: int | None = Field(None, description="expected image side (default: the server's)")

@@ -10,7 +10,7 @@ from collections.abc import Callable
 
 import torch
 
-from collafuse.common.config import AmbientLoss
+from collafuse.common.config import AmbientLoss, LocalTimesteps
 
 # eps_hat = denoiser(x_t, t, labels); t is the paper's 1-based time (LongTensor [N]).
 Denoiser = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -42,11 +42,21 @@ def release(x0: torch.Tensor, seeds: list[int], cut: int, alphas_cumprod: torch.
     return q_sample(x0.float(), t, noise, alphas_cumprod).float()
 
 
-def sample_client_times(n: int, cut: int, generator: torch.Generator | None = None) -> torch.Tensor:
-    """t ~ U{1, ..., cut}: the client trains only the low-noise steps."""
+def sample_client_times(n: int, cut: int, generator: torch.Generator | None = None,
+                        timesteps: LocalTimesteps = "uniform") -> torch.Tensor:
+    """t in {1, ..., cut}, the client's low-noise steps: uniform, or ``linear`` with P(t) = t / (cut (cut + 1) / 2).
+
+    Linear draws are a reweighting of the same eps objective (every t keeps a positive weight, so the minimiser
+    E[eps | x_t] is unchanged); they spend more of a short training on the noisier steps, where a hand-off's class is
+    kept or lost, and less on the last few, which only sharpen."""
     if cut < 1:
         raise ValueError("a client with cut 0 (global model) owns no timesteps and trains no model")
-    return torch.randint(1, cut + 1, (n,), generator=generator)
+    if timesteps == "uniform":
+        return torch.randint(1, cut + 1, (n,), generator=generator)
+    if timesteps == "linear":
+        weights = torch.arange(1, cut + 1, dtype=torch.float64)
+        return torch.multinomial(weights, n, replacement=True, generator=generator) + 1
+    raise ValueError(f"unknown client timesteps {timesteps!r}: use uniform or linear")
 
 
 def sample_server_times(cuts: torch.Tensor, num_train_timesteps: int, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -97,9 +107,10 @@ def client_loss(
     cut: int,
     alphas_cumprod: torch.Tensor,
     generator: torch.Generator | None = None,
+    timesteps: LocalTimesteps = "uniform",
 ) -> torch.Tensor:
-    """Plain DDPM eps-prediction on the client's own x_0, t in [1, cut]."""
-    t = sample_client_times(x0.shape[0], cut, generator)
+    """Plain DDPM eps-prediction on the client's own x_0, t in [1, cut] drawn as ``timesteps`` says."""
+    t = sample_client_times(x0.shape[0], cut, generator, timesteps)
     noise = torch.randn(x0.shape, generator=generator, dtype=x0.dtype).to(x0.device)
     x_t = q_sample(x0, t, noise, alphas_cumprod)
     return torch.nn.functional.mse_loss(denoiser(x_t, t.to(x0.device), labels), noise)

@@ -43,6 +43,7 @@ from collafuse.common.config import (
     AmbientFields,
     AutoencoderFields,
     ClientSettings,
+    LocalTimesteps,
     Protocol,
     RuntimeFields,
     ServerSettings,
@@ -105,6 +106,9 @@ class SimSettings(CollafuseSettings, ScheduleFields, TrainingFields, RuntimeFiel
                                             "100 200 500); replaces --cut")
     handoff_margin: int = Field(0, ge=0, description="every client's --handoff-margin: its local model also covers "
                                 "(cut, cut + margin] and sampling hands off there (nothing more is released)")
+    client_local_timesteps: LocalTimesteps = Field("uniform", description="every client's --local-timesteps: how "
+                                                   "its local training draws t (uniform, or linear: P(t) "
+                                                   "proportional to t)")
     steps: int = Field(1000, ge=0, description="server training steps")
     client_steps: int = Field(500, ge=0, description="local training steps of each client")
     dataset: str = Field("digits", description="'digits' (bundled) or a folder with one sub-folder per class")
@@ -292,6 +296,7 @@ def client_settings(settings: SimSettings, k: int, shard: Path, port: int, pki: 
         workdir=settings.out / "clients" / f"client-{k}", cut=settings.cut_of(k), protocol=settings.protocol,
         handoff_margin=settings.handoff_margin,
         model_preset=settings.client_preset, train_steps=settings.client_steps,
+        local_timesteps=settings.client_local_timesteps,
         samples_per_class=settings.samples_per_class, inference_steps=settings.inference_steps,
         guidance_scale=settings.guidance_scale, server_guidance_scale=settings.server_guidance_scale,
         # An independent client model needs nothing from the server's training.

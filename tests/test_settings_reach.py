@@ -132,6 +132,7 @@ CLIENT_ELSEWHERE: dict[str, str] = {
     "tls_cert": "tls_credentials", "tls_key": "tls_credentials", "tls_ca": "tls_credentials",
     "autoencoder": "joining.own_autoencoder (tests/test_latent_settings.py)",
     "handoff_margin": "ClientLifecycle.train/generate (tests/test_handoff_margin.py)",
+    "local_timesteps": "train_local (tests/test_local_timesteps.py)",
     **{f"reference_{name}": "noise_floor.floor_config (tests/test_noise_floor.py)"
        for name in ("timesteps", "beta_start", "beta_end", "beta_schedule")},
 }
