@@ -301,6 +301,9 @@ def client_settings(settings: SimSettings, k: int, shard: Path, port: int, pki: 
         guidance_scale=settings.guidance_scale, server_guidance_scale=settings.server_guidance_scale,
         # An independent client model needs nothing from the server's training.
         wait_for_server=Cut(settings.cut_of(k), settings.num_train_timesteps).server_steps,
+        # A client waits for the server's training as long as the run may take: with the client's own default
+        # (30 min) a long server training (GM at 13,200 steps on 2 cores) outlived every client.
+        wait_timeout=settings.timeout,
         # The simulation's schedule is its clients' own: their noise floor is the cut under it.
         reference_timesteps=settings.num_train_timesteps, reference_beta_start=settings.beta_start,
         reference_beta_end=settings.beta_end, reference_beta_schedule=settings.beta_schedule,

@@ -44,7 +44,7 @@ def test_children_settings_survive_the_command_line(tmp_path: Path) -> None:
     settings = SimSettings(out=tmp_path, beta_end=0.03, lr=1e-3, ema_decay=0.9, label_dropout=0.2, batch_size=8,
                            seed=5, device="cpu", log_level="DEBUG", cut=1000, num_train_timesteps=1000,
                            guidance_scale=2.5, server_guidance_scale=1.5, handoff_margin=7,
-                           client_local_timesteps="linear")
+                           client_local_timesteps="linear", timeout=5000)
     server = server_settings(settings, 4321, CLASSES)
     parser, flags = server_parser()
     assert flags.load(parser.parse_args(server_command(settings, 4321, CLASSES).args)) == server
@@ -62,6 +62,8 @@ def test_children_settings_survive_the_command_line(tmp_path: Path) -> None:
     # The sampling choices every client makes (the server reads the guidance from each client's request).
     assert client.guidance_scale == 2.5 and client.server_guidance_scale == 1.5 and client.handoff_margin == 7
     assert client.local_timesteps == "linear"
+    # A client waits for the server's training as long as the whole run may take (--timeout), not its own 30 min.
+    assert client.wait_timeout == 5000
 
 
 def test_a_renamed_field_fails_in_the_parent(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
