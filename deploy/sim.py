@@ -139,7 +139,8 @@ class SimSettings(CollafuseSettings, ScheduleFields, TrainingFields, RuntimeFiel
         "inception", description="with --audit: features of the disclosure Frechet distance (pixels: fast, no weights)")
     tls: bool = Field(False, description="mutual TLS between every process: a development CA and certificates "
                       "(client-<k>, and 'sim' for the simulation's own calls) in <out>/certs")
-    timeout: float = Field(3600.0, gt=0, description="most seconds the whole run may take")
+    timeout: float = Field(3600.0, gt=0, description="most seconds the whole run may take (also every client's "
+                           "--wait-timeout for the server's training)")
     fresh: bool = Field(True, description="delete a previous run's server store and client workdirs first")
     launcher: LauncherKind = Field(default_factory=default_launcher,
                                    description="forkserver: fork the CLIs from one process that imported torch once; "
