@@ -502,7 +502,15 @@ def plot(summary: dict[str, Any], path: Path) -> None:
                 xs = [c for c, _ in points]
                 ax.errorbar(xs, [s["mean"] for _, s in points], yerr=[s["std"] for _, s in points], marker="o", capsize=3, color=color,
                             label=f"{regime}: {label}")
-        floors = [data["by_cut"][str(c)]["floor_fid"] for c in cuts if data["by_cut"][str(c)]["floor_fid"]]
+        # Variant arms ("200+server1.2x"): one marker each at their cut.
+        for number, arm in enumerate(sorted(k for k in data["by_cut"] if VARIANT_MARK in k)):
+            cut, _, variant = arm.partition(VARIANT_MARK)
+            for ax, key in ((axes[0], "fid"), (axes[1], "server_alone_fid")):
+                stat = data["by_cut"][arm].get(key)
+                if stat:
+                    ax.errorbar([int(cut)], [stat["mean"]], yerr=[stat["std"]], marker="sDv^<>"[number % 6], capsize=3,
+                                linestyle="none", color=color, label=f"{regime}: zeta = {cut}, {variant}")
+        floors = [e["floor_fid"] for k, e in data["by_cut"].items() if k != GM_MATCHED and e.get("floor_fid")]
         if floors:
             axes[0].axhline(float(np.mean([f["mean"] for f in floors])), linestyle=":", color="grey")
         matched = data["by_cut"].get(GM_MATCHED, {}).get("fid")
