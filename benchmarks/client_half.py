@@ -20,6 +20,9 @@ Every setting changes one thing against ``base`` (batch 16, 600 steps: the study
     steps2x     1,200 steps (twice the compute)
     steps4x     2,400 steps
     linear      t drawn in proportion to t (--local-timesteps linear): more of the noisier steps, same steps
+    ema0.98     EMA decay 0.98 for the sampled weights (base: 0.995, which the warm-up (1 + n)/(10 + n) caps at
+                0.985 by step 600, as it does 0.99: the same model; 0.98 binds from step 440)
+    ema0        no EMA: the last weights
     base+g2     base's model sampled with guidance 2 in the client's half
     base+250    base's model with 250 inference steps (the client's half takes 50 steps instead of 10)
     base+ddim   base's model with DDIM (eta 0) in the client's half
@@ -80,10 +83,12 @@ class Setting:
     scheduler: SchedulerKind = "ddpm"
     guidance_scale: float = 1.0
     inference_steps: int = 50
+    ema_decay: float = 0.995
 
     def training(self) -> tuple[Any, ...]:
         """What the trained model depends on (sampling variants reuse one model)."""
-        return self.batch_size, self.steps, self.lr, self.preset, self.label_dropout, self.local_timesteps, self.images
+        return (self.batch_size, self.steps, self.lr, self.preset, self.label_dropout, self.local_timesteps, self.images,
+                self.ema_decay)
 
 
 BASE = Setting()
@@ -98,6 +103,8 @@ SETTINGS: dict[str, Setting] = {
     "steps2x": replace(BASE, steps=1200),
     "steps4x": replace(BASE, steps=2400),
     "linear": replace(BASE, local_timesteps="linear"),
+    "ema0.98": replace(BASE, ema_decay=0.98),
+    "ema0": replace(BASE, ema_decay=0.0),
     "base+g2": replace(BASE, guidance_scale=2.0),
     "base+250": replace(BASE, inference_steps=250),
     "base+ddim": replace(BASE, scheduler="ddim"),
@@ -131,7 +138,7 @@ def run_group(names: list[str], seed: int, work: Path) -> list[dict[str, Any]]:
     workdir = work / f"seed{seed}-{names[0]}"
     client = ClientSettings(cut=CUT, batch_size=setting.batch_size, train_steps=setting.steps, lr=setting.lr,
                             model_preset=setting.preset, label_dropout=setting.label_dropout,
-                            local_timesteps=setting.local_timesteps, seed=seed)
+                            local_timesteps=setting.local_timesteps, ema_decay=setting.ema_decay, seed=seed)
     index = train_indices(setting, seed)
     started = time.perf_counter()
     trained = train_local(images=torch.from_numpy(images[index]), labels=torch.from_numpy(labels[index]),

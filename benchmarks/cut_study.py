@@ -35,6 +35,8 @@ training compute of the arm.
     python benchmarks/cut_study.py --study --steps 600 --regimes scarce --cuts 200 --variants server2x --guidance-scale 2 \
         --reuse-only --swap-halves --tag swap   # each arm drawn again with GM's model in one half (which half limits)
     python benchmarks/cut_study.py              # full: 2 seeds, 1,500 steps, >= 1,000 images per arm
+    python benchmarks/cut_study.py --study --steps 600 --jobs 8   # 8 arms trained at once (each its own sim): a
+                                   # GPU host with many cores; evaluation follows one arm at a time
 
 Outputs: benchmarks/results/cut_study-<date>[-quick].json, ...-fid.png (FID and disclosure
 against zeta) and ...-samples.png (server row and client row per zeta).
@@ -48,6 +50,7 @@ import json
 import logging
 import platform
 import time
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -544,6 +547,31 @@ def machine() -> dict[str, Any]:
     }
 
 
+def train_arms(arms: list[SimSettings], jobs: int, resume: bool, reuse_only: bool) -> list[str]:
+    """Run every arm that has no finished run (with --resume; none with --reuse-only), ``jobs`` at once: each arm is
+    its own sim, so on a host with a GPU and many cores several fit side by side. The longest (the most steps of one
+    model: GM's server) start first. Returns the folders of the arms that failed; the others' runs are kept, so a rerun reuses them."""
+    todo = [s for s in arms if not (resume or reuse_only) or not finished(s)]
+    for settings in arms:
+        if settings not in todo:
+            log.info("reusing the finished run in %s", settings.out)
+    if reuse_only:
+        return []
+    todo.sort(key=lambda s: -max(s.steps, s.client_steps))
+    failed: list[str] = []
+    with ThreadPoolExecutor(max_workers=jobs) as pool:
+        runs = {pool.submit(run, settings): settings for settings in todo}
+        for done in tqdm(as_completed(runs), total=len(runs), desc=f"cut study arms (training, {jobs} at once)",
+                         unit="arm"):
+            settings = runs[done]
+            try:
+                done.result()
+            except Exception:  # one arm's failure (its log tail is in the message) must not lose the others
+                log.exception("arm %s failed", settings.out)
+                failed.append(str(settings.out))
+    return failed
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="one seed and small budgets (under 15 min on 2 cores)")
@@ -578,12 +606,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--work", type=Path, default=ROOT / "runs" / "cut_study")
     parser.add_argument("--results", type=Path, default=ROOT / "benchmarks" / "results")
     parser.add_argument("--tag", default="", help="suffix of the result files' names, e.g. for a subset of the arms")
+    parser.add_argument("--jobs", type=int, default=1,
+                        help="arms trained at once (each is its own sim: a server and N client processes); more than 1 "
+                             "suits a GPU host with many cores. Evaluation follows, one arm at a time")
     parser.add_argument("--reuse-only", action="store_true",
                         help="train nothing: evaluate and summarise the arms already finished (e.g. to merge seeds)")
     parser.add_argument("--resume", action=argparse.BooleanOptionalAction, default=True,
                         help="reuse an arm whose run folder already holds a finished run with the same settings")
     args = parser.parse_args(argv)
     setup_logging("INFO", "cut-study")
+    if args.jobs < 1:
+        parser.error(f"--jobs must be at least 1 (arms trained at once), got {args.jobs}")
     if args.quick and args.study:
         parser.error("--quick and --study are two modes: pick one")
     mode = QUICK if args.quick else STUDY if args.study else FULL
@@ -612,17 +645,13 @@ def main(argv: list[str] | None = None) -> int:
     keys = [str(c) for c in args.cuts] + [f"{c}{VARIANT_MARK}{v}" for c in args.variant_cuts for v in args.variants] + (
         [GM_MATCHED] if gm_matched else [])
     arms = [(r, key, s) for r in args.regimes for key in keys for s in seeds]
-    for regime, key, seed in tqdm(arms, desc="cut study arms", unit="arm"):
+    failed = train_arms([arm_settings(mode, *arm, work) for arm in arms], args.jobs, args.resume, args.reuse_only)
+    for regime, key, seed in tqdm(arms, desc="cut study arms (evaluation)", unit="arm"):
         settings = arm_settings(mode, regime, key, seed, work)
         cut = settings.cut
-        log.info("arm %s %s seed %d -> %s", regime, key, seed, settings.out)
-        if (args.resume or args.reuse_only) and finished(settings):
-            log.info("reusing the finished run in %s", settings.out)
-        elif args.reuse_only:
-            log.info("no finished run in %s; skipped (--reuse-only)", settings.out)
+        if not finished(settings):
+            log.info("arm %s %s seed %d: no finished run in %s; skipped", regime, key, seed, settings.out)
             continue
-        else:
-            run(settings)
         outputs = gather(settings)
         eval_started = time.monotonic()
         result = evaluator.evaluate(settings, outputs, seed)
@@ -685,7 +714,9 @@ def main(argv: list[str] | None = None) -> int:
                       f"{fmt(swapped['accuracy'], '{:.2f}')}")
         print(f"  claims: {data['claims']}")
     print(f"\nwrote {out} in {payload['wall_seconds'] / 60:.1f} min")
-    return 0
+    if failed:
+        log.error("%d arm(s) failed and are missing from %s: %s", len(failed), out.name, ", ".join(failed))
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

@@ -5,7 +5,7 @@ with its own address space, talking to the others only over gRPC):
 
 ``subprocess``
     ``python -m <module> <args>``, exactly what a shell or a container runs.
-``forkserver`` (default where the platform has it)
+``forkserver`` (default where the platform has it and there is no GPU: CUDA does not survive a fork)
     forked from the standard library's multiprocessing fork server, which imports torch,
     diffusers and the caller's main module once. A fresh interpreter spends ~10 CPU-seconds
     importing them (torch, then diffusers' own imports of torch._dynamo, scipy.stats and
@@ -46,8 +46,20 @@ def preload() -> list[str]:
     return [m for m in PRELOAD if main is None or m != main.name]
 
 
+def gpu_present() -> bool:
+    """Whether torch sees a CUDA GPU here (the simulation's processes then take it: ``--device auto``)."""
+    import torch
+
+    return bool(torch.cuda.is_available())
+
+
 def default_launcher() -> LauncherKind:
-    return "forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else "subprocess"
+    """forkserver where the platform has it, except on a host with a GPU: CUDA cannot be used in a forked child
+    once the parent has touched it, and importing torch's and diffusers' modules in the fork server does (torch
+    then refuses CUDA in every child: "Cannot re-initialize CUDA in forked subprocess", seen on an H200)."""
+    if "forkserver" not in multiprocessing.get_all_start_methods() or gpu_present():
+        return "subprocess"
+    return "forkserver"
 
 
 @dataclass(frozen=True)

@@ -65,7 +65,7 @@ from collafuse.common.settings import (
 )
 from collafuse.common.tls import channel_credentials
 from collafuse.deploy.healthcheck import check as health_check
-from collafuse.deploy.launcher import ChildProcess, Command, LauncherKind, default_launcher
+from collafuse.deploy.launcher import ChildProcess, Command, LauncherKind, default_launcher, gpu_present
 from collafuse.deploy.tls import DevPki, dev_pki
 from collafuse.evaluation.data.digits import export_digits
 from collafuse.evaluation.data.partition import PartitionScheme, write_shards
@@ -143,8 +143,9 @@ class SimSettings(CollafuseSettings, ScheduleFields, TrainingFields, RuntimeFiel
                            "--wait-timeout for the server's training)")
     fresh: bool = Field(True, description="delete a previous run's server store and client workdirs first")
     launcher: LauncherKind = Field(default_factory=default_launcher,
-                                   description="forkserver: fork the CLIs from one process that imported torch once; "
-                                               "subprocess: start each CLI as `python -m` (see deploy/launcher.py)")
+                                   description="forkserver: fork the CLIs from one process that imported torch once (the default without "
+                                               "a GPU); subprocess: start each CLI as `python -m` (the default on a "
+                                               "host with a GPU, as CUDA does not survive a fork; deploy/launcher.py)")
 
     @model_validator(mode="after")
     def _engine_fits(self) -> SimSettings:
@@ -527,6 +528,10 @@ def run_audit(settings: SimSettings) -> dict[str, Any]:
 
 
 def run(settings: SimSettings) -> dict[str, Any]:
+    if settings.launcher == "forkserver" and (settings.device == "cuda" or (settings.device == "auto" and gpu_present())):
+        raise ConfigError(f"--launcher forkserver cannot start processes that use the GPU (--device {settings.device} "
+                          "here): CUDA does not work in a child forked from a process that touched it. Use --launcher "
+                          "subprocess (the default on a host with a GPU), or --device cpu")
     if settings.cuts and len(settings.cuts) != settings.clients:
         raise ConfigError(f"--cuts gives {len(settings.cuts)} cut(s) for --clients {settings.clients}: give one per client")
     for k in range(settings.clients):

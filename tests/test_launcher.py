@@ -9,7 +9,11 @@ from pathlib import Path
 
 import pytest
 
+from collafuse.common.settings import ConfigError
+from collafuse.deploy import launcher as launcher_module
+from collafuse.deploy import sim as sim_module
 from collafuse.deploy.launcher import ChildProcess, Command, LauncherKind
+from collafuse.deploy.sim import SimSettings
 
 LAUNCHERS: list[LauncherKind] = ["forkserver", "subprocess"]
 
@@ -55,3 +59,24 @@ def test_exit_codes_and_sigterm_reach_the_parent(tmp_path: Path, launcher: Launc
         time.sleep(0.05)
     waiting.stop(timeout=30)
     assert waiting.poll() == 0 and (tmp_path / "state").read_text() == "terminated"
+
+
+def test_a_host_with_a_gpu_starts_its_children_as_subprocesses(monkeypatch: pytest.MonkeyPatch) -> None:
+    """CUDA does not work in a child forked from a process that touched it, and the fork server's imports do
+    (seen on an H200: every child failed with "Cannot re-initialize CUDA in forked subprocess")."""
+    monkeypatch.setattr(launcher_module, "gpu_present", lambda: True)
+    assert launcher_module.default_launcher() == "subprocess"
+    assert SimSettings().launcher == "subprocess"
+    monkeypatch.setattr(launcher_module, "gpu_present", lambda: False)
+    assert launcher_module.default_launcher() == "forkserver"  # this platform (Linux) has a fork server
+
+
+@pytest.mark.parametrize("device,gpu", [("cuda", False), ("auto", True)])
+def test_an_explicit_fork_server_is_refused_for_gpu_children(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                              device: str, gpu: bool) -> None:
+    """Refused before anything starts or is written, with what to use instead."""
+    monkeypatch.setattr(sim_module, "gpu_present", lambda: gpu)
+    settings = SimSettings(launcher="forkserver", device=device, out=tmp_path / "run", clients=1)
+    with pytest.raises(ConfigError, match="--launcher forkserver cannot start processes that use the GPU.*subprocess"):
+        sim_module.run(settings)
+    assert not (tmp_path / "run").exists()
