@@ -551,10 +551,12 @@ def train_arms(arms: list[SimSettings], jobs: int, resume: bool, reuse_only: boo
     """Run every arm that has no finished run (with --resume; none with --reuse-only), ``jobs`` at once: each arm is
     its own sim, so on a host with a GPU and many cores several fit side by side. The longest (the most steps of one
     model: GM's server) start first. Returns the folders of the arms that failed; the others' runs are kept, so a rerun reuses them."""
-    todo = [s for s in arms if not (resume or reuse_only) or not finished(s)]
+    todo = []
     for settings in arms:
-        if settings not in todo:
+        if (resume or reuse_only) and finished(settings):
             log.info("reusing the finished run in %s", settings.out)
+        else:
+            todo.append(settings)
     if reuse_only:
         return []
     todo.sort(key=lambda s: -max(s.steps, s.client_steps))
@@ -644,10 +646,9 @@ def main(argv: list[str] | None = None) -> int:
     gm_matched = (not args.quick) if args.gm_matched is None else args.gm_matched
     keys = [str(c) for c in args.cuts] + [f"{c}{VARIANT_MARK}{v}" for c in args.variant_cuts for v in args.variants] + (
         [GM_MATCHED] if gm_matched else [])
-    arms = [(r, key, s) for r in args.regimes for key in keys for s in seeds]
-    failed = train_arms([arm_settings(mode, *arm, work) for arm in arms], args.jobs, args.resume, args.reuse_only)
-    for regime, key, seed in tqdm(arms, desc="cut study arms (evaluation)", unit="arm"):
-        settings = arm_settings(mode, regime, key, seed, work)
+    arms = [(r, key, s, arm_settings(mode, r, key, s, work)) for r in args.regimes for key in keys for s in seeds]
+    failed = train_arms([settings for *_, settings in arms], args.jobs, args.resume, args.reuse_only)
+    for regime, key, seed, settings in tqdm(arms, desc="cut study arms (evaluation)", unit="arm"):
         cut = settings.cut
         if not finished(settings):
             log.info("arm %s %s seed %d: no finished run in %s; skipped", regime, key, seed, settings.out)
