@@ -27,8 +27,17 @@ Every setting changes one thing against ``base`` (batch 16, 600 steps: the study
     base+250    base's model with 250 inference steps (the client's half takes 50 steps instead of 10)
     base+ddim   base's model with DDIM (eta 0) in the client's half
 
-    python benchmarks/client_half.py                       # every setting, seeds 0 and 1: ~35 min on 2 cores
+Screen-only settings: changes the library does not offer (none won), applied by patching the trainer's optimizer or
+its t-draw for that one training (``screen_patches``):
+
+    beta2       AdamW beta2 0.99 instead of 0.999 (the second moment adapts faster in a short training)
+    emb10       the class embedding learns at 10x the learning rate (the label's path into the model)
+    tcurve      linear t-draws for the first half of the steps, uniform for the rest (a curriculum)
+    tmix        half of each batch drawn linearly, half uniformly
+
+    python benchmarks/client_half.py                       # every setting, seeds 0 and 1: ~45 min on 2 cores
     python benchmarks/client_half.py --settings base batch4 steps4x --seeds 0 1 2
+    python benchmarks/client_half.py --settings base beta2 emb10 tcurve tmix --seeds 0 1 2 --tag screen   # 7.8 min
 
 Outputs: benchmarks/results/client_half[-tag]-<date>.json and the same name .png (FID and accuracy per setting).
 """
@@ -36,14 +45,16 @@ Outputs: benchmarks/results/client_half[-tag]-<date>.json and the same name .png
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import logging
 import tempfile
 import time
+from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -51,9 +62,11 @@ from bench_common import RESULTS, save_figure, write_result
 from cut_study import STUDY, Evaluator
 from tqdm import tqdm
 
+from collafuse.client import trainer
 from collafuse.client.trainer import train_local
+from collafuse.common import train_loop
 from collafuse.common.config import ClientSettings, LocalTimesteps
-from collafuse.common.diffusion import q_sample
+from collafuse.common.diffusion import Denoiser, q_sample, sample_client_times
 from collafuse.common.models import as_denoiser, load_model
 from collafuse.common.runtime import setup_logging
 from collafuse.common.sampling import SchedulerKind, client_half, make_chain
@@ -84,11 +97,16 @@ class Setting:
     guidance_scale: float = 1.0
     inference_steps: int = 50
     ema_decay: float = 0.995
+    # Screen-only (screen_patches): AdamW's beta2, the class embedding's learning-rate factor, and how the t-draws
+    # change over training or within a batch ("fixed": local_timesteps throughout).
+    adam_beta2: float = 0.999
+    embedding_lr_scale: float = 1.0
+    draws: Literal["fixed", "curriculum", "mix"] = "fixed"
 
     def training(self) -> tuple[Any, ...]:
         """What the trained model depends on (sampling variants reuse one model)."""
         return (self.batch_size, self.steps, self.lr, self.preset, self.label_dropout, self.local_timesteps, self.images,
-                self.ema_decay)
+                self.ema_decay, self.adam_beta2, self.embedding_lr_scale, self.draws)
 
 
 BASE = Setting()
@@ -108,7 +126,50 @@ SETTINGS: dict[str, Setting] = {
     "base+g2": replace(BASE, guidance_scale=2.0),
     "base+250": replace(BASE, inference_steps=250),
     "base+ddim": replace(BASE, scheduler="ddim"),
+    "beta2": replace(BASE, adam_beta2=0.99),
+    "emb10": replace(BASE, embedding_lr_scale=10.0),
+    "tcurve": replace(BASE, draws="curriculum"),
+    "tmix": replace(BASE, draws="mix"),
 }
+
+
+@contextlib.contextmanager
+def screen_patches(setting: Setting) -> Iterator[None]:
+    """The screen-only settings, for one training in this process: the trainer's optimizer and its client loss are
+    swapped for patched ones and put back after (the library keeps neither change: none won)."""
+    saved = train_loop.make_optimizer, trainer.client_loss
+
+    def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float = 0.0) -> torch.optim.Optimizer:
+        named = list(model.named_parameters())
+        embedding = [p for n, p in named if n.startswith("class_embedding.")]
+        rest = [p for n, p in named if not n.startswith("class_embedding.")]
+        assert embedding, "the client model has no class embedding"
+        groups: list[dict[str, Any]] = [{"params": rest}, {"params": embedding, "lr": lr * setting.embedding_lr_scale}]
+        return torch.optim.AdamW(groups, lr=lr, weight_decay=weight_decay, betas=(0.9, setting.adam_beta2), fused=True)
+
+    calls = 0
+
+    def client_loss(denoiser: Denoiser, x0: torch.Tensor, labels: torch.Tensor, cut: int, alphas_cumprod: torch.Tensor,
+                    generator: torch.Generator | None = None, timesteps: LocalTimesteps = "uniform") -> torch.Tensor:
+        nonlocal calls
+        calls += 1
+        n = x0.shape[0]
+        if setting.draws == "curriculum":
+            t = sample_client_times(n, cut, generator, "linear" if calls <= setting.steps // 2 else "uniform")
+        else:
+            t = torch.cat([sample_client_times(n // 2, cut, generator, "linear"),
+                           sample_client_times(n - n // 2, cut, generator, "uniform")])
+        noise = torch.randn(x0.shape, generator=generator, dtype=x0.dtype)
+        return torch.nn.functional.mse_loss(denoiser(q_sample(x0, t, noise, alphas_cumprod), t, labels), noise)
+
+    if (setting.adam_beta2, setting.embedding_lr_scale) != (BASE.adam_beta2, BASE.embedding_lr_scale):
+        train_loop.make_optimizer = make_optimizer
+    if setting.draws != "fixed":
+        trainer.client_loss = client_loss
+    try:
+        yield
+    finally:
+        train_loop.make_optimizer, trainer.client_loss = saved
 
 
 def split(seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -141,9 +202,10 @@ def run_group(names: list[str], seed: int, work: Path) -> list[dict[str, Any]]:
                             local_timesteps=setting.local_timesteps, ema_decay=setting.ema_decay, seed=seed)
     index = train_indices(setting, seed)
     started = time.perf_counter()
-    trained = train_local(images=torch.from_numpy(images[index]), labels=torch.from_numpy(labels[index]),
-                          num_classes=10, image_shape=(1, MODE.side, MODE.side), schedule=schedule, cut=CUT,
-                          fingerprint="client-half", workdir=workdir, settings=client, show_progress=False)
+    with screen_patches(setting):
+        trained = train_local(images=torch.from_numpy(images[index]), labels=torch.from_numpy(labels[index]),
+                              num_classes=10, image_shape=(1, MODE.side, MODE.side), schedule=schedule, cut=CUT,
+                              fingerprint="client-half", workdir=workdir, settings=client, show_progress=False)
     seconds = time.perf_counter() - started
     assert trained.model_dir is not None
     model, _ = load_model(trained.model_dir)

@@ -124,12 +124,12 @@ class SimSettings(CollafuseSettings, ScheduleFields, TrainingFields, RuntimeFiel
     samples_per_class: int = Field(4, ge=0, description="images each client generates per class it holds")
     inference_steps: int = Field(100, ge=0, description="sampling chain length (0: all T)")
     guidance_scale: float = Field(1.0, gt=0, description="every client's --guidance-scale: classifier-free guidance "
-                                  "for both halves of the chain, > 0 (1 = plain conditional; 2 evaluates each model "
-                                  "twice per step)")
-    server_guidance_scale: float | None = Field(None, gt=0, description="every client's --server-guidance-scale: "
-                                                "guidance of the server's half only (default: --guidance-scale); "
-                                                "2 with --guidance-scale 1 guides the shared model's half at no "
-                                                "client compute")
+                                  "of the client's half of the chain, > 0 (1 = plain conditional; 2 evaluates the "
+                                  "client's model twice per step)")
+    server_guidance_scale: float | None = Field(2.0, gt=0, description="every client's --server-guidance-scale: "
+                                                "guidance of the server's half (default 2: where the class is decided, "
+                                                "at no client compute; 1 = plain); None (a benchmark's) follows "
+                                                "--guidance-scale")
     # Not RuntimeFields' default (0: all cores): N processes share this machine's cores.
     threads: int = Field(1, ge=0, description="torch threads per process (0: torch's default)")
     transcript: bool = Field(False, description="record every payload the server receives in server/transcript.jsonl")

@@ -58,7 +58,8 @@ def test_full_lifecycle_writes_outputs_and_matches_the_reference_sampler(tmp_pat
         stored = json.loads((work / "metrics.json").read_text())
         assert stored["client_id"] == metrics["client_id"] and stored["cut"] == 20 and stored["num_images"] == 8
         assert len(stored["local_losses"]) == 3 and stored["local_train_steps"] == 3
-        assert stored["model_evaluations_per_image"] == {"server": 6, "client": 4}
+        # By default the server guides its half (scale 2: two evaluations per step), the client's half is plain.
+        assert stored["model_evaluations_per_image"] == {"server": 12, "client": 4}
         assert set(stored["wall_seconds"]) >= {"register", "load_data", "contribute", "train", "wait_for_server", "generate", "total"}
         assert {"Register", "Release", "Heartbeat", "Sample"} <= set(stored["rpc"])
         assert stored["bytes_sent"] > 0 and stored["bytes_received"] > 0
@@ -69,12 +70,13 @@ def test_full_lifecycle_writes_outputs_and_matches_the_reference_sampler(tmp_pat
         assert labels.tolist() == [0, 0, 2, 2]
         [request] = fake.servicer.sample_requests
         assert list(request.labels) == [0, 0, 2, 2] and request.seed == 5 and request.cut == 20
+        assert request.guidance_scale == 2.0
         client_model, meta = load_model(model_dir(work))
         assert meta["step"] == 3 and meta["cut"] == 20
         x_cut, x0 = reference_sample(
             fake.servicer.model, client_model, num_train_timesteps=fake.servicer.state.schedule.num_train_timesteps,
-            kind="ddpm", num_inference_steps=10, cut=20, labels=labels.tolist(), seed=5, guidance=1.0,
-            image_shape=(1, 8, 8),
+            kind="ddpm", num_inference_steps=10, cut=20, labels=labels.tolist(), seed=5, guidance=2.0,
+            client_guidance=1.0, image_shape=(1, 8, 8),
         )
         got_cut, got_x0 = np.load(work / "samples/handoff.npy"), np.load(work / "samples/samples.npy")
         assert relative_difference(torch.from_numpy(got_cut), x_cut) <= 1e-5
@@ -120,7 +122,7 @@ def test_global_model_and_independent_client_paths(tmp_path, caplog):
         with caplog.at_level(logging.INFO):
             gm = run_lifecycle(_settings(tmp_path, fake.target, cut=0, workdir=tmp_path / "gm"), poll_interval=0.01)
         assert "RAW IMAGES" in caplog.text and "no local model" in caplog.text
-        assert gm["model_evaluations_per_image"] == {"server": 10, "client": 0}
+        assert gm["model_evaluations_per_image"] == {"server": 20, "client": 0}  # the server's guided half
         assert not (tmp_path / "gm/model").exists()
         np.testing.assert_array_equal(np.load(tmp_path / "gm/samples/samples.npy"), np.load(tmp_path / "gm/samples/handoff.npy"))
 

@@ -135,7 +135,9 @@ def test_server_receives_only_x_cut(collaborative: SimSettings) -> None:
 
 
 def test_sampling_over_grpc_matches_the_reference_loop(collaborative: SimSettings) -> None:
-    """Each client's hand-off and samples equal one plain loop over the chain with the same weights and seed."""
+    """Each client's hand-off and samples equal one plain loop over the chain with the same weights and seed, at the
+    sim's default guidance: the server's half guided at 2, the client's plain."""
+    assert (collaborative.server_guidance_scale, collaborative.guidance_scale) == (2.0, 1.0)
     server_model, _ = load_model(collaborative.out / "server" / "checkpoints" / "latest" / "ema")
     for k in range(2):
         samples = _client_dir(collaborative, k) / "samples"
@@ -143,7 +145,7 @@ def test_sampling_over_grpc_matches_the_reference_loop(collaborative: SimSetting
         labels = np.load(samples / "labels.npy").tolist()
         x_cut, x0 = reference_sample(
             server_model, client_model, num_train_timesteps=1000, kind="ddpm", num_inference_steps=10, cut=200,
-            labels=labels, seed=collaborative.seed + k, guidance=1.0, image_shape=(1, SIZE, SIZE),
+            labels=labels, seed=collaborative.seed + k, guidance=2.0, client_guidance=1.0, image_shape=(1, SIZE, SIZE),
         )
         for name, expected in (("handoff.npy", x_cut), ("samples.npy", x0)):
             got = torch.from_numpy(np.load(samples / name))
@@ -192,8 +194,8 @@ def test_baselines_run_through_the_same_code(tmp_path: Path, cut: int, launcher:
     handoff, final = np.load(samples / "handoff.npy"), np.load(samples / "samples.npy")
     assert np.isfinite(final).all() and final.shape == (8, 1, SIZE, SIZE)
     server = json.loads((settings.out / "server" / "metrics.json").read_text()) if (settings.out / "server" / "metrics.json").is_file() else {}
-    if cut == 0:  # GM: the server does every step, the client none
-        assert metrics["model_evaluations_per_image"] == {"server": 10, "client": 0}
+    if cut == 0:  # GM: the server does every step (guided by default: two evaluations each), the client none
+        assert metrics["model_evaluations_per_image"] == {"server": 20, "client": 0}
         assert np.array_equal(handoff, final)
         assert server["releases"] == 16
     else:  # ICM: nothing released, the client does every step
