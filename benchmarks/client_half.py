@@ -28,7 +28,7 @@ Every setting changes one thing against ``base`` (batch 16, 600 steps: the study
     base+ddim   base's model with DDIM (eta 0) in the client's half
 
 Screen-only settings: changes the library does not offer (none won), applied by patching the trainer's optimizer or
-its t-draw for that one training (``screen_patches``):
+the client loss's t-draw for that one training (``screen_patches``):
 
     beta2       AdamW beta2 0.99 instead of 0.999 (the second moment adapts faster in a short training)
     emb10       the class embedding learns at 10x the learning rate (the label's path into the model)
@@ -62,11 +62,10 @@ from bench_common import RESULTS, save_figure, write_result
 from cut_study import STUDY, Evaluator
 from tqdm import tqdm
 
-from collafuse.client import trainer
 from collafuse.client.trainer import train_local
-from collafuse.common import train_loop
+from collafuse.common import diffusion, train_loop
 from collafuse.common.config import ClientSettings, LocalTimesteps
-from collafuse.common.diffusion import Denoiser, q_sample, sample_client_times
+from collafuse.common.diffusion import q_sample
 from collafuse.common.models import as_denoiser, load_model
 from collafuse.common.runtime import setup_logging
 from collafuse.common.sampling import SchedulerKind, client_half, make_chain
@@ -135,9 +134,9 @@ SETTINGS: dict[str, Setting] = {
 
 @contextlib.contextmanager
 def screen_patches(setting: Setting) -> Iterator[None]:
-    """The screen-only settings, for one training in this process: the trainer's optimizer and its client loss are
-    swapped for patched ones and put back after (the library keeps neither change: none won)."""
-    saved = train_loop.make_optimizer, trainer.client_loss
+    """The screen-only settings, for one training in this process: the trainer's optimizer and the client loss's
+    t-draw are swapped for patched ones and put back after (the library keeps neither change: none won)."""
+    saved = train_loop.make_optimizer, diffusion.sample_client_times
 
     def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float = 0.0) -> torch.optim.Optimizer:
         named = list(model.named_parameters())
@@ -147,29 +146,24 @@ def screen_patches(setting: Setting) -> Iterator[None]:
         groups: list[dict[str, Any]] = [{"params": rest}, {"params": embedding, "lr": lr * setting.embedding_lr_scale}]
         return torch.optim.AdamW(groups, lr=lr, weight_decay=weight_decay, betas=(0.9, setting.adam_beta2), fused=True)
 
-    calls = 0
+    draw, calls = saved[1], 0
 
-    def client_loss(denoiser: Denoiser, x0: torch.Tensor, labels: torch.Tensor, cut: int, alphas_cumprod: torch.Tensor,
-                    generator: torch.Generator | None = None, timesteps: LocalTimesteps = "uniform") -> torch.Tensor:
+    def sample_client_times(n: int, cut: int, generator: torch.Generator | None = None,
+                            timesteps: LocalTimesteps = "uniform") -> torch.Tensor:
         nonlocal calls
-        calls += 1
-        n = x0.shape[0]
+        calls += 1  # one draw per training step (common/diffusion.py::client_loss)
         if setting.draws == "curriculum":
-            t = sample_client_times(n, cut, generator, "linear" if calls <= setting.steps // 2 else "uniform")
-        else:
-            t = torch.cat([sample_client_times(n // 2, cut, generator, "linear"),
-                           sample_client_times(n - n // 2, cut, generator, "uniform")])
-        noise = torch.randn(x0.shape, generator=generator, dtype=x0.dtype)
-        return torch.nn.functional.mse_loss(denoiser(q_sample(x0, t, noise, alphas_cumprod), t, labels), noise)
+            return draw(n, cut, generator, "linear" if calls <= setting.steps // 2 else "uniform")
+        return torch.cat([draw(n // 2, cut, generator, "linear"), draw(n - n // 2, cut, generator, "uniform")])
 
     if (setting.adam_beta2, setting.embedding_lr_scale) != (BASE.adam_beta2, BASE.embedding_lr_scale):
         train_loop.make_optimizer = make_optimizer
     if setting.draws != "fixed":
-        trainer.client_loss = client_loss
+        diffusion.sample_client_times = sample_client_times
     try:
         yield
     finally:
-        train_loop.make_optimizer, trainer.client_loss = saved
+        train_loop.make_optimizer, diffusion.sample_client_times = saved
 
 
 def split(seed: int) -> tuple[np.ndarray, np.ndarray]:

@@ -12,11 +12,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import client_half
 
 from collafuse.client import trainer
-from collafuse.common import train_loop
+from collafuse.common import diffusion, train_loop
 from collafuse.common.models import build_unet
 from collafuse.common.schedule import ScheduleConfig
 
-ORIGINAL = train_loop.make_optimizer, trainer.client_loss
+ORIGINAL = train_loop.make_optimizer, diffusion.sample_client_times
 
 
 def _model() -> torch.nn.Module:
@@ -27,7 +27,7 @@ def test_the_optimizer_patch_sets_beta2_and_the_embedding_rate_then_goes() -> No
     model = _model()
     with client_half.screen_patches(client_half.SETTINGS["emb10"]):
         optimizer = train_loop.make_optimizer(model, 1e-3)
-        assert trainer.client_loss is ORIGINAL[1], "an optimizer setting must not touch the loss"
+        assert diffusion.sample_client_times is ORIGINAL[1], "an optimizer setting must not touch the t-draw"
     by_rate = {group["lr"]: {id(p) for p in group["params"]} for group in optimizer.param_groups}
     assert sorted(by_rate) == pytest.approx([1e-3, 1e-2])
     embedding = {id(p) for n, p in model.named_parameters() if n.startswith("class_embedding.")}
@@ -35,11 +35,11 @@ def test_the_optimizer_patch_sets_beta2_and_the_embedding_rate_then_goes() -> No
     assert set().union(*by_rate.values()) == {id(p) for p in model.parameters()}, "every parameter is trained"
     with client_half.screen_patches(client_half.SETTINGS["beta2"]):
         assert train_loop.make_optimizer(_model(), 1e-3).param_groups[0]["betas"] == (0.9, 0.99)
-    assert (train_loop.make_optimizer, trainer.client_loss) == ORIGINAL
+    assert (train_loop.make_optimizer, diffusion.sample_client_times) == ORIGINAL
 
 
 def _draws(name: str, calls: int) -> list[torch.Tensor]:
-    """The t of each call of the patched client loss (the denoiser records them)."""
+    """The t of each call of the trainer's client loss under the patch (the denoiser records them)."""
     seen: list[torch.Tensor] = []
 
     def denoiser(x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -52,7 +52,7 @@ def _draws(name: str, calls: int) -> list[torch.Tensor]:
         for _ in range(calls):
             trainer.client_loss(denoiser, torch.zeros(4000, 1, 2, 2), torch.zeros(4000, dtype=torch.long), 200,
                                 alphas_cumprod, generator)
-    assert (train_loop.make_optimizer, trainer.client_loss) == ORIGINAL
+    assert (train_loop.make_optimizer, diffusion.sample_client_times) == ORIGINAL
     return seen
 
 
@@ -73,8 +73,8 @@ def test_the_mixture_draws_half_of_each_batch_each_way() -> None:
 
 def test_the_patches_are_undone_when_training_fails() -> None:
     with pytest.raises(RuntimeError), client_half.screen_patches(client_half.SETTINGS["tmix"]):
-        assert trainer.client_loss is not ORIGINAL[1]
+        assert diffusion.sample_client_times is not ORIGINAL[1]
         raise RuntimeError("training failed")
-    assert (train_loop.make_optimizer, trainer.client_loss) == ORIGINAL
+    assert (train_loop.make_optimizer, diffusion.sample_client_times) == ORIGINAL
     with client_half.screen_patches(client_half.BASE):
-        assert (train_loop.make_optimizer, trainer.client_loss) == ORIGINAL, "the base setting patches nothing"
+        assert (train_loop.make_optimizer, diffusion.sample_client_times) == ORIGINAL, "the base setting patches nothing"
