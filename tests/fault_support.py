@@ -152,6 +152,10 @@ def ledger_releases(workdir: Path) -> list[LedgerRelease]:
     if not path.exists():
         return []
     with closing(_open(path)) as db:
+        # The client creates its ledger's tables one statement at a time: a poll that lands in between sees
+        # the file without the releases table yet, which is a ledger with nothing released.
+        if db.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'releases'").fetchone() is None:
+            return []
         rows = db.execute("SELECT image_key, payload_sha256, status FROM releases ORDER BY seq").fetchall()
     return [LedgerRelease(str(k), str(h), str(s)) for k, h, s in rows]
 
