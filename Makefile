@@ -37,12 +37,12 @@ test-fuzz: install
 # cancelled uploads (~7 min on 2 cores); the default suite runs a short one. Also a real `collafuse-sim --engine ray`
 # run (~1 min: Ray's start), an audited `collafuse-sim --autoencoder` run and the
 # Stable Diffusion VAE architecture end to end (~1 min each), the outcome of the eps, x0 and c2 ambient losses,
-# of a hand-off margin and of classifier-free guidance (about a minute each).
+# of a hand-off margin, of classifier-free guidance and of a client started from the shared model (about a minute each).
 test-faults: install
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -m slow tests/test_faults.py tests/test_distributed.py tests/test_reliability_faults.py \
 		tests/test_split_poisoning.py tests/test_split_quality.py tests/test_audit_latent.py tests/test_sim_ray.py \
 		tests/test_latent_e2e.py tests/test_latent_outcome.py tests/test_ambient_loss_x0.py tests/test_handoff_margin.py \
-		tests/test_guidance_outcome.py tests/test_local_timesteps.py
+		tests/test_guidance_outcome.py tests/test_local_timesteps.py tests/test_init_from_server.py
 
 # Builds the images without a registry (installs and starts Docker as root if needed), then runs
 # `docker compose up` with tiny budgets; see tests/test_docker_compose.py. CI runs it.

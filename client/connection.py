@@ -305,6 +305,46 @@ class ServerConnection:
 
         return self._invoke("Sample", attempt)
 
+    def fetch_model(
+        self, client_id: str, max_bytes: Callable[[collafuse_pb2.ModelHeader], int]
+    ) -> tuple[collafuse_pb2.ModelHeader, bytes]:
+        """The shared model's header and safetensors bytes (FetchModel). ``max_bytes`` judges the header (and may
+        refuse it with a ClientError) before a byte is kept: a stream that breaks the header's word or passes the
+        bound is cut off at once (client/shared_model.py checks what the bytes hold)."""
+
+        def attempt(stats: RpcTraffic) -> tuple[collafuse_pb2.ModelHeader, bytes]:
+            request = collafuse_pb2.FetchModelRequest(client_id=client_id)
+            stats.bytes_sent += request.ByteSize()
+            header: collafuse_pb2.ModelHeader | None = None
+            limit, data = 0, bytearray()
+            call = self._stub.FetchModel(request, timeout=self.long_timeout)
+            try:
+                for chunk in call:
+                    stats.bytes_received += chunk.ByteSize()
+                    if chunk.WhichOneof("part") == "header":
+                        if header is not None:
+                            raise ClientError("the server sent FetchModel's header twice")
+                        header = chunk.header
+                        limit = min(max_bytes(header), max(0, int(header.total_bytes)))
+                    elif header is None:
+                        raise ClientError("the server sent model bytes before FetchModel's header")
+                    else:
+                        data += chunk.data
+                        if len(data) > limit:
+                            raise ClientError(f"the server sent more than the {limit} bytes the shared model's "
+                                              f"header allows (preset {header.preset!r}, {header.total_bytes} "
+                                              "announced)")
+            except ClientError:
+                call.cancel()  # nothing more of a broken stream is worth receiving
+                raise
+            if header is None:
+                raise ClientError("the server ended FetchModel without a header: no model was sent")
+            if len(data) != header.total_bytes:
+                raise ClientError(f"the server announced {header.total_bytes} bytes of model and sent {len(data)}")
+            return header, bytes(data)
+
+        return self._invoke("FetchModel", attempt)
+
     def split_forward(self, request: collafuse_pb2.SplitForwardRequest) -> collafuse_pb2.SplitForwardReply:
         """The first half of a split step; build ``request`` with client/protocols/split.py (its send guard)."""
         return self._unary("SplitForward", self._stub.SplitForward, request)

@@ -37,6 +37,7 @@ from collafuse.client.local_data import LocalData, load_local_data, map_labels
 from collafuse.client.privacy_ledger import privacy_report
 from collafuse.client.protocols import ContributionReport, client_protocol
 from collafuse.client.report import RunReport
+from collafuse.client.shared_model import fetch_initial_weights
 from collafuse.client.trainer import TrainResult, train_local
 from collafuse.client.waiting import POLL_SECONDS, wait_for_training
 from collafuse.common.autoencoder import FrozenAutoencoder, data_bound
@@ -82,6 +83,7 @@ class ClientLifecycle:
         self._owns_connection = connection is None
         self._info: ServerInfo | None = None
         self._data: LocalData | None = None
+        self._server_done: collafuse_pb2.TrainerState | None = None  # once seen done (--init-from-server waits early)
         self._autoencoder: FrozenAutoencoder | None = None
         self.poll_interval = poll_interval
         self.show_progress = show_progress
@@ -204,16 +206,25 @@ class ClientLifecycle:
         return report
 
     def train(self) -> TrainResult:
-        """Train the local model on t in [1, cut + --handoff-margin] (works offline once the server setup is cached)."""
+        """Train the local model on t in [1, cut + --handoff-margin] (works offline once the server setup is cached,
+        except with --init-from-server: that waits for the server's training and fetches the shared model's weights
+        first, so the local training follows the server's instead of running beside it)."""
         s = self.settings
         info = self.server_info(allow_cached=True)
         data = self.load_data()
+        cut = s.handoff_cut(info.schedule.num_train_timesteps)
+        init = None
+        if s.init_from_server and not Cut(cut, info.schedule.num_train_timesteps).global_model:
+            self.wait_for_server()  # the weights to start from are the trained ones
+            with self.report.phase("fetch_model"):
+                init = fetch_initial_weights(self.connection, self.client_id, info.image_shape, len(info.class_names))
+            self.report.update(init_from_server={"preset": init.preset, "server_step": init.step,
+                                                 "sha256": init.sha256})
         with self.report.phase("train"):
             result = train_local(
                 images=data.dataset.images, labels=data.labels, num_classes=len(info.class_names),
-                image_shape=info.image_shape, schedule=info.schedule,
-                cut=s.handoff_cut(info.schedule.num_train_timesteps), fingerprint=info.fingerprint,
-                workdir=self.workdir, settings=s, device=self.device, show_progress=self.show_progress,
+                image_shape=info.image_shape, schedule=info.schedule, cut=cut, fingerprint=info.fingerprint,
+                workdir=self.workdir, settings=s, device=self.device, show_progress=self.show_progress, init=init,
             )
             self.report.update(
                 local_losses=[[step, loss] for step, loss in result.losses],
@@ -235,10 +246,13 @@ class ClientLifecycle:
         if Cut(s.handoff_cut(info.schedule.num_train_timesteps), info.schedule.num_train_timesteps).independent:
             log.info("cut = T: the client runs every sampling step, so the server's training is not needed")
             return None
+        if self._server_done is not None:
+            return self._server_done
         with self.report.phase("wait_for_server"):
             state = wait_for_training(self.connection, self.client_id, s.wait_timeout, poll_interval=self.poll_interval,
                                       show_progress=self.show_progress, sleep=self._sleep)
         self.report.update(server_trainer_step=int(state.step), server_trainer_loss=float(state.last_loss))
+        self._server_done = state
         return state
 
     def generate(self) -> GenerateResult | None:

@@ -14,7 +14,7 @@ import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from tqdm.auto import tqdm
@@ -25,6 +25,9 @@ from collafuse.common.diffusion import Denoiser, client_loss
 from collafuse.common.models import build_unet, count_parameters, drop_labels, null_label
 from collafuse.common.schedule import Cut, ScheduleConfig
 from collafuse.common.train_loop import StepResult, TrainCore, seeded
+
+if TYPE_CHECKING:
+    from collafuse.client.shared_model import InitialWeights
 
 log = logging.getLogger(__name__)
 
@@ -92,8 +95,10 @@ def train_local(
     device: torch.device | str = "cpu",
     show_progress: bool | None = None,
     checkpoint_every: int = CHECKPOINT_EVERY,
+    init: InitialWeights | None = None,
 ) -> TrainResult:
-    """Train (or resume training) the client's model up to ``settings.train_steps`` steps in total."""
+    """Train (or resume training) the client's model up to ``settings.train_steps`` steps in total; a fresh model
+    starts from ``init`` (the shared model's weights, ``--init-from-server``) when given, else from scratch."""
     if Cut(cut, schedule.num_train_timesteps).global_model:
         log.info("cut 0 (global model): the client owns no timesteps, so there is no local model to train")
         return TrainResult(trained=False)
@@ -104,15 +109,19 @@ def train_local(
     identity = {
         "fingerprint": fingerprint,
         "cut": cut,
-        "preset": settings.model_preset,
+        "preset": init.preset if init is not None else settings.model_preset,
         "image_shape": list(image_shape),
         "num_classes": num_classes,
+        # A model started from other shared weights (or from scratch) is another model: not resumed.
+        "init_sha256": init.sha256 if init is not None else None,
     }
     options = TrainOptions.from_settings(settings)
     core, resumed = _resume(root, identity, options, device), False
     if core is not None:
         resumed = True
         log.info("resuming local training at step %d from %s", core.step, checkpoint.latest(root))
+    elif init is not None:
+        core = TrainCore(init.model, options, device)
     else:
         core = TrainCore(
             seeded(settings.seed, lambda: build_unet(settings.model_preset, image_shape, num_classes)), options, device
@@ -142,7 +151,7 @@ def train_local(
 
     log.info(
         "training the local %s model (%d parameters) on %d images, t in [1, %d] (%s), steps %d..%d, batch %d, device %s",
-        settings.model_preset, result.parameters, images.shape[0], cut, settings.local_timesteps, start, target,
+        identity["preset"], result.parameters, images.shape[0], cut, settings.local_timesteps, start, target,
         settings.batch_size, device,
     )
     started = time.perf_counter()

@@ -145,6 +145,10 @@ class ServerSettings(CollafuseSettings, ScheduleFields, TrainingFields, RuntimeF
     min_clients: int = Field(1, ge=1, description="clients with releases before training starts")
     start_timeout: float = Field(120.0, ge=0, description="seconds to wait for min_clients before training on what is there")
     max_sample_images: int = Field(4096, ge=1, description="most images one Sample request may ask for")
+    share_model: bool = Field(False, description="answer FetchModel: give registered clients the shared model's EMA "
+                              "weights to start their local models from (collafuse-client --init-from-server). The "
+                              "weights are trained on every client's releases and serve every class and cut, "
+                              "beyond what a client's Sample calls may reach")
     sample_workers: int = Field(1, ge=1, le=64, description="threads that run sampling model calls; cheap RPCs "
                                 "never wait behind them")
     sample_queue_per_client: int = Field(4, ge=1, description="Sample calls one client may have queued or running "
@@ -309,6 +313,11 @@ class ClientSettings(CollafuseSettings, TrainingFields, RuntimeFields, TlsFields
                                "or split (split learning with gradient exchange; see --dp-clip)")
     image_size: int | None = Field(None, description="expected image side (default: the server's)")
     model_preset: str = Field("tiny", description="local UNet size: tiny, small or base")
+    # Issue 19: a scarce client's model trained from scratch loses the class of about one hand-off in nine at the
+    # study's budget; started from the shared model's weights it keeps more at the same steps (docs/benchmarks.md).
+    init_from_server: bool = Field(False, description="start the local model from the shared model's weights "
+                                   "(the server must run with --share-model): the client waits for the server's "
+                                   "training first, and its local model takes the server's preset")
     train_steps: int = Field(1000, ge=0, description="local training steps on t in [1, cut]")
     samples_per_class: int = Field(4, ge=0, description="images generated per class of the client's data")
     inference_steps: int = Field(100, ge=0, description="sampling chain length (0: all T)")
@@ -344,6 +353,17 @@ class ClientSettings(CollafuseSettings, TrainingFields, RuntimeFields, TlsFields
     reference_beta_start: float = Field(1e-4, gt=0, lt=1, description="first beta of the reference schedule")
     reference_beta_end: float = Field(0.02, gt=0, lt=1, description="last beta of the reference schedule")
     reference_beta_schedule: BetaSchedule = Field("linear", description="beta schedule of the reference schedule")
+
+    @model_validator(mode="after")
+    def _init_from_server_needs_a_trained_server(self) -> Self:
+        if self.init_from_server and self.protocol != "ambient":
+            raise ValueError("--init-from-server starts the local model from the shared model once the server's "
+                             "training is done; the split protocol trains both at once: use --protocol ambient or "
+                             "drop --init-from-server")
+        if self.init_from_server and not self.wait_for_server:
+            raise ValueError("--init-from-server needs the server's trained weights, so it waits for the server's "
+                             "training: drop --no-wait-for-server or --init-from-server")
+        return self
 
     def server_half_guidance(self) -> float:
         """The guidance scale the client asks the server to sample its half with."""

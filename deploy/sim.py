@@ -109,6 +109,8 @@ class SimSettings(CollafuseSettings, ScheduleFields, TrainingFields, RuntimeFiel
     client_local_timesteps: LocalTimesteps = Field("uniform", description="every client's --local-timesteps: how "
                                                    "its local training draws t (uniform, or linear: P(t) "
                                                    "proportional to t)")
+    init_from_server: bool = Field(False, description="every client's --init-from-server (the server runs with "
+                                   "--share-model): each local model starts from the trained shared model's weights")
     steps: int = Field(1000, ge=0, description="server training steps")
     client_steps: int = Field(500, ge=0, description="local training steps of each client")
     dataset: str = Field("digits", description="'digits' (bundled) or a folder with one sub-folder per class")
@@ -281,6 +283,7 @@ def server_settings(settings: SimSettings, port: int, classes: list[str], pki: D
         host=host, port=port, store=settings.out / "server",
         image_size=settings.image_size, channels=settings.channels, classes=classes,
         model_preset=settings.server_preset, max_steps=settings.steps, min_clients=max(1, releasing), **start,
+        share_model=settings.init_from_server,
         transcript=settings.out / "server" / "transcript.jsonl" if settings.transcript or settings.audit else None,
     )
 
@@ -299,6 +302,8 @@ def client_settings(settings: SimSettings, k: int, shard: Path, port: int, pki: 
         handoff_margin=settings.handoff_margin,
         model_preset=settings.client_preset, train_steps=settings.client_steps,
         local_timesteps=settings.client_local_timesteps,
+        # A client at cut T has no server steps to wait for, and so no trained shared model to start from.
+        init_from_server=settings.init_from_server and Cut(settings.cut_of(k), settings.num_train_timesteps).server_steps,
         samples_per_class=settings.samples_per_class, inference_steps=settings.inference_steps,
         guidance_scale=settings.guidance_scale, server_guidance_scale=settings.server_guidance_scale,
         # An independent client model needs nothing from the server's training.

@@ -48,6 +48,7 @@ from collafuse.server.sampling_rpc import (
     run_with_progress,
     sample_job,
 )
+from collafuse.server.shared_model import NotShared, SharedModel, model_chunks
 from collafuse.server.staging import ReleaseStaging
 from collafuse.server.store import ClientRecord, ReleaseStore
 from collafuse.server.strikes import StrikeBook
@@ -160,6 +161,8 @@ class CollaFuseServicer(collafuse_pb2_grpc.CollaFuseServicer):
         # The protocols this server speaks, by wire value (built once in app.py, shared with the trainer).
         self.protocols = protocols
         self.data_parallel = data_parallel
+        # FetchModel's weights (answered only with --share-model).
+        self.shared_model = SharedModel(settings.model_preset, trainer.ema_snapshot, settings.share_model)
 
     def begin_shutdown(self) -> None:
         self._shutting_down.set()
@@ -505,6 +508,20 @@ class CollaFuseServicer(collafuse_pb2_grpc.CollaFuseServicer):
             log.error("sampling failed: %r", exc)
             abort(context, Code.INTERNAL, f"sampling failed on the server: {exc}")
         yield from handoff_chunks(handoff, self.chunk_bytes)
+
+    @answers_storage_errors
+    def FetchModel(self, request: collafuse_pb2.FetchModelRequest, context: grpc.ServicerContext) -> Iterator[collafuse_pb2.ModelChunk]:
+        """The shared model's EMA weights (server/shared_model.py), for a registered client of a --share-model server."""
+        self._check_serving(context)
+        client_id = self._client_id(request.client_id, context)
+        self._registered(client_id, context, "FetchModel")
+        self._touch(client_id)
+        try:
+            weights = self.shared_model.weights()
+        except NotShared as exc:
+            abort(context, Code.FAILED_PRECONDITION, str(exc))
+        log.info("sending the shared model (step %d, %d bytes) to %s", weights.step, len(weights.data), client_id[:64])
+        yield from model_chunks(weights, self.chunk_bytes)
 
     # ---- the split protocol: the client's registered protocol answers (server/protocols) ----------------
     @answers_storage_errors

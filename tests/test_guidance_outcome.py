@@ -9,16 +9,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
-from server_support import start
+from outcome_support import digits_folder, digits_server, label_accuracy
 
 from collafuse.client.lifecycle import ClientLifecycle
 from collafuse.common.config import ClientSettings
-from collafuse.common.data import save_png
-from collafuse.evaluation.data.digits import digits_arrays
-from collafuse.evaluation.metrics.classifier import PixelClassifier
 
 
 @pytest.fixture(autouse=True)
@@ -35,20 +31,12 @@ def test_guided_collaborative_samples_match_their_labels_more_often(tmp_path: Pa
     Measured on 2 cores: accuracy 0.65-0.68 plain, 0.85-0.95 guided, and 0.84-0.85 with only the server's half
     guided."""
     torch.set_num_threads(1)
-    images, targets = digits_arrays(8)
-    classes = [str(c) for c in range(10)]
-    for i, (image, label) in enumerate(zip(images, targets)):
-        save_png(image, tmp_path / "data" / str(int(label)) / f"{i:04d}.png")
-    classifier = PixelClassifier().fit(images, [str(int(v)) for v in targets])
-    server = start(tmp_path / "store", classes=classes, num_train_timesteps=1000, max_steps=300, batch_size=32,
-                   lr=2e-3, max_sample_images=128)
+    classifier = digits_folder(tmp_path / "data")
+    server = digits_server(tmp_path / "store")
     # A generous RPC deadline: with 60 s, one run beside an 11-process benchmark failed before any score.
     defaults = ClientSettings(data=tmp_path / "data", server=server.address, workdir=tmp_path / "work", cut=200,
                               train_steps=200, batch_size=32, lr=2e-3, retries=2, rpc_timeout=300, device="cpu",
                               seed=0, samples_per_class=10, inference_steps=50)
-
-    def accuracy(samples: torch.Tensor, labels: list[int]) -> float:
-        return float((classifier.predict(samples.numpy()) == np.array([str(y) for y in labels])).mean())
 
     # (server's half, client's half): plain, both guided, the server's half only.
     plain_, both, server_only = (1.0, 1.0), (2.0, 2.0), (2.0, 1.0)
@@ -69,7 +57,7 @@ def test_guided_collaborative_samples_match_their_labels_more_often(tmp_path: Pa
             by_default = client.generate()
     finally:
         server.stop(0)
-    scores = {f"{s:g}:{c:g}": accuracy(r.x0, r.labels) for (s, c), r in generated.items()}
+    scores = {f"{s:g}:{c:g}": label_accuracy(classifier, r.x0, r.labels) for (s, c), r in generated.items()}
     # The same guided server half (seeds, labels and scale) hands off the same images; the client's guidance then
     # changes them.
     torch.testing.assert_close(generated[both].x_cut, generated[server_only].x_cut)

@@ -102,7 +102,8 @@ SERVER_ELSEWHERE: dict[str, str] = {
     "store": "ReleaseStore", "dataset": "ServerSettings.for_dataset", "image_size": "image_shape",
     "channels": "image_shape", "classes": "servicer, fingerprint", "model_preset": "Trainer (build_unet)",
     "checkpoint_every": "Trainer", "min_clients": "Trainer._ready", "start_timeout": "Trainer._ready",
-    "max_sample_images": "sampling_rpc.sample_job", "transcript": "TranscriptInterceptor", "tokens": "Authenticator",
+    "max_sample_images": "sampling_rpc.sample_job", "share_model": "SharedModel (tests/test_init_from_server.py)",
+    "transcript": "TranscriptInterceptor", "tokens": "Authenticator",
     "operators": "Authenticator", "token": "Authenticator", "tls_cert": "server_credentials",
     "tls_key": "server_credentials", "tls_ca": "server_credentials, Authenticator", "threads": "setup_torch",
     "device": "resolve_device", "log_level": "setup_logging", "ambient_weighting": "ambient_source",
@@ -133,6 +134,7 @@ CLIENT_ELSEWHERE: dict[str, str] = {
     "autoencoder": "joining.own_autoencoder (tests/test_latent_settings.py)",
     "handoff_margin": "ClientLifecycle.train/generate (tests/test_handoff_margin.py)",
     "local_timesteps": "train_local (tests/test_local_timesteps.py)",
+    "init_from_server": "ClientLifecycle.train (tests/test_init_from_server.py)",
     **{f"reference_{name}": "noise_floor.floor_config (tests/test_noise_floor.py)"
        for name in ("timesteps", "beta_start", "beta_end", "beta_schedule")},
 }

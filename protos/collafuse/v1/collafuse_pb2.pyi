@@ -337,3 +337,29 @@ class SplitBackwardReply(_message.Message):
     round_clients: int
     round_images: int
     def __init__(self, server_step: _Optional[int] = ..., max_steps: _Optional[int] = ..., done: _Optional[bool] = ..., applied: _Optional[bool] = ..., duplicate: _Optional[bool] = ..., round: _Optional[int] = ..., round_clients: _Optional[int] = ..., round_images: _Optional[int] = ...) -> None: ...
+
+class FetchModelRequest(_message.Message):
+    __slots__ = ("client_id",)
+    CLIENT_ID_FIELD_NUMBER: _ClassVar[int]
+    client_id: str
+    def __init__(self, client_id: _Optional[str] = ...) -> None: ...
+
+class ModelHeader(_message.Message):
+    __slots__ = ("preset", "step", "total_bytes", "sha256")
+    PRESET_FIELD_NUMBER: _ClassVar[int]
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_BYTES_FIELD_NUMBER: _ClassVar[int]
+    SHA256_FIELD_NUMBER: _ClassVar[int]
+    preset: str
+    step: int
+    total_bytes: int
+    sha256: str
+    def __init__(self, preset: _Optional[str] = ..., step: _Optional[int] = ..., total_bytes: _Optional[int] = ..., sha256: _Optional[str] = ...) -> None: ...
+
+class ModelChunk(_message.Message):
+    __slots__ = ("header", "data")
+    HEADER_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    header: ModelHeader
+    data: bytes
+    def __init__(self, header: _Optional[_Union[ModelHeader, _Mapping]] = ..., data: _Optional[bytes] = ...) -> None: ...

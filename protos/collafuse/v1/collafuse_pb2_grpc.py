@@ -76,6 +76,11 @@ class CollaFuseStub:
                 request_serializer=collafuse_dot_v1_dot_collafuse__pb2.SplitBackwardRequest.SerializeToString,
                 response_deserializer=collafuse_dot_v1_dot_collafuse__pb2.SplitBackwardReply.FromString,
                 _registered_method=True)
+        self.FetchModel = channel.unary_stream(
+                '/collafuse.v1.CollaFuse/FetchModel',
+                request_serializer=collafuse_dot_v1_dot_collafuse__pb2.FetchModelRequest.SerializeToString,
+                response_deserializer=collafuse_dot_v1_dot_collafuse__pb2.ModelChunk.FromString,
+                _registered_method=True)
 
 
 class CollaFuseServicer:
@@ -156,6 +161,17 @@ class CollaFuseServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def FetchModel(self, request, context):
+        """The shared model's EMA weights, for a client that starts its low-noise
+        model from them (collafuse-client --init-from-server). Only a server run
+        with --share-model answers, and only to registered clients, once its
+        trainer has taken a step: a ModelHeader, then the safetensors bytes in
+        order. The client builds the named preset itself and checks every byte.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_CollaFuseServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -198,6 +214,11 @@ def add_CollaFuseServicer_to_server(servicer, server):
                     servicer.SplitBackward,
                     request_deserializer=collafuse_dot_v1_dot_collafuse__pb2.SplitBackwardRequest.FromString,
                     response_serializer=collafuse_dot_v1_dot_collafuse__pb2.SplitBackwardReply.SerializeToString,
+            ),
+            'FetchModel': grpc.unary_stream_rpc_method_handler(
+                    servicer.FetchModel,
+                    request_deserializer=collafuse_dot_v1_dot_collafuse__pb2.FetchModelRequest.FromString,
+                    response_serializer=collafuse_dot_v1_dot_collafuse__pb2.ModelChunk.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -418,6 +439,33 @@ class CollaFuse:
             '/collafuse.v1.CollaFuse/SplitBackward',
             collafuse_dot_v1_dot_collafuse__pb2.SplitBackwardRequest.SerializeToString,
             collafuse_dot_v1_dot_collafuse__pb2.SplitBackwardReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def FetchModel(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/collafuse.v1.CollaFuse/FetchModel',
+            collafuse_dot_v1_dot_collafuse__pb2.FetchModelRequest.SerializeToString,
+            collafuse_dot_v1_dot_collafuse__pb2.ModelChunk.FromString,
             options,
             channel_credentials,
             insecure,
