@@ -130,13 +130,14 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "server1.2x-tlin": {"client_local_timesteps": "linear"},  # and the clients draw t in proportion to t
     "server1.2x-warm": {"init_from_server": True},  # and the clients start from the trained shared model
     "warm": {"init_from_server": True},  # the clients start from the trained shared model (--init-from-server)
+    "server2x-warm": {"init_from_server": True},  # half the clients' steps to the server, clients started from it
 }
 # "server3x": each client trains a third of the per-model steps and the server the rest of the arm's image-steps
 # (noniid: 3 x 1/3 to the clients, 3 1/3 x to the server), so the shared model gets most of the same total compute;
 # "server2x": half of the per-model steps to each client (noniid: the server 2.5x); "server1.2x": 5/6 of them (scarce
 # at 600 steps: 500 per client, 1,600 for the server).
 SERVER_HEAVY = {"server2x": 2, "server3x": 3, "server2x-margin50": 2, "server1.2x": 1.2, "server1.2x-tlin": 1.2,
-                "server1.2x-warm": 1.2}
+                "server1.2x-warm": 1.2, "server2x-warm": 2}
 VARIANT_MARK = "+"
 REGIMES: dict[str, dict[str, Any]] = {
     "noniid": {"clients": 3, "partition": "classes"},
