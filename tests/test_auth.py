@@ -131,6 +131,7 @@ CALLS: dict[str, Callable[[Stub, str], Any]] = {
     "Forget": lambda api, cid: api.Forget(collafuse_pb2.ForgetRequest(client_id=cid), timeout=10),
     "Sample": lambda api, cid: list(api.Sample(collafuse_pb2.SampleRequest(client_id=cid, labels=[2], cut=0), timeout=10)),
     "Status": lambda api, cid: api.Status(collafuse_pb2.StatusRequest(), timeout=10),
+    "FetchModel": lambda api, cid: list(api.FetchModel(collafuse_pb2.FetchModelRequest(client_id=cid), timeout=10)),
 }
 
 
