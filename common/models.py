@@ -13,6 +13,7 @@ import json
 from pathlib import Path
 from typing import Any, Literal
 
+import safetensors
 import torch
 from diffusers.models import UNet2DModel  # not `diffusers`: its TYPE_CHECKING imports bind a dummy
 
@@ -102,7 +103,14 @@ META_FILE = "collafuse.json"
 def save_model(model: UNet2DModel, folder: Path, meta: dict[str, Any]) -> None:
     """``save_pretrained`` (safetensors + config.json) plus CollaFuse metadata (fingerprint, cut, step)."""
     folder.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(folder, safe_serialization=True)
+    try:
+        model.save_pretrained(folder, safe_serialization=True)
+    except safetensors.SafetensorError as exc:
+        # Its writer reports ENOSPC and EIO as SafetensorError, not OSError: callers that survive a full or failing
+        # disk (the trainers' checkpoint saves) catch OSError.
+        if "I/O error" not in str(exc):
+            raise
+        raise OSError(f"cannot write the weights under {folder}: {exc}") from exc
     (folder / META_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True))
 
 

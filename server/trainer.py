@@ -247,7 +247,7 @@ class Trainer:
                     keep_going=lambda v=version: (  # type: ignore[misc]
                         not self._stop.is_set() and self.store.version == v and not self._held()
                     ),
-                    checkpoint=self.save_checkpoint, checkpoint_every=self.settings.checkpoint_every,
+                    checkpoint=self._scheduled_save, checkpoint_every=self.settings.checkpoint_every,
                     on_step=self._after_step,
                 )
         except Exception as exc:  # the server keeps serving; Status shows the trainer idle, with this error
@@ -276,7 +276,7 @@ class Trainer:
         if result.refused:
             return
         if result.step % self.settings.checkpoint_every == 0 and result.step != self.core.saved_step:
-            self.save_checkpoint()
+            self._scheduled_save()
         else:
             self._retry_save()
 
@@ -358,6 +358,12 @@ class Trainer:
                            f"disk of {self.checkpoint_dir} full? Training goes on; retrying in {wait:.0f}s")
         log.error("trainer: %s (failure %d in a row)", self.save_error, self.save_failures)
         self._write_metrics()
+
+    def _scheduled_save(self) -> None:
+        """The every-``checkpoint_every`` save, held back while a failed one backs off: a full disk is not written
+        to until then, however often the schedule comes round (a big model's failed save writes gigabytes)."""
+        if self._save_due():
+            self.save_checkpoint()
 
     def _save_due(self) -> bool:
         return self._save_retry_at is None or time.monotonic() >= self._save_retry_at

@@ -10,7 +10,11 @@ from __future__ import annotations
 import errno
 import fcntl
 import os
+import resource
+import signal
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -199,6 +203,56 @@ def test_the_trainer_keeps_training_through_failed_saves_and_retries(tmp_path: P
     assert checkpoint.saved_step(checkpoint.latest(tmp_path / "checkpoints")) == trainer.core.step
     # Checked once the trainer stopped: while it runs, a save in flight holds its tmp-* folder for a moment.
     assert not list((tmp_path / "checkpoints").glob("tmp-*")), "a failed save leaves no temporary folder"
+
+
+def test_scheduled_saves_wait_out_the_backoff(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """After a failed save the every-N-steps schedule does not write to the full disk again before the backoff
+    the Status message announces ("retrying in 60s") has passed."""
+    store = ReleaseStore(tmp_path, store_tables())
+    add(store, "alice", 10)
+    _full_disk(monkeypatch)
+    monkeypatch.setattr(trainer_module, "SAVE_RETRY_S", 60.0)
+    monkeypatch.setattr(trainer_module, "SAVE_RETRY_MAX_S", 300.0)
+    trainer = Trainer(tiny_settings(tmp_path, max_steps=0, checkpoint_every=2), store, "fp", device=CPU,
+                      poll_interval=0.02)
+    trainer.start()
+    try:
+        wait_for(lambda: trainer.state().step >= 20, timeout=60)
+        state = trainer.state()
+        assert state.error is None and state.save_failures == 1, state
+        assert state.save_error is not None and "retrying in 60s" in state.save_error
+    finally:
+        monkeypatch.setattr(trainer_module, "SAVE_RETRY_S", 0.05)
+        trainer.stop()
+
+
+@contextmanager
+def file_size_limit(limit: int) -> Iterator[None]:
+    """Writes past ``limit`` bytes fail with EFBIG (SIGXFSZ ignored): a real I/O error in every writer, C, Rust or
+    Python, without root or a tmpfs."""
+    previous = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (limit, hard))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        signal.signal(signal.SIGXFSZ, previous)
+
+
+def test_an_io_error_in_the_weights_writer_is_a_failed_save_not_a_dead_trainer(tmp_path: Path) -> None:
+    """safetensors' writer reports a full disk as SafetensorError, not OSError; that once stopped the trainer (seen
+    in CI's disk-full test). The real writer fails here, not a stand-in."""
+    store = ReleaseStore(tmp_path, store_tables())
+    add(store, "alice", 10)
+    trainer = Trainer(tiny_settings(tmp_path, max_steps=0), store, "fp", device=CPU)
+    with file_size_limit(1 << 16):  # config.json fits, the weights do not
+        assert trainer.save_checkpoint() is None
+    state = trainer.state()
+    assert state.error is None and state.save_failures == 1
+    assert state.save_error is not None and "File too large" in state.save_error and "disk" in state.save_error
+    assert not list((tmp_path / "checkpoints").glob("tmp-*")), "a failed save leaves no temporary folder"
+    assert trainer.save_checkpoint() is not None and trainer.state().save_failures == 0
 
 
 def test_a_trainer_that_finished_while_the_disk_was_full_saves_once_it_can(tmp_path: Path,

@@ -57,17 +57,34 @@ def small_disk(folder: Path, size: str = "64m") -> Iterator[Path]:
         subprocess.run(["umount", "-l", str(folder)], check=False)
 
 
-def fill(disk: Path) -> Path:
-    """Write a file until the disk refuses more; returns it (delete it to free the space)."""
-    filler = disk / "filler"
-    block = b"\0" * (1 << 16)
-    with open(filler, "wb") as fh:
+def top_up(filler: Path) -> int:
+    """Append whole pages to ``filler`` until the disk refuses one; returns the bytes written.
+
+    Page-sized writes at page-aligned offsets either land whole or fail, so 0 means not one page was free."""
+    page = os.sysconf("SC_PAGE_SIZE")
+    block, written = b"\0" * page, 0
+    with open(filler, "ab", buffering=0) as fh:
         try:
-            while True:
-                fh.write(block)
-                fh.flush()
+            while fh.write(block) == page:
+                written += page
         except OSError:
             pass
+    return written
+
+
+def fill(disk: Path, settle_s: float = 1.0) -> Path:
+    """Fill ``disk`` and return the filler file (delete it to free the space).
+
+    The server's trainer saves checkpoints all the while: a save that fails frees what it had written, and a
+    save that worked prunes an older one. So top up until two top-ups ``settle_s`` apart (longer than a save
+    takes to fail) find not one page free: by then no save holds space it could give back."""
+    filler = disk / "filler"
+    deadline, quiet = time.monotonic() + 60, 0
+    while quiet < 2:
+        quiet = quiet + 1 if top_up(filler) == 0 else 0
+        assert time.monotonic() < deadline, "the disk did not stay full for 2 top-ups in a row within 60s"
+        if quiet < 2:
+            time.sleep(settle_s)
     return filler
 
 
@@ -108,7 +125,13 @@ def test_a_full_disk_is_an_answer_and_the_trainer_survives_it(tmp_path: Path) ->
                     assert int(dict(exc.trailing_metadata() or ())[RETRY_AFTER_KEY]) > 0
             api.Heartbeat(collafuse_pb2.HeartbeatRequest(client_id="c1"), timeout=10)
             before = status(api).trainer
-            wait_for(lambda: status(api).trainer.save_failures >= 1, "a failed checkpoint save", timeout=120)
+
+            def trains_on_through_a_failed_save() -> bool:
+                state = status(api).trainer
+                assert state.error == "", f"the trainer stopped: {state.error}"
+                return state.save_failures >= 1 and state.step > before.step
+
+            wait_for(trains_on_through_a_failed_save, "training on, and a failed checkpoint save", timeout=120)
             during = status(api).trainer
             assert during.step > before.step and during.error == "" and "disk" in during.save_error
             assert during.phase == collafuse_pb2.PHASE_TRAINING
