@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from tqdm.auto import tqdm
 
+from collafuse.client.errors import ClientError
 from collafuse.common import checkpoint
 from collafuse.common.config import ClientSettings, TrainOptions
 from collafuse.common.diffusion import Denoiser, client_loss
@@ -81,6 +82,20 @@ class _ClientBatch:
     labels: torch.Tensor
 
 
+def _save(root: Path, core: TrainCore, meta: dict[str, Any]) -> None:
+    """``checkpoint.save``; a full or failing disk is a ClientError that says what to do (the last checkpoint is intact)."""
+    try:
+        checkpoint.save(root, core, meta, durable=False)
+    except checkpoint.CheckpointError:
+        raise
+    except (OSError, RuntimeError) as exc:  # torch's writer raises RuntimeError for ENOSPC and EIO
+        saved = f"step {core.saved_step}" if core.saved_step >= 0 else "the start"
+        raise ClientError(
+            f"cannot save the local model at step {core.step} under {root} ({type(exc).__name__}: {exc}); is that disk "
+            f"full? Free space there and run again: local training resumes from {saved}"
+        ) from exc
+
+
 def train_local(
     *,
     images: torch.Tensor,
@@ -134,7 +149,7 @@ def train_local(
     if start >= target:
         log.info("local model already trained for %d step(s) (target %d); nothing to do", start, target)
         if not resumed:
-            checkpoint.save(root, core, meta, durable=False)
+            _save(root, core, meta)
         return result
 
     images = images.to(device=device, dtype=torch.float32)
@@ -169,7 +184,7 @@ def train_local(
             log.info("local step %d/%d loss %.4f", step.step, target, step.loss)
 
     try:
-        core.run(batches, loss, until=target, checkpoint=lambda: checkpoint.save(root, core, meta, durable=False),
+        core.run(batches, loss, until=target, checkpoint=lambda: _save(root, core, meta),
                  checkpoint_every=checkpoint_every, on_step=on_step)
     finally:
         bar.close()
@@ -177,7 +192,7 @@ def train_local(
         result.step = core.step
         if core.step > core.saved_step:
             # Also on Ctrl-C: keep what was trained so far (the swap is atomic).
-            checkpoint.save(root, core, meta, durable=False)
+            _save(root, core, meta)
     result.losses = list(core.losses)
     log.info("local training done: %d step(s) in %.1fs, model in %s", result.steps_run, result.seconds, result.model_dir)
     return result

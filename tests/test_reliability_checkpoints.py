@@ -22,9 +22,12 @@ import torch
 from server_support import tiny_settings
 from test_server_trainer import add, wait_for
 
+from collafuse.client.errors import ClientError
+from collafuse.client.trainer import checkpoint_root, train_local
 from collafuse.common import checkpoint
-from collafuse.common.config import TrainOptions
+from collafuse.common.config import ClientSettings, TrainOptions
 from collafuse.common.models import build_unet
+from collafuse.common.schedule import ScheduleConfig
 from collafuse.common.train_loop import TrainCore
 from collafuse.server import cli
 from collafuse.server import trainer as trainer_module
@@ -253,6 +256,25 @@ def test_an_io_error_in_the_weights_writer_is_a_failed_save_not_a_dead_trainer(t
     assert state.save_error is not None and "File too large" in state.save_error and "disk" in state.save_error
     assert not list((tmp_path / "checkpoints").glob("tmp-*")), "a failed save leaves no temporary folder"
     assert trainer.save_checkpoint() is not None and trainer.state().save_failures == 0
+
+
+def test_a_client_on_a_full_disk_gets_a_clear_error_and_keeps_its_last_checkpoint(tmp_path: Path) -> None:
+    gen = torch.Generator().manual_seed(0)
+    images, labels = torch.rand((12, *SHAPE), generator=gen) * 2 - 1, torch.arange(12) % 3
+
+    def train(steps: int) -> None:
+        settings = ClientSettings(workdir=tmp_path, train_steps=steps, batch_size=4, seed=3, device="cpu")
+        train_local(images=images, labels=labels, num_classes=3, image_shape=SHAPE,
+                    schedule=ScheduleConfig(num_train_timesteps=50), cut=20, fingerprint="fp", workdir=tmp_path,
+                    settings=settings, show_progress=False)
+
+    train(2)
+    with file_size_limit(1 << 16), pytest.raises(ClientError, match=r"at step 4 .*disk full\? .*resumes from step 2"):
+        train(4)
+    latest = checkpoint.latest(checkpoint_root(tmp_path))
+    assert checkpoint.saved_step(latest) == 2, "the last checkpoint is intact"
+    train(4)  # space is back: it resumes
+    assert checkpoint.saved_step(latest) == 4
 
 
 def test_a_trainer_that_finished_while_the_disk_was_full_saves_once_it_can(tmp_path: Path,
